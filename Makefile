@@ -1,0 +1,37 @@
+# `make test` is what CI runs (.ci/run); `make demo` runs the example without a broker.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint typecheck unit demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict heartbeat_consumer
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+demo: $(STAMP)
+	mkdir -p .demo
+	$(BIN)/heartbeat-consumer validate examples/cack.heartbeat.json
+	$(BIN)/heartbeat-consumer plan examples/cack.heartbeat.json --state .demo/cack.state.json
+	$(BIN)/heartbeat-consumer run --local examples/cack.heartbeat.json --state .demo/cack.state.json --every 2s --max-ticks 3
+	$(BIN)/heartbeat-consumer status examples/cack.heartbeat.json --state .demo/cack.state.json
+
+clean:
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache .hypothesis

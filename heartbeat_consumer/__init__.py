@@ -1,0 +1,57 @@
+"""heartbeat-consumer: keeps fleets of agents doing their periodic work on time."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import builtin_handlers as _builtin_handlers
+from .config import (
+    CheckConfig,
+    ConfigError,
+    HeartbeatConfig,
+    LoadedConfig,
+    Problem,
+    load_config,
+    parse_config,
+)
+from .engine import AgentRunner, RunResult, TickReport
+from .handlers import (
+    HandlerError,
+    RunContext,
+    current_run,
+    register_handler,
+)
+from .schedule import Evaluation, Plan, evaluate, overdue_ratio, plan, select
+from .simulate import simulate
+from .state import AgentState, CheckState
+from .store import StateError
+
+del _builtin_handlers
+
+__all__ = [
+    "AgentRunner",
+    "AgentState",
+    "CheckConfig",
+    "CheckState",
+    "ConfigError",
+    "Evaluation",
+    "HandlerError",
+    "HeartbeatConfig",
+    "LoadedConfig",
+    "Plan",
+    "Problem",
+    "RunContext",
+    "RunResult",
+    "StateError",
+    "TickReport",
+    "__version__",
+    "current_run",
+    "evaluate",
+    "load_config",
+    "overdue_ratio",
+    "parse_config",
+    "plan",
+    "register_handler",
+    "select",
+    "simulate",
+]

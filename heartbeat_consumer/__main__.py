@@ -1,0 +1,5 @@
+"""``python -m heartbeat_consumer``."""
+
+from .cli import main
+
+raise SystemExit(main())

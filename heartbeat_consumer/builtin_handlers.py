@@ -1,0 +1,159 @@
+"""Built-in handlers: default, sub_health, quarterly_compaction, command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import time
+from typing import Any
+
+from .config import CheckConfig
+from .handlers import current_run, register_handler
+from .state import compact_history
+from .timeutil import iso
+
+__all__ = ["command", "default", "quarterly_compaction", "sub_health"]
+
+DEFAULT_MAX_OUTPUT_BYTES = 4096
+DEFAULT_KEEP_PER_CHECK = 20
+DEFAULT_ALERT_AFTER_FAILURES = 3
+
+
+@register_handler("default")
+async def default(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+    """No-op: succeeds and records the run."""
+    return {"status": "success"}
+
+
+@register_handler("sub_health")
+async def sub_health(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+    """The agent's health: process, uptime, and the last result of every check.
+
+    Status ``alert`` when another check has failed ``meta.alertAfterFailures``
+    (default 3) times in a row.
+    """
+    report: dict[str, Any] = {
+        "agent": tick_payload.get("agent"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+    }
+    ctx = current_run()
+    if ctx is None:
+        return {"status": "success", **report}
+    threshold = int(check_config.meta.get("alertAfterFailures", DEFAULT_ALERT_AFTER_FAILURES))
+    report["uptime_s"] = round(time.time() - ctx.process_started_ms / 1000, 3)
+    checks = {}
+    failing = []
+    for name, cs in sorted(ctx.state.checks.items()):
+        checks[name] = {
+            "last_status": cs.last_status,
+            "last_run": iso(cs.last_run) if cs.last_run is not None else None,
+            "consecutive_failures": cs.consecutive_failures,
+        }
+        if name != check_config.name and cs.consecutive_failures >= threshold:
+            failing.append(name)
+    report["checks"] = checks
+    if failing:
+        return {"status": "alert", "failing": failing, **report}
+    return {"status": "success", **report}
+
+
+@register_handler("quarterly_compaction")
+async def quarterly_compaction(
+    tick_payload: dict[str, Any], check_config: CheckConfig
+) -> dict[str, Any]:
+    """Compact the state file's run history to ``meta.keepPerCheck`` (default 20) per check."""
+    ctx = current_run()
+    if ctx is None:
+        return {"status": "skipped", "reason": "no state to compact outside the engine"}
+    keep = int(check_config.meta.get("keepPerCheck", DEFAULT_KEEP_PER_CHECK))
+    ctx.state, removed = compact_history(ctx.state, max(keep, 0))
+    return {"status": "success", "removed": removed, "kept": len(ctx.state.history)}
+
+
+async def _drain(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, int]:
+    """Read a stream to its end, keeping the last ``limit`` bytes; return (tail, total)."""
+    if stream is None:
+        return b"", 0
+    tail = bytearray()
+    total = 0
+    while chunk := await stream.read(65536):
+        total += len(chunk)
+        tail += chunk
+        if len(tail) > limit:
+            del tail[: len(tail) - limit]
+    return bytes(tail), total
+
+
+def _text(tail: bytes, total: int) -> str:
+    text = tail.decode("utf-8", errors="replace")
+    if total > len(tail):
+        return f"[... {total - len(tail)} bytes cut ...]" + text
+    return text
+
+
+def _argv(meta: dict[str, Any]) -> list[str] | str:
+    argv = meta.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return 'meta.argv must be a non-empty list of strings, e.g. ["/usr/bin/true"]'
+    return list(argv)
+
+
+@register_handler("command")
+async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+    """Run ``meta.argv`` without a shell. Exit 0 = success, else failed.
+
+    Options in meta: ``cwd``, ``env`` (extra variables), ``maxOutputBytes`` (default
+    4096, the tail of stdout and stderr is kept). The check's timeout kills the whole
+    process group. The child sees HEARTBEAT_AGENT, HEARTBEAT_CHECK, HEARTBEAT_SLOT and
+    HEARTBEAT_IDEMPOTENCY_KEY.
+    """
+    meta = check_config.meta
+    argv = _argv(meta)
+    if isinstance(argv, str):
+        return {"status": "failed", "error": argv}
+    limit = int(meta.get("maxOutputBytes", DEFAULT_MAX_OUTPUT_BYTES))
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (meta.get("env") or {}).items()})
+    env.update(
+        HEARTBEAT_AGENT=str(tick_payload.get("agent", "")),
+        HEARTBEAT_CHECK=str(tick_payload.get("check_name", "")),
+        HEARTBEAT_SLOT=str(tick_payload.get("timestamp", "")),
+        HEARTBEAT_IDEMPOTENCY_KEY=str(tick_payload.get("idempotency_key", "")),
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=meta.get("cwd"),
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return {"status": "failed", "error": f"cannot start {argv[0]!r}: {exc.strerror or exc}"}
+    try:
+        (out, out_total), (err, err_total) = await asyncio.gather(
+            _drain(proc.stdout, limit), _drain(proc.stderr, limit)
+        )
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.shield(proc.wait())
+    result: dict[str, Any] = {
+        "exit_code": code,
+        "stdout": _text(out, out_total),
+        "stderr": _text(err, err_total),
+    }
+    if code == 0:
+        return {"status": "success", **result}
+    return {"status": "failed", "error": f"exit code {code}", **result}

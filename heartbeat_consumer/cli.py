@@ -1,0 +1,404 @@
+"""The ``heartbeat-consumer`` command line.
+
+Exit codes: 0 ok; 1 the config (or state) cannot be used; 2 usage error;
+3 a check run failed or timed out (``run-once``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from . import __version__
+from .config import ConfigError, LoadedConfig, Problem, load_config, schema
+from .engine import AgentRunner, RunResult, wall_clock_ms
+from .handlers import (
+    HandlerError,
+    handler_names,
+    load_entry_points,
+    load_plugins,
+    plugin_modules_from_env,
+)
+from .local import run_local, run_once
+from .schedule import Evaluation, plan
+from .simulate import simulate
+from .state import AgentState
+from .store import StateError, StateStore, default_state_path
+from .timeutil import format_duration, iso, parse_duration_ms, parse_instant_ms
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+
+NO_BUS_YET = (
+    "heartbeat-consumer: the RabbitMQ consumer is not part of this version yet.\n"
+    "Run checks without a broker instead:\n"
+    "  heartbeat-consumer run --local FILE   # in-process ticker\n"
+    "  heartbeat-consumer run-once FILE      # for cron and systemd timers\n"
+    "See heartbeat-consumer --help."
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+def _out(line: str = "", stream: TextIO | None = None) -> None:
+    print(line, file=stream or sys.stdout, flush=True)
+
+
+def _json_line(data: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(data).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _instant(text: str) -> int:
+    if text == "now":
+        return wall_clock_ms()
+    try:
+        return parse_instant_ms(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration_ms(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _load_handlers(args: argparse.Namespace) -> None:
+    """Entry-point plugins, then --handlers and HEARTBEAT_HANDLERS modules.
+
+    The built-ins are registered by importing the package."""
+    load_entry_points()
+    load_plugins([*(args.handlers or []), *plugin_modules_from_env()])
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    chosen = args.state or os.environ.get("HEARTBEAT_STATE_PATH")
+    return Path(chosen) if chosen else default_state_path(args.file)
+
+
+def _print_problems(source: str, problems: Sequence[Problem]) -> None:
+    _out(f"{source}: {len(problems)} problem(s)", sys.stderr)
+    for problem in problems:
+        _out(f"  {problem}", sys.stderr)
+
+
+def _load(path: str) -> LoadedConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _print_problems(exc.source, exc.problems)
+        return None
+
+
+def _unknown_handler_problems(loaded: LoadedConfig) -> list[Problem]:
+    known = handler_names()
+    return [
+        Problem(
+            f"$.checks.{check.name}.handler",
+            f"unknown handler {check.handler!r} (registered: {', '.join(sorted(known))})",
+            check.name,
+        )
+        for check in loaded.config.checks.values()
+        if check.handler not in known
+    ]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    if loaded is None:
+        return EXIT_INVALID
+    problems = loaded.problems + _unknown_handler_problems(loaded)
+    if problems:
+        _print_problems(args.file, problems)
+        return EXIT_INVALID
+    config = loaded.config
+    _out(f"ok: {args.file}: agent {config.agent}, {len(config.checks)} check(s)")
+    return EXIT_OK
+
+
+def _read_state(args: argparse.Namespace) -> AgentState:
+    path = _state_path(args)
+    state, warning = StateStore(path).load() if path.exists() else (AgentState(), None)
+    if warning:
+        _out(f"warning: {warning}", sys.stderr)
+    return state
+
+
+def _ratio(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if abs(value) < 1000 else f"{value:.2g}"
+
+
+def _evaluation_json(ev: Evaluation, selected: bool) -> dict[str, Any]:
+    return {
+        "check": ev.check,
+        "handler": ev.handler,
+        "priority": ev.priority,
+        "due": ev.due,
+        "runs_now": selected,
+        "overdue_ratio": None if math.isinf(ev.ratio) or math.isnan(ev.ratio) else ev.ratio,
+        "last_run": iso(ev.last_run) if ev.last_run is not None else None,
+        "next_due": iso(ev.next_due) if ev.next_due is not None else None,
+        "reasons": [text for _, text in ev.blockers],
+    }
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    if loaded is None:
+        return EXIT_INVALID
+    now = _instant(args.at)
+    state = _read_state(args)
+    result = plan(
+        loaded.config,
+        state,
+        now,
+        known_handlers=handler_names(),
+        invalid_checks=loaded.invalid_checks,
+    )
+    chosen = {ev.check for ev in result.selected}
+    if args.json:
+        _json_line(
+            {
+                "agent": loaded.config.agent,
+                "at": iso(now),
+                "checks": [_evaluation_json(ev, ev.check in chosen) for ev in result.evaluations],
+            }
+        )
+        return EXIT_OK
+    config = loaded.config
+    _out(f"agent {config.agent} at {iso(now)}  (state: {_state_path(args)})")
+    _out(f"selection: {config.selection}, at most {config.max_checks_per_tick} check(s) per tick")
+    width = max([len(ev.check) for ev in result.evaluations] + [5])
+    _out(f"  {'CHECK':<{width}}  {'PRIO':>4}  {'RATIO':>6}  {'LAST RUN':<24}  VERDICT")
+    for ev in result.evaluations:
+        if ev.check in chosen:
+            verdict, mark = "RUNS NOW", "*"
+        elif ev.due:
+            verdict, mark = "due, waits for a later tick (maxChecksPerTick)", " "
+        else:
+            verdict, mark = "; ".join(text for _, text in ev.blockers), " "
+        last = iso(ev.last_run) if ev.last_run is not None else "never"
+        prio = "-" if ev.handler is None else str(ev.priority)
+        _out(f"{mark} {ev.check:<{width}}  {prio:>4}  {_ratio(ev.ratio):>6}  {last:<24}  {verdict}")
+    if not result.evaluations:
+        _out("  (no checks)")
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    if loaded is None:
+        return EXIT_INVALID
+    start, end = _instant(args.start), _instant(args.end)
+    if end <= start:
+        raise UsageError("--to must be after --from")
+    tick = _duration(args.tick)
+    state = _read_state(args) if args.state else AgentState()
+    for run in simulate(
+        loaded.config, start, end, tick, state=state, known_handlers=handler_names()
+    ):
+        _json_line(run.to_json())
+    return EXIT_OK
+
+
+async def _emit(result: RunResult) -> None:
+    _json_line(result.to_payload())
+
+
+def _runner(args: argparse.Namespace) -> AgentRunner:
+    runner = AgentRunner(args.file, state_path=_state_path(args), on_result=_emit)
+    runner.start()
+    return runner
+
+
+def cmd_run_once(args: argparse.Namespace) -> int:
+    runner = _runner(args)
+    with runner.exclusive() as mine:
+        if not mine:
+            _out(f"another run holds {runner.store.path}.lock; nothing done", sys.stderr)
+            return EXIT_OK
+        now = _instant(args.at) if args.at else None
+        report = asyncio.run(run_once(runner, every_ms=_duration(args.tick), now_ms=now))
+    if report.plan is None:
+        return EXIT_INVALID
+    if any(r.status in ("failed", "timeout") for r in report.results):
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+async def _run_local(runner: AgentRunner, every_ms: int, max_ticks: int | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return await run_local(runner, every_ms=every_ms, max_ticks=max_ticks, stop=stop)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        _out(NO_BUS_YET, sys.stderr)
+        return EXIT_USAGE
+    every = _duration(args.every)
+    runner = _runner(args)
+    with runner.exclusive() as mine:
+        if not mine:
+            _out(f"another process runs this agent ({runner.store.path}.lock is held)", sys.stderr)
+            return EXIT_INVALID
+        logging.getLogger("heartbeat_consumer").info(
+            "running %s locally, ticking every %s (Ctrl-C stops)", args.file, format_duration(every)
+        )
+        asyncio.run(_run_local(runner, every, args.max_ticks))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = _state_path(args)
+    try:
+        loaded: LoadedConfig | None = load_config(args.file)
+    except ConfigError:
+        loaded = None
+    state = _read_state(args)
+    configured = list(loaded.config.checks) if loaded else []
+    names = sorted(set(configured) | set(state.checks))
+    if args.json:
+        _json_line(
+            {
+                "state_path": str(path),
+                "checks": {name: state.check(name).model_dump(by_alias=True) for name in names},
+                "pauses": {k: v.model_dump() for k, v in state.pauses.items()},
+            }
+        )
+        return EXIT_OK
+    _out(f"state: {path}{'' if path.exists() else ' (not written yet)'}")
+    width = max([len(n) for n in names] + [5])
+    _out(
+        f"  {'CHECK':<{width}}  {'STATUS':<8}  {'LAST RUN':<24}  {'RUNS':>5}  {'FAILS':>5}  DETAIL"
+    )
+    for name in names:
+        cs = state.check(name)
+        last = iso(cs.last_run) if cs.last_run is not None else "never"
+        detail = cs.last_error or ""
+        if cs.next_retry is not None:
+            detail = f"retry after {iso(cs.next_retry)}; {detail}"
+        if name not in configured and loaded:
+            detail = "not in the config any more; " + detail
+        status = cs.last_status or "-"
+        _out(
+            f"  {name:<{width}}  {status:<8}  {last:<24}  {cs.runs:>5}  "
+            f"{cs.consecutive_failures:>5}  {detail}"
+        )
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(orjson.dumps(schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heartbeat-consumer",
+        description="Run agents' periodic checks on time: locally, from cron, or from RabbitMQ.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL; default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str, *, state: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("file", metavar="FILE", help="heartbeat.json")
+        p.add_argument(
+            "--handlers",
+            action="append",
+            metavar="MODULE",
+            help="import a handler plugin module (repeatable; env HEARTBEAT_HANDLERS)",
+        )
+        if state:
+            p.add_argument(
+                "--state",
+                metavar="PATH",
+                help="state file (env HEARTBEAT_STATE_PATH; default FILE.state.json)",
+            )
+        return p
+
+    command("validate", "check a heartbeat.json; print every problem", state=False)
+    p = command("plan", "show every check: due or not, and why")
+    p.add_argument("--at", default="now", metavar="TIME", help="ISO 8601 or epoch ms (default now)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p = command("simulate", "print the runs that would happen between two times (JSON lines)")
+    p.add_argument("--from", dest="start", required=True, metavar="TIME")
+    p.add_argument("--to", dest="end", required=True, metavar="TIME")
+    p.add_argument("--tick", default="60s", help="tick interval (default 60s)")
+    p = command("run-once", "run what is due now, without a broker (for cron, systemd timers)")
+    p.add_argument("--tick", default="60s", help="slot size: now is rounded down to it (60s)")
+    p.add_argument("--at", metavar="TIME", help="pretend it is TIME (default now)")
+    p = command("run", "run an agent: --local ticks in-process without a broker")
+    p.add_argument("--local", action="store_true", help="in-process ticker, no broker")
+    p.add_argument("--every", default="60s", help="tick interval (default 60s)")
+    p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
+    p = command("status", "show the state file: last runs, failures, retries")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("schema", help="print the heartbeat.v1 JSON Schema")
+    return parser
+
+
+COMMANDS = {
+    "validate": cmd_validate,
+    "plan": cmd_plan,
+    "simulate": cmd_simulate,
+    "run-once": cmd_run_once,
+    "run": cmd_run,
+    "status": cmd_status,
+    "schema": cmd_schema,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = str(args.log_level).upper()
+    if level not in logging.getLevelNamesMapping():
+        parser.error(f"unknown log level {args.log_level!r} (use DEBUG, INFO, WARNING or ERROR)")
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        _out(NO_BUS_YET, sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command != "schema":
+            _load_handlers(args)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
+        return EXIT_USAGE
+    except (HandlerError, StateError) as exc:
+        _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,285 @@
+"""The tick engine: the I/O shell around the pure rules of :mod:`heartbeat_consumer.schedule`.
+
+For each tick it re-reads heartbeat.json when it changed (keeping the last good one),
+evaluates every check at the tick's slot, runs the selected handlers one after another,
+hands each result to ``on_result`` (print it, publish it) and only then saves the state.
+Transports (local clock, cron, RabbitMQ) call :meth:`AgentRunner.tick`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Problem
+from .handlers import RunContext, get_handler, handler_names, invoke
+from .schedule import Blocker, Evaluation, Plan, plan
+from .state import AgentState, Status, idempotency_key, record_run
+from .store import StateError, StateStore, default_state_path
+from .timeutil import iso
+
+__all__ = [
+    "AgentRunner",
+    "RunResult",
+    "TickReport",
+    "local_envelope",
+    "wall_clock_ms",
+]
+
+log = logging.getLogger("heartbeat_consumer.engine")
+
+_DISABLING = (Blocker.INVALID, Blocker.UNKNOWN_HANDLER)
+SUMMARY_LIMIT = 2000
+"""Characters of a result kept in the state file's ``lastResult``."""
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def local_envelope(slot_ms: int, *, source_type: str = "local") -> dict[str, Any]:
+    """The tick envelope used when no broker delivers one."""
+    return {
+        "event_id": f"local:{slot_ms}",
+        "event_type": "system.heartbeat.tick",
+        "timestamp": iso(slot_ms),
+        "version": "1.0.0",
+        "source": {"host": socket.gethostname(), "type": source_type, "app": "heartbeat-consumer"},
+        "correlation_ids": [],
+        "payload": {"tick_id": str(slot_ms), "epoch_ms": slot_ms},
+    }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One check run; ``to_payload()`` is the result event's payload."""
+
+    agent: str
+    check: str
+    handler: str
+    status: Status
+    slot: int
+    started_at: int
+    finished_at: int
+    overdue_ratio: float
+    idempotency_key: str
+    result: dict[str, Any]
+    error: str | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return self.finished_at - self.started_at
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "check": self.check,
+            "handler": self.handler,
+            "status": self.status,
+            "slot": iso(self.slot),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "duration_ms": self.duration_ms,
+            "overdue_ratio": None if math.isinf(self.overdue_ratio) else self.overdue_ratio,
+            "idempotency_key": self.idempotency_key,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+@dataclass
+class TickReport:
+    slot: int
+    plan: Plan | None = None
+    results: list[RunResult] = field(default_factory=list)
+    config_error: ConfigError | None = None
+    """Set when heartbeat.json is unusable (the last good config, if any, was used)."""
+    problems: list[Problem] = field(default_factory=list)
+    """Checks disabled for being invalid."""
+    state_error: StateError | None = None
+
+
+ResultSink = Callable[[RunResult], Awaitable[None]]
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    text = str(result)
+    if len(text) <= SUMMARY_LIMIT:
+        return result
+    return {"status": result.get("status"), "truncated": text[:SUMMARY_LIMIT]}
+
+
+class AgentRunner:
+    """Runs one agent's checks on ticks. Not safe for concurrent ``tick`` calls."""
+
+    def __init__(
+        self,
+        config_path: str | os.PathLike[str],
+        *,
+        state_path: str | os.PathLike[str] | None = None,
+        on_result: ResultSink | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.source = ConfigSource(self.config_path)
+        self.store = StateStore(state_path or default_state_path(self.config_path))
+        self.on_result = on_result
+        self.clock = clock
+        self.started_ms = clock()
+        self.state = AgentState()
+        self._reported_generation = 0
+        self._started = False
+
+    def start(self) -> None:
+        """Check the state file can be written and load it. Raises StateError."""
+        self.store.check_writable()
+        self.state, warning = self.store.load(self.clock())
+        if warning:
+            log.warning("%s", warning)
+        self._started = True
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Hold ``<state>.lock`` while running; yields False when another process holds it."""
+        lock_path = self.store.path.with_name(self.store.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _config(self) -> tuple[LoadedConfig | None, ConfigError | None]:
+        loaded, error = self.source.current()
+        if error is not None:
+            kept = "keeping the last good config" if loaded else "no good config yet: nothing runs"
+            log.error("config invalid (%s): %s", kept, error)
+        return loaded, error
+
+    def _plan(self, loaded: LoadedConfig, slot_ms: int) -> Plan:
+        return plan(
+            loaded.config,
+            self.state,
+            slot_ms,
+            known_handlers=handler_names(),
+            invalid_checks=loaded.invalid_checks,
+        )
+
+    def plan(self, slot_ms: int) -> Plan | None:
+        """What a tick at ``slot_ms`` would run, without running it."""
+        loaded, _ = self._config()
+        return None if loaded is None else self._plan(loaded, slot_ms)
+
+    async def tick(self, slot_ms: int, envelope: dict[str, Any] | None = None) -> TickReport:
+        """Evaluate and run what is due for the tick scheduled at ``slot_ms``."""
+        if not self._started:
+            self.start()
+        report = TickReport(slot=slot_ms)
+        loaded, report.config_error = self._config()
+        if loaded is None:
+            return report
+        report.problems = loaded.problems
+        report.plan = self._plan(loaded, slot_ms)
+        if self.source.generation != self._reported_generation:
+            self._reported_generation = self.source.generation
+            for ev in report.plan.evaluations:
+                if ev.blockers and ev.blockers[0][0] in _DISABLING:
+                    log.error("check %s disabled: %s", ev.check, ev.reason)
+        for evaluation in report.plan.selected:
+            result = await self._run(loaded.config, evaluation, slot_ms, envelope)
+            report.results.append(result)
+            if self.on_result is not None:
+                await self.on_result(result)
+            try:
+                self.store.save(self.state)
+            except StateError as exc:
+                report.state_error = exc
+                log.error("state not saved (kept in memory, retried next run): %s", exc)
+        return report
+
+    async def _run(
+        self,
+        config: HeartbeatConfig,
+        evaluation: Evaluation,
+        slot_ms: int,
+        envelope: dict[str, Any] | None,
+    ) -> RunResult:
+        check = config.checks[evaluation.check]
+        key = idempotency_key(config.agent, check.name, slot_ms)
+        payload = {
+            "agent": config.agent,
+            "check_name": check.name,
+            "timestamp": iso(slot_ms),
+            "envelope": envelope if envelope is not None else local_envelope(slot_ms),
+            "idempotency_key": key,
+        }
+        context = RunContext(
+            agent=config.agent,
+            check=check,
+            config=config,
+            state=self.state,
+            slot_ms=slot_ms,
+            process_started_ms=self.started_ms,
+        )
+        handler = get_handler(check.handler)
+        started = self.clock()
+        if handler is None:  # unregistered between plan and run
+            outcome_status: Status = "failed"
+            result: dict[str, Any] = {}
+            error: str | None = f"unknown handler {check.handler!r}"
+        else:
+            outcome = await invoke(handler, payload, check, context)
+            outcome_status, result, error = outcome.status, outcome.result, outcome.error
+        finished = self.clock()
+        self.state = record_run(
+            context.state,
+            check=check.name,
+            cadence_ms=check.cadence_ms,
+            slot_ms=slot_ms,
+            status=outcome_status,
+            finished_ms=finished,
+            duration_ms=finished - started,
+            key=key,
+            summary=_summary(result) if result else None,
+            error=error,
+            initial_last_run=check.last_run,
+        )
+        run = RunResult(
+            agent=config.agent,
+            check=check.name,
+            handler=check.handler,
+            status=outcome_status,
+            slot=slot_ms,
+            started_at=started,
+            finished_at=finished,
+            overdue_ratio=evaluation.ratio,
+            idempotency_key=key,
+            result=result,
+            error=error,
+        )
+        level = (
+            logging.INFO if outcome_status in ("success", "alert", "skipped") else logging.WARNING
+        )
+        log.log(
+            level,
+            "run agent=%s check=%s status=%s duration_ms=%d%s",
+            run.agent,
+            run.check,
+            run.status,
+            run.duration_ms,
+            f" error={error}" if error else "",
+        )
+        return run

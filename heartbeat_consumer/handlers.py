@@ -1,0 +1,238 @@
+"""Handler plugins: the registry, plugin loading, and running one handler safely.
+
+A handler is ``async def h(tick_payload: dict, check_config: CheckConfig) -> dict``
+(a plain ``def`` runs in a worker thread). It returns a dict whose ``status`` is one of
+success | alert | failed | skipped, plus free fields. An exception becomes status
+``failed`` with the error text; exceeding the check's timeout becomes ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, TypeVar, cast
+
+import orjson
+
+from .config import CheckConfig, HeartbeatConfig
+from .state import AgentState, Status
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Handler",
+    "HandlerError",
+    "Outcome",
+    "RunContext",
+    "current_run",
+    "get_handler",
+    "handler_names",
+    "invoke",
+    "load_entry_points",
+    "load_plugins",
+    "plugin_modules_from_env",
+    "register_handler",
+]
+
+log = logging.getLogger("heartbeat_consumer.handlers")
+
+ENTRY_POINT_GROUP = "heartbeat_consumer.handlers"
+HANDLER_STATUSES = frozenset({"success", "alert", "failed", "skipped"})
+MAX_ERROR_CHARS = 2000
+
+Handler = Callable[[dict[str, Any], CheckConfig], Awaitable[dict[str, Any]] | dict[str, Any]]
+H = TypeVar("H", bound=Handler)
+
+_registry: dict[str, Handler] = {}
+
+
+class HandlerError(Exception):
+    """A plugin could not be loaded or registered."""
+
+
+def _origin(func: Handler) -> str:
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+
+
+def register_handler(name: str) -> Callable[[H], H]:
+    """Register a handler under ``name``: ``@register_handler("ping")``.
+
+    Registering the same function again (a re-import) is fine; a different function
+    under a taken name is an error, so two plugins cannot silently replace each other.
+    """
+    if not isinstance(name, str) or not name:
+        raise HandlerError("register_handler needs a non-empty name")
+
+    def decorate(func: H) -> H:
+        if not callable(func):
+            raise HandlerError(f"handler {name!r} is not callable")
+        existing = _registry.get(name)
+        if existing is not None and _origin(existing) != _origin(func):
+            raise HandlerError(
+                f"handler {name!r} is already registered by {_origin(existing)}; "
+                f"{_origin(func)} cannot take the name"
+            )
+        _registry[name] = func
+        return func
+
+    return decorate
+
+
+def unregister_handler(name: str) -> None:
+    """Remove a handler (for tests and plugin reloads)."""
+    _registry.pop(name, None)
+
+
+def get_handler(name: str) -> Handler | None:
+    return _registry.get(name)
+
+
+def handler_names() -> frozenset[str]:
+    return frozenset(_registry)
+
+
+def load_plugins(modules: Iterable[str]) -> list[str]:
+    """Import plugin modules (their decorators register handlers). Raises HandlerError."""
+    loaded = []
+    for name in modules:
+        module = name.strip()
+        if not module:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise HandlerError(
+                f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        loaded.append(module)
+    return loaded
+
+
+def load_entry_points() -> list[str]:
+    """Load plugins of the ``heartbeat_consumer.handlers`` entry-point group.
+
+    An entry point naming a module registers through its decorators; one naming a
+    function that is not registered yet is registered under the entry point's name.
+    A broken plugin is logged and skipped: it must not stop the others.
+    """
+    names = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            target = ep.load()
+        except Exception as exc:
+            log.error("handler plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
+            continue
+        if callable(target) and not inspect.isclass(target) and ep.name not in _registry:
+            register_handler(ep.name)(cast(Handler, target))
+        names.append(ep.name)
+    return names
+
+
+def plugin_modules_from_env(environ: dict[str, str] | None = None) -> list[str]:
+    """Modules listed in HEARTBEAT_HANDLERS (comma or whitespace separated)."""
+    value = (environ if environ is not None else dict(os.environ)).get("HEARTBEAT_HANDLERS", "")
+    return [m for m in value.replace(",", " ").split() if m]
+
+
+@dataclass
+class RunContext:
+    """What the engine shares with the handler it is running (see :func:`current_run`).
+
+    A handler may replace ``state`` (built-ins do, to compact history); the engine
+    records the run on top of it.
+    """
+
+    agent: str
+    check: CheckConfig
+    config: HeartbeatConfig
+    state: AgentState
+    slot_ms: int
+    process_started_ms: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_current: ContextVar[RunContext | None] = ContextVar("heartbeat_run", default=None)
+
+
+def current_run() -> RunContext | None:
+    """The context of the run in progress (inside a handler), else None."""
+    return _current.get()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    result: dict[str, Any]
+    error: str | None = None
+
+
+def _truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
+
+
+def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
+    """The result as plain JSON data (unknown objects become strings)."""
+    data: dict[str, Any] = orjson.loads(
+        orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    )
+    return data
+
+
+def _check_result(value: object) -> Outcome:
+    if not isinstance(value, dict):
+        return Outcome(
+            "failed", {}, f"handler returned {type(value).__name__}, expected a dict with 'status'"
+        )
+    status = value.get("status")
+    if status not in HANDLER_STATUSES:
+        allowed = " | ".join(sorted(HANDLER_STATUSES))
+        return Outcome("failed", {}, f"handler returned status {status!r}; expected {allowed}")
+    try:
+        result = _jsonable(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        return Outcome("failed", {}, f"handler result is not JSON-serialisable: {exc}")
+    error = value.get("error")
+    return Outcome(
+        cast(Status, status), result, _truncate(str(error)) if error is not None else None
+    )
+
+
+async def _call(handler: Handler, payload: dict[str, Any], check: CheckConfig) -> object:
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004
+    ):
+        return await cast(Awaitable[object], handler(payload, check))
+    value = await asyncio.to_thread(handler, payload, check)
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def invoke(
+    handler: Handler,
+    payload: dict[str, Any],
+    check: CheckConfig,
+    context: RunContext | None = None,
+) -> Outcome:
+    """Run a handler with the check's timeout; never raises (except cancellation)."""
+    timeout_s = check.effective_timeout_ms / 1000
+    token = _current.set(context)
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            value = await _call(handler, payload, check)
+    except TimeoutError as exc:
+        if deadline.expired():
+            return Outcome("timeout", {}, f"handler timed out after {timeout_s:g}s")
+        return Outcome("failed", {}, _truncate(f"{type(exc).__name__}: {exc}"))
+    except (Exception, SystemExit) as exc:
+        return Outcome("failed", {}, _truncate(f"{type(exc).__name__}: {exc}"))
+    finally:
+        _current.reset(token)
+    return _check_result(value)

@@ -1,0 +1,244 @@
+"""The scheduling rules: pure functions of (config, state, now).
+
+No clock reads and no I/O here. ``now`` is the tick's scheduled slot in epoch ms, so
+handler latency never shifts the schedule.
+
+A check is *due* when all hold:
+
+- it is valid, its handler is known, and it is enabled;
+- it is not paused (by name or by ``*``, in the config or in the state);
+- its overdue ratio ``(now - lastRun) / cadenceMs`` is ``>= 1.0`` (never run: infinite);
+- it is not waiting out a failure backoff;
+- the local wall clock of its zone is inside its window and in one of its quarters.
+
+Among due checks, at most ``maxChecksPerTick`` are selected: by priority (lower first),
+then higher ratio, then name; ``selection: "overdue"`` puts the ratio first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+from .config import CheckConfig, HeartbeatConfig, Problem, Window
+from .state import AgentState
+from .timeutil import format_duration, gap_end_minute, iso, local_time
+
+__all__ = [
+    "Blocker",
+    "Evaluation",
+    "Plan",
+    "evaluate",
+    "in_window",
+    "is_paused",
+    "overdue_ratio",
+    "plan",
+    "quarter_at",
+    "select",
+]
+
+
+class Blocker(StrEnum):
+    """Why a check is not due, in the order they are reported."""
+
+    INVALID = "invalid"
+    UNKNOWN_HANDLER = "unknown-handler"
+    DISABLED = "disabled"
+    PAUSED = "paused"
+    OUTSIDE_WINDOW = "outside-window"
+    WRONG_QUARTER = "wrong-quarter"
+    BACKOFF = "backoff"
+    NOT_DUE = "not-due"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Whether one check is due at ``now`` and, if not, every reason why."""
+
+    check: str
+    handler: str | None
+    priority: int
+    ratio: float
+    """Overdue ratio; ``math.inf`` when never run, ``nan`` for an invalid check."""
+    last_run: int | None
+    next_due: int | None
+    """Earliest instant the cadence and backoff allow (windows and quarters aside)."""
+    blockers: tuple[tuple[Blocker, str], ...] = ()
+
+    @property
+    def due(self) -> bool:
+        return not self.blockers
+
+    @property
+    def reason(self) -> str:
+        """The first reason it is not due, or 'due'."""
+        return self.blockers[0][1] if self.blockers else "due"
+
+
+@dataclass(frozen=True)
+class Plan:
+    now: int
+    evaluations: tuple[Evaluation, ...]
+    selected: tuple[Evaluation, ...]
+
+
+def overdue_ratio(now_ms: int, last_run_ms: int | None, cadence_ms: int) -> float:
+    """``(now - lastRun) / cadence``; infinite when the check never ran."""
+    if last_run_ms is None:
+        return math.inf
+    return (now_ms - last_run_ms) / cadence_ms
+
+
+def in_window(now_ms: int, window: Window, tz: ZoneInfo) -> bool:
+    """Local wall clock inside [start, end] (end minute inclusive; start > end wraps midnight).
+
+    Through fall-back both passes of a repeated hour count. On a spring-forward day, a
+    window whose start falls in the skipped hour also opens at the first valid minute.
+    """
+    local = local_time(now_ms, tz)
+    minute = local.hour * 60 + local.minute
+    start, end = window.start_minute, window.end_minute
+    inside = start <= minute <= end if start <= end else (minute >= start or minute <= end)
+    if inside:
+        return True
+    first_valid = gap_end_minute(local.date(), start, tz)
+    return first_valid is not None and minute == first_valid
+
+
+def quarter_at(now_ms: int, tz: ZoneInfo, quarter_of: str = "day") -> str:
+    """'Q1'..'Q4': of the local day (6-hour blocks from 00:00) or of the calendar year."""
+    local = local_time(now_ms, tz)
+    index = local.hour // 6 if quarter_of == "day" else (local.month - 1) // 3
+    return f"Q{index + 1}"
+
+
+def is_paused(name: str, config: HeartbeatConfig, state: AgentState, now_ms: int) -> str | None:
+    """A description of the active pause on ``name`` (or on the whole agent), else None."""
+    for key in (name, "*"):
+        for pause in (config.paused.get(key), state.pauses.get(key)):
+            if pause is not None and pause.active(now_ms):
+                until = "until resumed" if pause.until is None else f"until {iso(pause.until)}"
+                whom = "agent paused" if key == "*" else "paused"
+                because = f" ({pause.reason})" if pause.reason else ""
+                return f"{whom} {until}{because}"
+    return None
+
+
+def _evaluate_check(
+    check: CheckConfig,
+    config: HeartbeatConfig,
+    state: AgentState,
+    now_ms: int,
+    known_handlers: Container[str] | None,
+) -> Evaluation:
+    current = state.check(check.name, check.last_run)
+    last = current.last_run
+    ratio = overdue_ratio(now_ms, last, check.cadence_ms)
+    blockers: list[tuple[Blocker, str]] = []
+    if known_handlers is not None and check.handler not in known_handlers:
+        blockers.append((Blocker.UNKNOWN_HANDLER, f"unknown handler {check.handler!r}"))
+    if not check.enabled:
+        blockers.append((Blocker.DISABLED, "disabled"))
+    paused = is_paused(check.name, config, state, now_ms)
+    if paused:
+        blockers.append((Blocker.PAUSED, paused))
+    tz = check.zoneinfo
+    if check.window is not None and not in_window(now_ms, check.window, tz):
+        local = local_time(now_ms, tz).strftime("%H:%M")
+        w = check.window
+        blockers.append(
+            (Blocker.OUTSIDE_WINDOW, f"outside window {w.start}-{w.end} {check.tz} (local {local})")
+        )
+    if check.trigger_on_quarters is not None:
+        quarter = quarter_at(now_ms, tz, check.quarter_of)
+        if quarter not in check.trigger_on_quarters:
+            wanted = ", ".join(check.trigger_on_quarters)
+            blockers.append(
+                (
+                    Blocker.WRONG_QUARTER,
+                    f"wrong quarter: {quarter} of the {check.quarter_of}, runs in {wanted}",
+                )
+            )
+    if current.next_retry is not None and now_ms < current.next_retry:
+        blockers.append(
+            (
+                Blocker.BACKOFF,
+                f"backing off after {current.consecutive_failures} failure(s) "
+                f"until {iso(current.next_retry)}",
+            )
+        )
+    if last is not None and now_ms - last < check.cadence_ms:
+        left = format_duration(last + check.cadence_ms - now_ms)
+        blockers.append((Blocker.NOT_DUE, f"not due: ratio {ratio:.2f}, due in {left}"))
+    next_due = None if last is None else last + check.cadence_ms
+    if current.next_retry is not None:
+        next_due = max(next_due or current.next_retry, current.next_retry)
+    return Evaluation(
+        check=check.name,
+        handler=check.handler,
+        priority=check.priority,
+        ratio=ratio,
+        last_run=last,
+        next_due=next_due,
+        blockers=tuple(blockers),
+    )
+
+
+def evaluate(
+    config: HeartbeatConfig,
+    state: AgentState,
+    now_ms: int,
+    *,
+    known_handlers: Container[str] | None = None,
+    invalid_checks: Mapping[str, Iterable[Problem]] | None = None,
+) -> list[Evaluation]:
+    """Evaluate every check (valid and invalid) at ``now_ms``, ordered by check name."""
+    out = [
+        _evaluate_check(check, config, state, now_ms, known_handlers)
+        for check in config.checks.values()
+    ]
+    for name, problems in (invalid_checks or {}).items():
+        text = "; ".join(str(p) for p in problems)
+        out.append(
+            Evaluation(
+                check=name,
+                handler=None,
+                priority=0,
+                ratio=math.nan,
+                last_run=state.check(name).last_run,
+                next_due=None,
+                blockers=((Blocker.INVALID, f"invalid: {text}"),),
+            )
+        )
+    return sorted(out, key=lambda e: e.check)
+
+
+def select(
+    evaluations: Iterable[Evaluation], *, max_checks: int = 1, selection: str = "priority"
+) -> list[Evaluation]:
+    """The due checks to run this tick, best first, at most ``max_checks``."""
+    due = [e for e in evaluations if e.due]
+    if selection == "overdue":
+        due.sort(key=lambda e: (-e.ratio, e.priority, e.check))
+    else:
+        due.sort(key=lambda e: (e.priority, -e.ratio, e.check))
+    return due[:max_checks]
+
+
+def plan(
+    config: HeartbeatConfig,
+    state: AgentState,
+    now_ms: int,
+    *,
+    known_handlers: Container[str] | None = None,
+    invalid_checks: Mapping[str, Iterable[Problem]] | None = None,
+) -> Plan:
+    """Evaluate every check and select what one tick at ``now_ms`` runs."""
+    evaluations = evaluate(
+        config, state, now_ms, known_handlers=known_handlers, invalid_checks=invalid_checks
+    )
+    chosen = select(evaluations, max_checks=config.max_checks_per_tick, selection=config.selection)
+    return Plan(now_ms, tuple(evaluations), tuple(chosen))

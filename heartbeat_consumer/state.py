@@ -1,0 +1,153 @@
+"""Run state of one agent (kept apart from heartbeat.json) and its pure transitions.
+
+Nothing here reads a clock or a file: :mod:`heartbeat_consumer.store` persists it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import Pause
+from .timeutil import MS_PER_MINUTE
+
+__all__ = [
+    "FAILED_STATUSES",
+    "OK_STATUSES",
+    "STATUSES",
+    "AgentState",
+    "CheckState",
+    "HistoryEntry",
+    "Status",
+    "backoff_ms",
+    "compact_history",
+    "idempotency_key",
+    "record_run",
+]
+
+Status = Literal["success", "alert", "failed", "skipped", "timeout"]
+STATUSES: tuple[Status, ...] = ("success", "alert", "failed", "skipped", "timeout")
+OK_STATUSES = frozenset({"success", "alert", "skipped"})
+FAILED_STATUSES = frozenset({"failed", "timeout"})
+
+BACKOFF_BASE_MS = MS_PER_MINUTE
+HISTORY_LIMIT = 1000
+"""Hard cap on history entries; ``quarterly_compaction`` trims far below it."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+
+class CheckState(_Model):
+    last_run: int | None = Field(default=None, alias="lastRun")
+    """Slot (epoch ms) of the last completed run; failures leave it unchanged."""
+    last_success: int | None = Field(default=None, alias="lastSuccess")
+    last_status: Status | None = Field(default=None, alias="lastStatus")
+    last_finished: int | None = Field(default=None, alias="lastFinished")
+    consecutive_failures: int = Field(default=0, alias="consecutiveFailures")
+    next_retry: int | None = Field(default=None, alias="nextRetry")
+    last_key: str | None = Field(default=None, alias="lastKey")
+    last_result: dict[str, Any] | None = Field(default=None, alias="lastResult")
+    last_error: str | None = Field(default=None, alias="lastError")
+    runs: int = 0
+
+
+class HistoryEntry(_Model):
+    check: str
+    slot: int
+    status: Status
+    duration_ms: int = Field(alias="durationMs")
+
+
+class AgentState(_Model):
+    version: Literal[1] = 1
+    agent: str | None = None
+    checks: dict[str, CheckState] = Field(default_factory=dict)
+    pauses: dict[str, Pause] = Field(default_factory=dict)
+    """Run-time pauses (from commands); merged over the config's ``paused``."""
+    history: tuple[HistoryEntry, ...] = ()
+
+    def check(self, name: str, initial_last_run: int | None = None) -> CheckState:
+        """The check's state; a check never recorded starts from the config's lastRun."""
+        found = self.checks.get(name)
+        return found if found is not None else CheckState(last_run=initial_last_run)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def idempotency_key(agent: str, check: str, slot_ms: int) -> str:
+    """``agent:check:slot``: the same for every delivery of one tick."""
+    return f"{agent}:{check}:{slot_ms}"
+
+
+def backoff_ms(consecutive_failures: int, cadence_ms: int) -> int:
+    """60 s doubling per consecutive failure, capped at the check's cadence."""
+    exponent = min(max(consecutive_failures, 1) - 1, 30)
+    return min(BACKOFF_BASE_MS * (1 << exponent), cadence_ms)
+
+
+def record_run(
+    state: AgentState,
+    *,
+    check: str,
+    cadence_ms: int,
+    slot_ms: int,
+    status: Status,
+    finished_ms: int,
+    duration_ms: int,
+    key: str,
+    summary: dict[str, Any] | None = None,
+    error: str | None = None,
+    initial_last_run: int | None = None,
+) -> AgentState:
+    """State after one run of ``check`` for the tick at ``slot_ms``.
+
+    success, alert and skipped record ``slot_ms`` as lastRun; failed and timeout keep
+    lastRun (the check stays overdue) and set a retry time after a backoff.
+    """
+    before = state.check(check, initial_last_run)
+    common: dict[str, Any] = {
+        "last_status": status,
+        "last_finished": finished_ms,
+        "last_key": key,
+        "last_result": summary,
+        "last_error": error,
+        "runs": before.runs + 1,
+    }
+    if status in OK_STATUSES:
+        after = before.model_copy(
+            update={
+                **common,
+                "last_run": slot_ms,
+                "last_success": slot_ms,
+                "consecutive_failures": 0,
+                "next_retry": None,
+            }
+        )
+    else:
+        failures = before.consecutive_failures + 1
+        after = before.model_copy(
+            update={
+                **common,
+                "consecutive_failures": failures,
+                "next_retry": slot_ms + backoff_ms(failures, cadence_ms),
+            }
+        )
+    entry = HistoryEntry(check=check, slot=slot_ms, status=status, duration_ms=duration_ms)
+    history = (*state.history, entry)[-HISTORY_LIMIT:]
+    return state.model_copy(update={"checks": {**state.checks, check: after}, "history": history})
+
+
+def compact_history(state: AgentState, keep_per_check: int) -> tuple[AgentState, int]:
+    """Keep the newest ``keep_per_check`` history entries of each check; return how many went."""
+    kept: list[HistoryEntry] = []
+    seen: dict[str, int] = {}
+    for entry in reversed(state.history):
+        seen[entry.check] = seen.get(entry.check, 0) + 1
+        if seen[entry.check] <= keep_per_check:
+            kept.append(entry)
+    removed = len(state.history) - len(kept)
+    return state.model_copy(update={"history": tuple(reversed(kept))}), removed

@@ -1,0 +1,110 @@
+"""Persistence of :class:`AgentState`: atomic writes, corrupt files set aside, clear errors.
+
+A save writes a temporary file in the same directory, fsyncs it, renames it over the
+state file and fsyncs the directory, so a kill at any point leaves either the old or
+the new state, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import orjson
+from pydantic import ValidationError
+
+from .state import AgentState
+from .timeutil import iso
+
+__all__ = ["StateError", "StateStore", "default_state_path"]
+
+log = logging.getLogger("heartbeat_consumer.store")
+
+
+class StateError(Exception):
+    """The state file cannot be used (unwritable directory, failed write)."""
+
+
+def default_state_path(config_path: str | os.PathLike[str]) -> Path:
+    """``<config file>.state.json`` beside the config."""
+    path = Path(config_path)
+    return path.with_name(path.name + ".state.json")
+
+
+class StateStore:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def check_writable(self) -> None:
+        """Raise :class:`StateError` with a clear message when saving cannot work."""
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise StateError(f"state directory {directory} does not exist (state file {self.path})")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        except OSError as exc:
+            raise StateError(
+                f"cannot write state file {self.path}: {exc.strerror}; "
+                "choose another with --state or HEARTBEAT_STATE_PATH"
+            ) from None
+        os.close(fd)
+        Path(probe).unlink()
+        if self.path.exists() and not os.access(self.path, os.R_OK):
+            raise StateError(f"cannot read state file {self.path}")
+
+    def load(self, now_ms: int | None = None) -> tuple[AgentState, str | None]:
+        """The saved state, or a fresh one; second value: a warning to report, if any.
+
+        A corrupt file is renamed to ``<file>.corrupt`` and the state is rebuilt.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return AgentState(), None
+        except OSError as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc.strerror}") from None
+        try:
+            return AgentState.model_validate(orjson.loads(raw)), None
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            reason = str(exc).splitlines()[0]
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            self.path.replace(aside)
+        when = f" at {iso(now_ms)}" if now_ms is not None else ""
+        warning = (
+            f"state file {self.path} was corrupt ({reason}); "
+            f"moved to {aside.name} and rebuilt{when}; "
+            "checks without state start from the config's lastRun"
+        )
+        return AgentState(), warning
+
+    def save(self, state: AgentState) -> None:
+        data = orjson.dumps(state.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        directory = self.path.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        except OSError as exc:
+            raise StateError(f"cannot write state file {self.path}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(tmp).replace(self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink()
+            raise StateError(f"cannot write state file {self.path}: {exc.strerror}") from None
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            log.debug("fsync of %s not supported", directory)
+        finally:
+            os.close(dir_fd)

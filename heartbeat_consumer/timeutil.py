@@ -1,0 +1,138 @@
+"""Pure time helpers: instants are integer epoch milliseconds in UTC.
+
+Local wall-clock time (zoneinfo) is only used to test windows and quarters;
+every comparison of instants happens on epoch milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+__all__ = [
+    "MS_PER_MINUTE",
+    "MS_PER_SECOND",
+    "floor_to",
+    "format_duration",
+    "from_ms",
+    "gap_end_minute",
+    "iso",
+    "local_time",
+    "parse_duration_ms",
+    "parse_instant_ms",
+    "to_ms",
+    "zone",
+]
+
+MS_PER_SECOND = 1000
+MS_PER_MINUTE = 60 * MS_PER_SECOND
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """Parse '500ms', '60s', '15m', '1h', '1d' or a bare number of seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 60s, 15m, 1h)")
+    value = float(match.group(1)) * _UNIT_MS[match.group(2) or "s"]
+    if value <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return int(value)
+
+
+def format_duration(ms: int) -> str:
+    """Human form of a duration: 90000 -> '1m30s'."""
+    if ms < 0:
+        return "-" + format_duration(-ms)
+    if ms < MS_PER_SECOND:
+        return f"{ms}ms"
+    seconds, _ = divmod(ms, 1000)
+    days, seconds = divmod(seconds, 86_400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
+
+
+def to_ms(moment: datetime) -> int:
+    """Epoch milliseconds of an aware datetime."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: an instant needs a time zone")
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def from_ms(ms: int) -> datetime:
+    """Aware UTC datetime of epoch milliseconds."""
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+
+
+def iso(ms: int) -> str:
+    """ISO 8601 UTC with millisecond precision and a Z suffix."""
+    return from_ms(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def floor_to(ms: int, step_ms: int) -> int:
+    """The slot containing ``ms`` for slots of ``step_ms`` aligned on the epoch."""
+    return ms - ms % step_ms
+
+
+def parse_instant_ms(value: str | int | float) -> int:
+    """Epoch ms from an int (epoch ms) or an ISO 8601 string.
+
+    A string without an offset is read as UTC; 'Z' and '+hh:mm' offsets are honoured.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a time")
+    if isinstance(value, int | float):
+        return int(value)
+    text = value.strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise ValueError(
+            f"not a time: {value!r} (use ISO 8601 like 2026-03-29T01:30:00+01:00, or epoch ms)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return to_ms(moment)
+
+
+@lru_cache(maxsize=512)
+def zone(name: str) -> ZoneInfo:
+    """ZoneInfo for an IANA name; ValueError with a clear message when unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f"unknown time zone {name!r} (use an IANA name like Europe/Berlin)"
+        ) from None
+
+
+def local_time(ms: int, tz: ZoneInfo) -> datetime:
+    """Local wall-clock datetime of an instant."""
+    return from_ms(ms).astimezone(tz)
+
+
+def _exists(day: date, minute: int, tz: ZoneInfo) -> bool:
+    wall = datetime.combine(day, time(minute // 60, minute % 60), tzinfo=tz)
+    back = wall.astimezone(UTC).astimezone(tz)
+    return back.replace(tzinfo=None) == wall.replace(tzinfo=None)
+
+
+@lru_cache(maxsize=4096)
+def gap_end_minute(day: date, minute: int, tz: ZoneInfo) -> int | None:
+    """If local ``minute`` of ``day`` falls in a spring-forward gap, the first valid local
+    minute after the gap (minute of day); otherwise None."""
+    if minute >= 24 * 60 or _exists(day, minute, tz):
+        return None
+    for later in range(minute + 1, 24 * 60):
+        if _exists(day, later, tz):
+            return later
+    return None
