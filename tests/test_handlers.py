@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from heartbeat_consumer import CheckConfig, register_handler
+from heartbeat_consumer.builtin_handlers import command
+from heartbeat_consumer.config import parse_config
+from heartbeat_consumer.handlers import (
+    HandlerError,
+    get_handler,
+    handler_names,
+    invoke,
+    load_plugins,
+    plugin_modules_from_env,
+)
+
+
+def check(**fields: Any) -> CheckConfig:
+    raw = {"cadenceMs": 60_000, "handler": "h", **fields}
+    loaded = parse_config(orjson.dumps({"agent": "a", "checks": {"c": raw}}))
+    assert not loaded.problems, loaded.problems
+    return loaded.config.checks["c"]
+
+
+PAYLOAD = {
+    "agent": "a",
+    "check_name": "c",
+    "timestamp": "t",
+    "envelope": {},
+    "idempotency_key": "a:c:1",
+}
+
+
+def test_builtins_are_registered() -> None:
+    assert {"default", "sub_health", "quarterly_compaction", "command"} <= handler_names()
+
+
+async def test_async_handler_result() -> None:
+    @register_handler("t_async")
+    async def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        return {
+            "status": "alert",
+            "seen": tick_payload["idempotency_key"],
+            "cadence": check_config.cadence_ms,
+        }
+
+    outcome = await invoke(h, dict(PAYLOAD), check())
+    assert outcome.status == "alert"
+    assert outcome.result == {"status": "alert", "seen": "a:c:1", "cadence": 60000}
+
+
+async def test_sync_handler_runs_in_a_thread() -> None:
+    import threading
+
+    main = threading.get_ident()
+
+    @register_handler("t_sync")
+    def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        return {"status": "success", "thread": threading.get_ident() != main}
+
+    outcome = await invoke(h, dict(PAYLOAD), check())
+    assert outcome.status == "success" and outcome.result["thread"] is True
+
+
+async def test_exception_is_failed_with_error_text() -> None:
+    async def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        raise RuntimeError("disk on fire")
+
+    outcome = await invoke(h, dict(PAYLOAD), check())
+    assert outcome.status == "failed" and outcome.error == "RuntimeError: disk on fire"
+
+
+async def test_timeout_status() -> None:
+    async def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"status": "success"}
+
+    started = time.monotonic()
+    outcome = await invoke(h, dict(PAYLOAD), check(timeoutMs=50))
+    assert outcome.status == "timeout" and outcome.error == "handler timed out after 0.05s"
+    assert time.monotonic() - started < 2
+
+
+async def test_handler_raising_timeout_error_itself_is_failed_not_timeout() -> None:
+    async def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        raise TimeoutError("upstream API timed out")
+
+    outcome = await invoke(h, dict(PAYLOAD), check())
+    assert outcome.status == "failed" and "upstream API" in (outcome.error or "")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (None, "handler returned NoneType, expected a dict with 'status'"),
+        ({"message": "pong"}, "handler returned status None"),
+        ({"status": "ok"}, "handler returned status 'ok'"),
+        ({"status": "timeout"}, "handler returned status 'timeout'"),
+    ],
+)
+async def test_garbage_results_are_failed(value: object, error: str) -> None:
+    async def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> object:
+        return value
+
+    outcome = await invoke(h, dict(PAYLOAD), check())  # type: ignore[arg-type]
+    assert outcome.status == "failed" and (outcome.error or "").startswith(error)
+
+
+async def test_result_is_made_json_safe() -> None:
+    async def h(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        return {"status": "success", "path": Path("/x"), 3: "int key"}
+
+    outcome = await invoke(h, dict(PAYLOAD), check())
+    assert outcome.result == {"status": "success", "path": "/x", "3": "int key"}
+
+
+def test_same_name_from_another_function_is_refused() -> None:
+    @register_handler("t_dup")
+    async def first(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        return {"status": "success"}
+
+    with pytest.raises(HandlerError, match="already registered"):
+
+        @register_handler("t_dup")
+        async def second(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+            return {"status": "success"}
+
+    assert get_handler("t_dup") is first
+
+
+def test_plugin_modules_load_and_report_import_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "my_plugin_mod.py").write_text(
+        textwrap.dedent(
+            """
+            from heartbeat_consumer import register_handler
+
+            @register_handler("from_plugin")
+            async def ping(tick_payload, check_config):
+                return {"status": "success", "message": "pong"}
+            """
+        )
+    )
+    (tmp_path / "broken_plugin_mod.py").write_text("raise ImportError('missing dependency foo')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_plugins(["my_plugin_mod", " "]) == ["my_plugin_mod"]
+    assert "from_plugin" in handler_names()
+    with pytest.raises(
+        HandlerError, match=r"cannot import handler module 'broken_plugin_mod'.*foo"
+    ):
+        load_plugins(["broken_plugin_mod"])
+    with pytest.raises(HandlerError, match="no_such_module_xyz"):
+        load_plugins(["no_such_module_xyz"])
+    sys.modules.pop("my_plugin_mod", None)
+
+
+def test_plugin_modules_from_env() -> None:
+    assert plugin_modules_from_env({"HEARTBEAT_HANDLERS": "a.b, c  d,"}) == ["a.b", "c", "d"]
+    assert plugin_modules_from_env({}) == []
+
+
+async def test_command_success_captures_output_and_env() -> None:
+    cfg = check(
+        meta={
+            "argv": [
+                sys.executable,
+                "-c",
+                "import os;print(os.environ['HEARTBEAT_IDEMPOTENCY_KEY'])",
+            ]
+        }
+    )
+    result = await command(dict(PAYLOAD), cfg)
+    assert result["status"] == "success" and result["exit_code"] == 0
+    assert result["stdout"] == "a:c:1\n"
+
+
+async def test_command_failure_and_missing_binary() -> None:
+    cfg = check(
+        meta={"argv": [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(4)"]}
+    )
+    result = await command(dict(PAYLOAD), cfg)
+    assert result["status"] == "failed" and result["exit_code"] == 4 and result["stderr"] == "boom"
+    missing = await command(dict(PAYLOAD), check(meta={"argv": ["/no/such/binary"]}))
+    assert missing["status"] == "failed" and "cannot start '/no/such/binary'" in missing["error"]
+    no_argv = await command(dict(PAYLOAD), check(meta={"argv": "ls -l"}))
+    assert (
+        no_argv["status"] == "failed" and "meta.argv must be a non-empty list" in no_argv["error"]
+    )
+
+
+async def test_command_does_not_use_a_shell() -> None:
+    result = await command(dict(PAYLOAD), check(meta={"argv": ["echo", "$HOME", ";", "id"]}))
+    assert result["stdout"] == "$HOME ; id\n"
+
+
+async def test_command_output_is_truncated_to_the_tail() -> None:
+    script = "import sys; sys.stdout.write('x' * 1_000_000 + 'END')"
+    cfg = check(meta={"argv": [sys.executable, "-c", script], "maxOutputBytes": 100})
+    result = await command(dict(PAYLOAD), cfg)
+    assert result["stdout"].endswith("x" * 97 + "END")
+    assert result["stdout"].startswith("[... 999903 bytes cut ...]")
+
+
+async def test_command_timeout_kills_the_process_group(tmp_path: Path) -> None:
+    marker = tmp_path / "grandchild-alive"
+    script = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c",
+            "import time, pathlib; time.sleep(1.5); "
+            "pathlib.Path({str(marker)!r}).write_text('alive')"])
+        time.sleep(60)
+        """
+    )
+    cfg = check(timeoutMs=300, meta={"argv": [sys.executable, "-c", script]})
+    started = time.monotonic()
+    outcome = await invoke(command, dict(PAYLOAD), cfg)
+    assert outcome.status == "timeout"
+    assert time.monotonic() - started < 5
+    await asyncio.sleep(2)
+    assert not marker.exists(), "the grandchild survived the timeout"
