@@ -1,0 +1,292 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from heartbeat_consumer.cli import main
+
+from .conftest import ROOT
+
+WriteConfig = Callable[..., Path]
+EXAMPLE = str(ROOT / "examples/cack.heartbeat.json")
+BIN = str(Path(sys.executable).with_name("heartbeat-consumer"))
+
+
+def lines(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", EXAMPLE]) == 0
+    assert capsys.readouterr().out.strip() == f"ok: {EXAMPLE}: agent cack, 2 check(s)"
+
+
+def test_validate_prints_every_problem_and_exits_1(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        {
+            "agent": "a",
+            "checks": {
+                "x": {"cadenceMs": "900000", "handler": "default"},
+                "y": {"cadenceMs": 1, "handler": "nope"},
+                "z": {
+                    "cadenceMs": 1,
+                    "handler": "default",
+                    "window": {"start": "9", "end": "10:00"},
+                },
+            },
+        }
+    )
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "$.checks.x.cadenceMs: '900000' is not of type 'integer'" in err
+    assert "$.checks.y.handler: unknown handler 'nope'" in err
+    assert "$.checks.z.window.start: '9' is not a time HH:MM" in err
+    assert "Traceback" not in err
+
+
+def test_validate_unparsable_file(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", str(write_config('{"agent": '))]) == 1
+    assert "$: invalid JSON" in capsys.readouterr().err
+
+
+def test_validate_knows_plugin_handlers(
+    write_config: WriteConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cli_plugin_mod.py").write_text(
+        "from heartbeat_consumer import register_handler\n"
+        "@register_handler('cli_ping')\n"
+        "async def ping(p, c):\n    return {'status': 'success'}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config({"agent": "a", "checks": {"p": {"cadenceMs": 1, "handler": "cli_ping"}}})
+    monkeypatch.setenv("HEARTBEAT_HANDLERS", "cli_plugin_mod")
+    assert main(["validate", str(path)]) == 0
+    sys.modules.pop("cli_plugin_mod", None)
+
+
+def test_plan_explains_every_check(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        {
+            "agent": "a",
+            "checks": {
+                "due": {"cadenceMs": 60000, "handler": "default"},
+                "off": {"cadenceMs": 60000, "handler": "default", "enabled": False},
+                "night": {
+                    "cadenceMs": 60000,
+                    "handler": "default",
+                    "window": {"start": "22:00", "end": "06:00", "tz": "Europe/Berlin"},
+                },
+                "recent": {"cadenceMs": 3600000, "handler": "default", "lastRun": 1780315200000},
+            },
+        }
+    )
+    assert (
+        main(["plan", str(path), "--at", "2026-06-01T12:30:00Z", "--state", str(path) + ".s"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "agent a at 2026-06-01T12:30:00.000Z" in out
+    rows = {line[2:].split()[0]: line for line in out.splitlines()[3:]}
+    assert rows["due"].startswith("*") and "RUNS NOW" in rows["due"]
+    assert "disabled" in rows["off"]
+    assert "outside window 22:00-06:00 Europe/Berlin (local 14:30)" in rows["night"]
+    assert "not due: ratio 0.50, due in 30m" in rows["recent"]
+
+
+def test_plan_json(write_config: WriteConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1000, "handler": "default"}}})
+    assert main(["plan", str(path), "--at", "1000", "--json"]) == 0
+    (doc,) = lines(capsys.readouterr().out)
+    assert doc["at"] == "1970-01-01T00:00:01.000Z"
+    assert doc["checks"] == [
+        {
+            "check": "c",
+            "handler": "default",
+            "priority": 100,
+            "due": True,
+            "runs_now": True,
+            "overdue_ratio": None,
+            "last_run": None,
+            "next_due": None,
+            "reasons": [],
+        }
+    ]
+
+
+def test_plan_bad_time_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", EXAMPLE, "--at", "tomorrow-ish"]) == 2
+    assert "not a time: 'tomorrow-ish'" in capsys.readouterr().err
+
+
+def test_simulate_over_berlin_spring_forward(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        {
+            "agent": "a",
+            "checks": {
+                "c": {
+                    "cadenceMs": 900000,
+                    "handler": "default",
+                    "window": {"start": "02:00", "end": "04:00", "tz": "Europe/Berlin"},
+                }
+            },
+        }
+    )
+    args = ["simulate", str(path), "--from", "2026-03-29T00:00:00Z", "--to", "2026-03-29T03:00:00Z"]
+    assert main(args) == 0
+    runs = lines(capsys.readouterr().out)
+    # 02:00-02:59 does not exist that night: the window opens at 03:00 CEST (01:00 UTC).
+    assert [r["local"] for r in runs] == [
+        "2026-03-29T03:00+02:00",
+        "2026-03-29T03:15+02:00",
+        "2026-03-29T03:30+02:00",
+        "2026-03-29T03:45+02:00",
+        "2026-03-29T04:00+02:00",
+    ]
+    assert runs[0]["slot"] == "2026-03-29T01:00:00.000Z" and runs[0]["overdue_ratio"] is None
+    assert runs[1]["overdue_ratio"] == 1.0
+
+
+def test_simulate_rejects_reversed_range(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", EXAMPLE, "--from", "2026-01-02", "--to", "2026-01-01"]) == 2
+    assert "--to must be after --from" in capsys.readouterr().err
+
+
+def test_run_once_then_status(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        {
+            "agent": "a",
+            "checks": {
+                "ok": {"cadenceMs": 900000, "handler": "default", "priority": 1},
+                "bad": {"cadenceMs": 900000, "handler": "command", "meta": {"argv": ["false"]}},
+            },
+            "maxChecksPerTick": 2,
+        }
+    )
+    assert main(["run-once", str(path), "--at", "2026-06-01T12:00:30Z"]) == 3
+    results = lines(capsys.readouterr().out)
+    assert [(r["check"], r["status"], r["slot"]) for r in results] == [
+        ("ok", "success", "2026-06-01T12:00:00.000Z"),
+        ("bad", "failed", "2026-06-01T12:00:00.000Z"),
+    ]
+    assert main(["run-once", str(path), "--at", "2026-06-01T12:01:10Z"]) == 3
+    assert lines(capsys.readouterr().out)[0]["check"] == "bad"
+    assert main(["run-once", str(path), "--at", "2026-06-01T12:02:10Z"]) == 0, "bad backs off"
+    assert capsys.readouterr().out == ""
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"state: {path}.state.json" in out
+    bad = next(line for line in out.splitlines() if line.split()[0] == "bad")
+    assert (
+        "failed" in bad and "retry after 2026-06-01T12:03:00.000Z" in bad and "exit code 1" in bad
+    )
+    assert main(["status", str(path), "--json"]) == 0
+    doc = lines(capsys.readouterr().out)[0]
+    assert doc["checks"]["ok"]["lastRun"] == 1780315200000
+    assert doc["checks"]["bad"]["consecutiveFailures"] == 2
+
+
+def test_state_path_from_environment(
+    write_config: WriteConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1000, "handler": "default"}}})
+    monkeypatch.setenv("HEARTBEAT_STATE_PATH", str(tmp_path / "elsewhere.json"))
+    assert main(["run-once", str(path)]) == 0
+    assert (tmp_path / "elsewhere.json").exists()
+    assert not (tmp_path / "heartbeat.json.state.json").exists()
+
+
+def test_run_once_unusable_config_and_state(
+    write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run-once", str(write_config("[]"))]) == 1
+    assert main(["run-once", EXAMPLE, "--state", str(tmp_path / "missing-dir" / "s.json")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_unknown_plugin_module_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", EXAMPLE, "--handlers", "no_such_plugin_mod"]) == 1
+    assert "cannot import handler module 'no_such_plugin_mod'" in capsys.readouterr().err
+
+
+def test_no_subcommand_says_the_bus_consumer_is_not_here_yet(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main([]) == 2
+    assert "RabbitMQ consumer is not part of this version yet" in capsys.readouterr().err
+    assert main(["run", EXAMPLE]) == 2
+
+
+def test_schema_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    assert orjson.loads(capsys.readouterr().out) == orjson.loads(
+        (ROOT / "schemas/heartbeat.v1.json").read_bytes()
+    )
+
+
+def test_console_script_run_local_prints_json_lines_and_stops_on_sigterm(tmp_path: Path) -> None:
+    config = tmp_path / "hb.json"
+    config.write_bytes(
+        orjson.dumps({"agent": "cli", "checks": {"c": {"cadenceMs": 1000, "handler": "default"}}})
+    )
+    proc = subprocess.Popen(
+        [BIN, "run", "--local", str(config), "--every", "1s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = orjson.loads(proc.stdout.readline())
+    second = orjson.loads(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert first["agent"] == "cli" and first["status"] == "success"
+    assert second["slot"] > first["slot"]
+    assert "Traceback" not in err
+
+
+def test_second_local_runner_for_one_state_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "hb.json"
+    config.write_bytes(orjson.dumps({"agent": "x", "checks": {}}))
+    proc = subprocess.Popen([BIN, "run", "--local", str(config)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        assert proc.stderr is not None
+        while "running" not in proc.stderr.readline():
+            assert time.monotonic() < deadline
+        second = subprocess.run(
+            [BIN, "run", "--local", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert second.returncode == 1 and "another process runs this agent" in second.stderr
+        once = subprocess.run(
+            [BIN, "run-once", str(config)], capture_output=True, text=True, timeout=20, check=False
+        )
+        assert once.returncode == 0 and "nothing done" in once.stderr
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0

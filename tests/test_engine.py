@@ -1,0 +1,312 @@
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from heartbeat_consumer import AgentRunner, CheckConfig, RunResult, register_handler
+from heartbeat_consumer.local import next_slot, run_local, run_once
+from heartbeat_consumer.store import StateStore
+
+MIN = 60_000
+T0 = 1_795_000_000_000 - 1_795_000_000_000 % (24 * 60 * MIN)
+
+WriteConfig = Callable[..., Path]
+
+
+def config(checks: dict[str, dict[str, Any]], **top: Any) -> dict[str, Any]:
+    return {"agent": "bot", "checks": checks, **top}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.results: list[RunResult] = []
+
+    async def __call__(self, result: RunResult) -> None:
+        self.results.append(result)
+
+
+def runner_for(path: Path, **kwargs: Any) -> tuple[AgentRunner, Recorder]:
+    rec = Recorder()
+    runner = AgentRunner(path, on_result=rec, clock=lambda: T0 + 123, **kwargs)
+    return runner, rec
+
+
+async def test_tick_runs_due_check_and_saves_state(write_config: WriteConfig) -> None:
+    path = write_config(config({"ping": {"cadenceMs": 15 * MIN, "handler": "default"}}))
+    runner, rec = runner_for(path)
+    report = await runner.tick(T0, {"event_id": "e1"})
+    (result,) = report.results
+    payload = result.to_payload()
+    assert (
+        payload["agent"] == "bot" and payload["check"] == "ping" and payload["status"] == "success"
+    )
+    assert payload["idempotency_key"] == f"bot:ping:{T0}"
+    assert payload["overdue_ratio"] is None, "never run: infinitely overdue, sent as null"
+    assert rec.results == [result]
+    saved, _ = StateStore(path.with_name("heartbeat.json.state.json")).load()
+    assert saved.check("ping").last_run == T0
+    assert orjson.loads(path.read_bytes()) == config(
+        {"ping": {"cadenceMs": 15 * MIN, "handler": "default"}}
+    ), "heartbeat.json is never rewritten"
+
+
+async def test_result_is_emitted_before_state_is_saved(write_config: WriteConfig) -> None:
+    path = write_config(config({"ping": {"cadenceMs": MIN, "handler": "default"}}))
+    state_path = path.parent / "state.json"
+    seen: list[int | None] = []
+
+    async def emit(result: RunResult) -> None:
+        state, _ = StateStore(state_path).load()
+        seen.append(state.check("ping").last_run)
+
+    runner = AgentRunner(path, state_path=state_path, on_result=emit)
+    await runner.tick(T0)
+    assert seen == [None]
+    assert StateStore(state_path).load()[0].check("ping").last_run == T0
+
+
+async def test_failed_emit_leaves_state_unsaved_so_the_tick_can_be_redelivered(
+    write_config: WriteConfig,
+) -> None:
+    path = write_config(config({"ping": {"cadenceMs": MIN, "handler": "default"}}))
+    state_path = path.parent / "state.json"
+
+    async def emit(result: RunResult) -> None:
+        raise ConnectionError("broker gone")
+
+    with pytest.raises(ConnectionError):
+        await AgentRunner(path, state_path=state_path, on_result=emit).tick(T0)
+    assert not state_path.exists()
+
+
+async def test_same_slot_twice_runs_once(write_config: WriteConfig) -> None:
+    runner, rec = runner_for(write_config(config({"c": {"cadenceMs": MIN, "handler": "default"}})))
+    await runner.tick(T0)
+    await runner.tick(T0)
+    assert len(rec.results) == 1
+
+
+async def test_fifteen_minute_cadence_runs_every_fifteen_minutes(write_config: WriteConfig) -> None:
+    runner, rec = runner_for(
+        write_config(config({"c": {"cadenceMs": 15 * MIN, "handler": "default"}}))
+    )
+    for minute in range(61):
+        await runner.tick(T0 + minute * MIN)
+    assert [r.slot - T0 for r in rec.results] == [0, 15 * MIN, 30 * MIN, 45 * MIN, 60 * MIN]
+
+
+async def test_failure_backs_off_and_others_still_run(write_config: WriteConfig) -> None:
+    calls: list[str] = []
+
+    @register_handler("t_flaky")
+    async def flaky(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        calls.append(tick_payload["check_name"])
+        raise RuntimeError("nope")
+
+    path = write_config(
+        config(
+            {
+                "flaky": {"cadenceMs": 60 * MIN, "handler": "t_flaky", "priority": 1},
+                "steady": {"cadenceMs": 60 * MIN, "handler": "default", "priority": 2},
+            }
+        )
+    )
+    runner, rec = runner_for(path)
+    for minute in range(8):
+        await runner.tick(T0 + minute * MIN)
+    by_minute = [((r.slot - T0) // MIN, r.check, r.status) for r in rec.results]
+    assert by_minute == [
+        (0, "flaky", "failed"),
+        (1, "flaky", "failed"),  # 1 min backoff
+        (2, "steady", "success"),  # flaky backs off 2 min: the other check gets its turn
+        (3, "flaky", "failed"),
+        (7, "flaky", "failed"),  # then 4 min
+    ]
+    assert rec.results[0].error == "RuntimeError: nope"
+    state = runner.state.check("flaky")
+    assert state.consecutive_failures == 4 and state.last_run is None
+
+
+async def test_broken_config_keeps_last_good_and_reports_every_tick(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(config({"c": {"cadenceMs": MIN, "handler": "default"}}))
+    runner, rec = runner_for(path)
+    await runner.tick(T0)
+    path.write_text('{"agent": "bot", "checks": {"c": ')
+    for minute in (1, 2):
+        report = await runner.tick(T0 + minute * MIN)
+        assert report.config_error is not None and "invalid JSON" in str(report.config_error)
+    assert len(rec.results) == 3, "the last good config keeps running"
+    assert sum("keeping the last good config" in r.message for r in caplog.records) == 2
+    path.write_text(
+        orjson.dumps(config({"c": {"cadenceMs": MIN, "handler": "default"}})).decode() + " "
+    )
+    report = await runner.tick(T0 + 3 * MIN)
+    assert report.config_error is None and len(report.results) == 1
+
+
+async def test_no_good_config_yet_runs_nothing_without_raising(write_config: WriteConfig) -> None:
+    runner, rec = runner_for(write_config("{oops"))
+    report = await runner.tick(T0)
+    assert report.plan is None and report.config_error is not None and rec.results == []
+
+
+async def test_bad_checks_and_unknown_handlers_do_not_block_the_rest(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(
+        config(
+            {
+                "a_string_cadence": {"cadenceMs": "900000", "handler": "default", "priority": 1},
+                "b_unknown": {"cadenceMs": MIN, "handler": "no_such_handler", "priority": 1},
+                "c_good": {"cadenceMs": MIN, "handler": "default", "priority": 9},
+            }
+        )
+    )
+    runner, rec = runner_for(path)
+    caplog.set_level(logging.ERROR)
+    report = await runner.tick(T0)
+    await runner.tick(T0 + MIN)
+    assert [r.check for r in rec.results] == ["c_good", "c_good"]
+    assert [p.check for p in report.problems] == ["a_string_cadence"]
+    messages = [r.message for r in caplog.records]
+    assert any("a_string_cadence disabled" in m and "not of type 'integer'" in m for m in messages)
+    assert any("b_unknown disabled: unknown handler 'no_such_handler'" in m for m in messages)
+    assert len(messages) == 2, "check problems are reported once per config version"
+
+
+async def test_unwritable_state_is_reported_not_fatal_and_not_rerun(
+    write_config: WriteConfig, tmp_path: Path
+) -> None:
+    path = write_config(config({"c": {"cadenceMs": 10 * MIN, "handler": "default"}}))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    runner, rec = runner_for(path, state_path=state_dir / "s.json")
+    runner.start()
+    state_dir.rmdir()
+    report = await runner.tick(T0)
+    assert report.state_error is not None and "cannot write state file" in str(report.state_error)
+    await runner.tick(T0 + MIN)
+    assert len(rec.results) == 1, "the run is remembered in memory"
+
+
+async def test_corrupt_state_is_rebuilt_on_start(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(config({"c": {"cadenceMs": 10 * MIN, "handler": "default"}}))
+    path.with_name("heartbeat.json.state.json").write_text("{{{")
+    runner, rec = runner_for(path)
+    await runner.tick(T0)
+    assert len(rec.results) == 1
+    assert any("was corrupt" in r.message for r in caplog.records)
+
+
+async def test_handler_receives_the_documented_payload(write_config: WriteConfig) -> None:
+    received: list[dict[str, Any]] = []
+
+    @register_handler("t_capture")
+    async def capture(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        received.append(tick_payload)
+        return {"status": "success", "meta": check_config.meta}
+
+    path = write_config(config({"c": {"cadenceMs": MIN, "handler": "t_capture", "meta": {"k": 1}}}))
+    runner, rec = runner_for(path)
+    await runner.tick(T0, {"event_id": "abc", "payload": {"tick_id": "x"}})
+    (payload,) = received
+    assert set(payload) == {"agent", "check_name", "timestamp", "envelope", "idempotency_key"}
+    assert payload["timestamp"].endswith("Z") and payload["envelope"]["event_id"] == "abc"
+    assert payload["idempotency_key"] == f"bot:c:{T0}"
+    assert rec.results[0].result == {"status": "success", "meta": {"k": 1}}
+
+
+async def test_quarterly_compaction_and_sub_health_use_the_run_state(
+    write_config: WriteConfig,
+) -> None:
+    path = write_config(
+        config(
+            {
+                "noise": {"cadenceMs": MIN, "handler": "default", "priority": 1},
+                "compact": {
+                    "cadenceMs": 30 * MIN,
+                    "handler": "quarterly_compaction",
+                    "priority": 2,
+                    "lastRun": T0,
+                    "meta": {"keepPerCheck": 2},
+                },
+                "health": {
+                    "cadenceMs": 60 * MIN,
+                    "handler": "sub_health",
+                    "priority": 0,
+                    "lastRun": T0,
+                },
+            },
+            maxChecksPerTick=3,
+        )
+    )
+    runner, rec = runner_for(path)
+    for minute in range(31):
+        await runner.tick(T0 + minute * MIN)
+    compaction = next(r for r in rec.results if r.check == "compact")
+    assert compaction.result["removed"] == 29 and compaction.result["kept"] == 2
+    history = [(h.check, (h.slot - T0) // MIN) for h in runner.state.history]
+    assert history == [("noise", 29), ("noise", 30), ("compact", 30)]
+    await runner.tick(T0 + 60 * MIN)
+    health = next(r for r in rec.results if r.check == "health")
+    assert health.result["checks"]["noise"]["last_status"] == "success"
+    assert health.status == "success" and health.result["pid"] > 0
+
+
+def test_next_slot_skips_missed_boundaries_instead_of_bursting() -> None:
+    assert next_slot(T0, T0 + 5_000, MIN) == T0 + MIN
+    assert next_slot(T0, T0 + MIN + 1, MIN) == T0 + MIN
+    assert next_slot(T0, T0 + 10 * MIN + 30_000, MIN) == T0 + 10 * MIN
+
+
+async def test_run_local_ticks_on_boundaries_with_slot_timestamps(
+    write_config: WriteConfig,
+) -> None:
+    path = write_config(config({"c": {"cadenceMs": 100, "handler": "default"}}))
+    rec = Recorder()
+    runner = AgentRunner(path, on_result=rec)
+    ticks = await run_local(runner, every_ms=100, max_ticks=4)
+    assert ticks == 4
+    slots = [r.slot for r in rec.results]
+    assert all(s % 100 == 0 for s in slots)
+    assert [b - a for a, b in itertools.pairwise(slots)] == [100, 100, 100]
+
+
+async def test_run_local_stops_when_asked(write_config: WriteConfig) -> None:
+    runner = AgentRunner(write_config(config({"c": {"cadenceMs": MIN, "handler": "default"}})))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_local(runner, every_ms=60 * MIN, stop=stop))
+    await asyncio.sleep(0.2)
+    stop.set()
+    assert await asyncio.wait_for(task, 2) == 1
+
+
+async def test_run_once_uses_the_slot_containing_now(write_config: WriteConfig) -> None:
+    runner, rec = runner_for(
+        write_config(config({"c": {"cadenceMs": 15 * MIN, "handler": "default"}}))
+    )
+    await run_once(runner, every_ms=MIN, now_ms=T0 + 59_999)
+    await run_once(runner, every_ms=MIN, now_ms=T0 + 15 * MIN + 400)  # cron fired a bit late
+    assert [r.slot for r in rec.results] == [T0, T0 + 15 * MIN]
+
+
+def test_exclusive_lock(write_config: WriteConfig) -> None:
+    path = write_config(config({}))
+    first, second = AgentRunner(path), AgentRunner(path)
+    with first.exclusive() as mine:
+        assert mine
+        with second.exclusive() as theirs:
+            assert not theirs
+    with second.exclusive() as theirs:
+        assert theirs
