@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -103,11 +103,11 @@ class Window(_Model):
     end: str
     tz: str | None = None
 
-    @property
+    @cached_property
     def start_minute(self) -> int:
         return _minute(self.start)
 
-    @property
+    @cached_property
     def end_minute(self) -> int:
         """Last minute of day inside the window (24:00 -> 1439)."""
         return min(_minute(self.end), 24 * 60 - 1)
@@ -141,7 +141,7 @@ class CheckConfig(_Model):
     tz: str = "UTC"
     """Effective zone for windows and quarters: window.tz, else the agent's tz, else UTC."""
 
-    @property
+    @cached_property
     def zoneinfo(self) -> ZoneInfo:
         return zone(self.tz)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -97,15 +100,34 @@ def handler_names() -> frozenset[str]:
     return frozenset(_registry)
 
 
+def _import(spec: str) -> None:
+    if spec.endswith(".py"):
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file {spec}")
+        module_spec = importlib.util.spec_from_file_location(f"_heartbeat_plugin_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load {spec}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+        return
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    importlib.import_module(spec)
+
+
 def load_plugins(modules: Iterable[str]) -> list[str]:
-    """Import plugin modules (their decorators register handlers). Raises HandlerError."""
+    """Import plugin modules (``pkg.module``, importable from the working directory too,
+    or a ``path/to/file.py``); their decorators register handlers. Raises HandlerError."""
     loaded = []
     for name in modules:
         module = name.strip()
         if not module:
             continue
         try:
-            importlib.import_module(module)
+            _import(module)
         except Exception as exc:
             raise HandlerError(
                 f"cannot import handler module {module!r}: {type(exc).__name__}: {exc}"

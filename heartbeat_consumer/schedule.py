@@ -18,12 +18,14 @@ then higher ratio, then name; ``selection: "overdue"`` puts the ratio first.
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
+from functools import partial
 from zoneinfo import ZoneInfo
 
-from .config import CheckConfig, HeartbeatConfig, Problem, Window
+from .config import CheckConfig, HeartbeatConfig, Pause, Problem, Window
 from .state import AgentState
 from .timeutil import format_duration, gap_end_minute, iso, local_time
 
@@ -39,6 +41,9 @@ __all__ = [
     "quarter_at",
     "select",
 ]
+
+
+_QUARTERS = ("Q1", "Q2", "Q3", "Q4")
 
 
 class Blocker(StrEnum):
@@ -66,16 +71,24 @@ class Evaluation:
     last_run: int | None
     next_due: int | None
     """Earliest instant the cadence and backoff allow (windows and quarters aside)."""
-    blockers: tuple[tuple[Blocker, str], ...] = ()
+    causes: tuple[Blocker, ...] = ()
+    """Why it is not due; empty when due."""
+    explain: Callable[[Blocker], str] = field(default=str, repr=False, compare=False)
+    """Renders a cause as text; texts are built only when asked for (plan, logs)."""
 
     @property
     def due(self) -> bool:
-        return not self.blockers
+        return not self.causes
+
+    @property
+    def blockers(self) -> tuple[tuple[Blocker, str], ...]:
+        """Each cause with its human-readable explanation."""
+        return tuple((cause, self.explain(cause)) for cause in self.causes)
 
     @property
     def reason(self) -> str:
         """The first reason it is not due, or 'due'."""
-        return self.blockers[0][1] if self.blockers else "due"
+        return self.explain(self.causes[0]) if self.causes else "due"
 
 
 @dataclass(frozen=True)
@@ -92,13 +105,7 @@ def overdue_ratio(now_ms: int, last_run_ms: int | None, cadence_ms: int) -> floa
     return (now_ms - last_run_ms) / cadence_ms
 
 
-def in_window(now_ms: int, window: Window, tz: ZoneInfo) -> bool:
-    """Local wall clock inside [start, end] (end minute inclusive; start > end wraps midnight).
-
-    Through fall-back both passes of a repeated hour count. On a spring-forward day, a
-    window whose start falls in the skipped hour also opens at the first valid minute.
-    """
-    local = local_time(now_ms, tz)
+def _in_window_local(local: datetime, window: Window, tz: ZoneInfo) -> bool:
     minute = local.hour * 60 + local.minute
     start, end = window.start_minute, window.end_minute
     inside = start <= minute <= end if start <= end else (minute >= start or minute <= end)
@@ -108,23 +115,85 @@ def in_window(now_ms: int, window: Window, tz: ZoneInfo) -> bool:
     return first_valid is not None and minute == first_valid
 
 
+def in_window(now_ms: int, window: Window, tz: ZoneInfo) -> bool:
+    """Local wall clock inside [start, end] (end minute inclusive; start > end wraps midnight).
+
+    Through fall-back both passes of a repeated hour count. On a spring-forward day, a
+    window whose start falls in the skipped hour also opens at the first valid minute.
+    """
+    return _in_window_local(local_time(now_ms, tz), window, tz)
+
+
+def _quarter_local(local: datetime, quarter_of: str) -> str:
+    index = local.hour // 6 if quarter_of == "day" else (local.month - 1) // 3
+    return _QUARTERS[index]
+
+
 def quarter_at(now_ms: int, tz: ZoneInfo, quarter_of: str = "day") -> str:
     """'Q1'..'Q4': of the local day (6-hour blocks from 00:00) or of the calendar year."""
-    local = local_time(now_ms, tz)
-    index = local.hour // 6 if quarter_of == "day" else (local.month - 1) // 3
-    return f"Q{index + 1}"
+    return _quarter_local(local_time(now_ms, tz), quarter_of)
+
+
+def _active_pause(
+    name: str, config: HeartbeatConfig, state: AgentState, now_ms: int
+) -> tuple[str, Pause] | None:
+    if not config.paused and not state.pauses:
+        return None
+    for key in (name, "*"):
+        for pause in (config.paused.get(key), state.pauses.get(key)):
+            if pause is not None and pause.active(now_ms):
+                return key, pause
+    return None
 
 
 def is_paused(name: str, config: HeartbeatConfig, state: AgentState, now_ms: int) -> str | None:
     """A description of the active pause on ``name`` (or on the whole agent), else None."""
-    for key in (name, "*"):
-        for pause in (config.paused.get(key), state.pauses.get(key)):
-            if pause is not None and pause.active(now_ms):
-                until = "until resumed" if pause.until is None else f"until {iso(pause.until)}"
-                whom = "agent paused" if key == "*" else "paused"
-                because = f" ({pause.reason})" if pause.reason else ""
-                return f"{whom} {until}{because}"
-    return None
+    found = _active_pause(name, config, state, now_ms)
+    if found is None:
+        return None
+    key, pause = found
+    until = "until resumed" if pause.until is None else f"until {iso(pause.until)}"
+    whom = "agent paused" if key == "*" else "paused"
+    because = f" ({pause.reason})" if pause.reason else ""
+    return f"{whom} {until}{because}"
+
+
+def _explain(
+    check: CheckConfig,
+    config: HeartbeatConfig,
+    state: AgentState,
+    now_ms: int,
+    cause: Blocker,
+) -> str:
+    current = state.check(check.name, check.last_run)
+    if cause is Blocker.UNKNOWN_HANDLER:
+        return f"unknown handler {check.handler!r}"
+    if cause is Blocker.DISABLED:
+        return "disabled"
+    if cause is Blocker.PAUSED:
+        return is_paused(check.name, config, state, now_ms) or "paused"
+    local = local_time(now_ms, check.zoneinfo)
+    if cause is Blocker.OUTSIDE_WINDOW and check.window is not None:
+        w = check.window
+        return f"outside window {w.start}-{w.end} {check.tz} (local {local:%H:%M})"
+    if cause is Blocker.WRONG_QUARTER and check.trigger_on_quarters is not None:
+        quarter = _quarter_local(local, check.quarter_of)
+        wanted = ", ".join(check.trigger_on_quarters)
+        return f"wrong quarter: {quarter} of the {check.quarter_of}, runs in {wanted}"
+    if cause is Blocker.BACKOFF and current.next_retry is not None:
+        return (
+            f"backing off after {current.consecutive_failures} failure(s) "
+            f"until {iso(current.next_retry)}"
+        )
+    if cause is Blocker.NOT_DUE and current.last_run is not None:
+        ratio = overdue_ratio(now_ms, current.last_run, check.cadence_ms)
+        left = format_duration(current.last_run + check.cadence_ms - now_ms)
+        return f"not due: ratio {ratio:.2f}, due in {left}"
+    return cause.value
+
+
+def _constant(text: str) -> Callable[[Blocker], str]:
+    return lambda _cause: text
 
 
 def _evaluate_check(
@@ -132,47 +201,31 @@ def _evaluate_check(
     config: HeartbeatConfig,
     state: AgentState,
     now_ms: int,
+    *,
     known_handlers: Container[str] | None,
+    local_of: Callable[[ZoneInfo], datetime],
 ) -> Evaluation:
     current = state.check(check.name, check.last_run)
     last = current.last_run
-    ratio = overdue_ratio(now_ms, last, check.cadence_ms)
-    blockers: list[tuple[Blocker, str]] = []
+    causes: list[Blocker] = []
     if known_handlers is not None and check.handler not in known_handlers:
-        blockers.append((Blocker.UNKNOWN_HANDLER, f"unknown handler {check.handler!r}"))
+        causes.append(Blocker.UNKNOWN_HANDLER)
     if not check.enabled:
-        blockers.append((Blocker.DISABLED, "disabled"))
-    paused = is_paused(check.name, config, state, now_ms)
-    if paused:
-        blockers.append((Blocker.PAUSED, paused))
-    tz = check.zoneinfo
-    if check.window is not None and not in_window(now_ms, check.window, tz):
-        local = local_time(now_ms, tz).strftime("%H:%M")
-        w = check.window
-        blockers.append(
-            (Blocker.OUTSIDE_WINDOW, f"outside window {w.start}-{w.end} {check.tz} (local {local})")
-        )
-    if check.trigger_on_quarters is not None:
-        quarter = quarter_at(now_ms, tz, check.quarter_of)
-        if quarter not in check.trigger_on_quarters:
-            wanted = ", ".join(check.trigger_on_quarters)
-            blockers.append(
-                (
-                    Blocker.WRONG_QUARTER,
-                    f"wrong quarter: {quarter} of the {check.quarter_of}, runs in {wanted}",
-                )
-            )
+        causes.append(Blocker.DISABLED)
+    if _active_pause(check.name, config, state, now_ms) is not None:
+        causes.append(Blocker.PAUSED)
+    if check.window is not None or check.trigger_on_quarters is not None:
+        tz = check.zoneinfo
+        local = local_of(tz)
+        if check.window is not None and not _in_window_local(local, check.window, tz):
+            causes.append(Blocker.OUTSIDE_WINDOW)
+        quarters = check.trigger_on_quarters
+        if quarters is not None and _quarter_local(local, check.quarter_of) not in quarters:
+            causes.append(Blocker.WRONG_QUARTER)
     if current.next_retry is not None and now_ms < current.next_retry:
-        blockers.append(
-            (
-                Blocker.BACKOFF,
-                f"backing off after {current.consecutive_failures} failure(s) "
-                f"until {iso(current.next_retry)}",
-            )
-        )
+        causes.append(Blocker.BACKOFF)
     if last is not None and now_ms - last < check.cadence_ms:
-        left = format_duration(last + check.cadence_ms - now_ms)
-        blockers.append((Blocker.NOT_DUE, f"not due: ratio {ratio:.2f}, due in {left}"))
+        causes.append(Blocker.NOT_DUE)
     next_due = None if last is None else last + check.cadence_ms
     if current.next_retry is not None:
         next_due = max(next_due or current.next_retry, current.next_retry)
@@ -180,10 +233,11 @@ def _evaluate_check(
         check=check.name,
         handler=check.handler,
         priority=check.priority,
-        ratio=ratio,
+        ratio=overdue_ratio(now_ms, last, check.cadence_ms),
         last_run=last,
         next_due=next_due,
-        blockers=tuple(blockers),
+        causes=tuple(causes),
+        explain=partial(_explain, check, config, state, now_ms),
     )
 
 
@@ -196,12 +250,22 @@ def evaluate(
     invalid_checks: Mapping[str, Iterable[Problem]] | None = None,
 ) -> list[Evaluation]:
     """Evaluate every check (valid and invalid) at ``now_ms``, ordered by check name."""
+    locals_by_zone: dict[ZoneInfo, datetime] = {}
+
+    def local_of(tz: ZoneInfo) -> datetime:
+        found = locals_by_zone.get(tz)
+        if found is None:
+            found = locals_by_zone[tz] = local_time(now_ms, tz)
+        return found
+
     out = [
-        _evaluate_check(check, config, state, now_ms, known_handlers)
+        _evaluate_check(
+            check, config, state, now_ms, known_handlers=known_handlers, local_of=local_of
+        )
         for check in config.checks.values()
     ]
     for name, problems in (invalid_checks or {}).items():
-        text = "; ".join(str(p) for p in problems)
+        text = "invalid: " + "; ".join(str(p) for p in problems)
         out.append(
             Evaluation(
                 check=name,
@@ -210,7 +274,8 @@ def evaluate(
                 ratio=math.nan,
                 last_run=state.check(name).last_run,
                 next_due=None,
-                blockers=((Blocker.INVALID, f"invalid: {text}"),),
+                causes=(Blocker.INVALID,),
+                explain=_constant(text),
             )
         )
     return sorted(out, key=lambda e: e.check)

@@ -117,7 +117,8 @@ def zone(name: str) -> ZoneInfo:
 
 def local_time(ms: int, tz: ZoneInfo) -> datetime:
     """Local wall-clock datetime of an instant."""
-    return from_ms(ms).astimezone(tz)
+    seconds, millis = divmod(ms, 1000)
+    return datetime.fromtimestamp(seconds, tz).replace(microsecond=millis * 1000)
 
 
 def _exists(day: date, minute: int, tz: ZoneInfo) -> bool:
