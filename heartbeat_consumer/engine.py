@@ -178,11 +178,6 @@ class AgentRunner:
             invalid_checks=loaded.invalid_checks,
         )
 
-    def plan(self, slot_ms: int) -> Plan | None:
-        """What a tick at ``slot_ms`` would run, without running it."""
-        loaded, _ = self._config()
-        return None if loaded is None else self._plan(loaded, slot_ms)
-
     async def tick(self, slot_ms: int, envelope: dict[str, Any] | None = None) -> TickReport:
         """Evaluate and run what is due for the tick scheduled at ``slot_ms``."""
         if not self._started:
@@ -198,6 +193,12 @@ class AgentRunner:
             for ev in report.plan.evaluations:
                 if ev.blockers and ev.blockers[0][0] in _DISABLING:
                     log.error("check %s disabled: %s", ev.check, ev.reason)
+        log.debug(
+            "tick %s: %d check(s) due, running %s",
+            iso(slot_ms),
+            sum(ev.due for ev in report.plan.evaluations),
+            [ev.check for ev in report.plan.selected] or "nothing",
+        )
         for evaluation in report.plan.selected:
             result = await self._run(loaded.config, evaluation, slot_ms, envelope)
             report.results.append(result)
