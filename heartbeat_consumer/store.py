@@ -41,7 +41,14 @@ class StateStore:
     def check_writable(self) -> None:
         """Raise :class:`StateError` with a clear message when saving cannot work."""
         directory = self.path.parent
-        if not directory.is_dir():
+        try:
+            exists = directory.is_dir()
+        except OSError as exc:
+            raise StateError(
+                f"cannot access state directory {directory}: {exc.strerror} "
+                f"(state file {self.path})"
+            ) from None
+        if not exists:
             raise StateError(f"state directory {directory} does not exist (state file {self.path})")
         try:
             fd, probe = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -131,16 +133,47 @@ def test_unwritable_state_directory_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(StateError, match="does not exist"):
         StateStore(tmp_path / "a-file" / "s.json").check_writable()
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere; the read-only case needs a normal user")
-    locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o500)
+    if os.geteuid() != 0:
+        locked = tmp_path / "ro"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(StateError, match="cannot write state file"):
+                StateStore(locked / "s.json").check_writable()
+        finally:
+            locked.chmod(0o700)
+        return
+    # Root writes anywhere: run the real command as an unprivileged user instead.
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv to drop privileges")
+    cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m"]
+    probe = subprocess.run(
+        [*cmd, "heartbeat_consumer", "--version"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"the unprivileged user cannot run this Python: {probe.stderr[-200:]!r}")
+    public = Path(tempfile.mkdtemp(prefix="hb-ro-"))
     try:
-        with pytest.raises(StateError, match="cannot write state file"):
-            StateStore(locked / "s.json").check_writable()
+        public.chmod(0o755)
+        config = public / "hb.json"
+        config.write_text('{"agent": "a", "checks": {}}')
+        config.chmod(0o644)
+        (public / "ro").mkdir(mode=0o755)
+        hidden = public / "hidden"
+        hidden.mkdir(mode=0o700)
+        for state, message in (
+            (public / "ro" / "s.json", "cannot write state file"),
+            (hidden / "s.json", "cannot write state file"),
+            (hidden / "sub" / "s.json", "cannot access state directory"),
+        ):
+            args = ["heartbeat_consumer", "run-once", str(config), "--state", str(state)]
+            done = subprocess.run([*cmd, *args], capture_output=True, text=True, check=False)
+            assert done.returncode == 1, done
+            assert message in done.stderr and "Permission denied" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
     finally:
-        locked.chmod(0o700)
+        shutil.rmtree(public)
 
 
 def test_save_into_a_missing_directory_raises_state_error(tmp_path: Path) -> None:
