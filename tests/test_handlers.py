@@ -18,6 +18,7 @@ from heartbeat_consumer.handlers import (
     get_handler,
     handler_names,
     invoke,
+    load_entry_points,
     load_plugins,
     plugin_modules_from_env,
 )
@@ -228,3 +229,29 @@ async def test_command_timeout_kills_the_process_group(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
     await asyncio.sleep(2)
     assert not marker.exists(), "the grandchild survived the timeout"
+
+
+def test_entry_point_plugins_load_and_a_broken_one_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ep_plugin_mod.py").write_text(
+        "from heartbeat_consumer import register_handler\n"
+        "@register_handler('ep_decorated')\n"
+        "async def decorated(p, c):\n    return {'status': 'success'}\n"
+        "async def bare(p, c):\n    return {'status': 'alert'}\n"
+    )
+    dist = tmp_path / "hb_fake_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hb-fake-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[heartbeat_consumer.handlers]\n"
+        "ep_module = ep_plugin_mod\n"
+        "ep_bare = ep_plugin_mod:bare\n"
+        "ep_broken = no_such_module_for_ep:thing\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = load_entry_points()
+    assert {"ep_module", "ep_bare"} <= set(names) and "ep_broken" not in names
+    assert {"ep_decorated", "ep_bare"} <= handler_names()
+    assert any("ep_broken" in r.message and "failed to load" in r.message for r in caplog.records)
+    sys.modules.pop("ep_plugin_mod", None)
