@@ -228,7 +228,7 @@ def _evaluate_check(
         causes.append(Blocker.NOT_DUE)
     next_due = None if last is None else last + check.cadence_ms
     if current.next_retry is not None:
-        next_due = max(next_due or current.next_retry, current.next_retry)
+        next_due = current.next_retry if next_due is None else max(next_due, current.next_retry)
     return Evaluation(
         check=check.name,
         handler=check.handler,
