@@ -133,7 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _read_state(args: argparse.Namespace) -> AgentState:
     path = _state_path(args)
-    state, warning = StateStore(path).load() if path.exists() else (AgentState(), None)
+    state, warning = StateStore(path).load(repair=False)
     if warning:
         _out(f"warning: {warning}", sys.stderr)
     return state

@@ -62,10 +62,13 @@ class StateStore:
         if self.path.exists() and not os.access(self.path, os.R_OK):
             raise StateError(f"cannot read state file {self.path}")
 
-    def load(self, now_ms: int | None = None) -> tuple[AgentState, str | None]:
+    def load(
+        self, now_ms: int | None = None, *, repair: bool = True
+    ) -> tuple[AgentState, str | None]:
         """The saved state, or a fresh one; second value: a warning to report, if any.
 
-        A corrupt file is renamed to ``<file>.corrupt`` and the state is rebuilt.
+        A corrupt file is renamed to ``<file>.corrupt`` and the state is rebuilt
+        (with ``repair=False``, for read-only commands, it is only reported).
         """
         try:
             raw = self.path.read_bytes()
@@ -77,6 +80,8 @@ class StateStore:
             return AgentState.model_validate(orjson.loads(raw)), None
         except (orjson.JSONDecodeError, ValidationError) as exc:
             reason = str(exc).splitlines()[0]
+        if not repair:
+            return AgentState(), f"state file {self.path} is corrupt ({reason})"
         aside = self.path.with_name(self.path.name + ".corrupt")
         with contextlib.suppress(OSError):
             self.path.replace(aside)

@@ -290,3 +290,17 @@ def test_second_local_runner_for_one_state_is_refused(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+def test_read_only_commands_leave_a_corrupt_state_file_alone(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1000, "handler": "default"}}})
+    state = Path(str(path) + ".state.json")
+    state.write_text("{broken")
+    assert main(["plan", str(path)]) == 0
+    assert main(["status", str(path)]) == 0
+    assert "is corrupt" in capsys.readouterr().err
+    assert state.read_text() == "{broken"
+    assert main(["run-once", str(path)]) == 0, "a run rebuilds it"
+    assert Path(str(state) + ".corrupt").read_text() == "{broken"
