@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from heartbeat_consumer.config import HeartbeatConfig, Pause, parse_config
+from heartbeat_consumer.config import HeartbeatConfig, Pause, Window, parse_config
 from heartbeat_consumer.schedule import Blocker, evaluate, in_window, plan, quarter_at, select
 from heartbeat_consumer.state import AgentState, record_run
 from heartbeat_consumer.timeutil import to_ms
@@ -171,9 +171,7 @@ def test_backoff_after_failure_lets_others_run() -> None:
 )
 def test_window_boundaries(start: str, end: str, inside: list[str], outside: list[str]) -> None:
     """Start inclusive; the end *minute* inclusive; start > end wraps midnight."""
-    config = cfg({"c": {"cadenceMs": 1, "handler": "h", "window": {"start": start, "end": end}}})
-    window = config.checks["c"].window
-    assert window is not None
+    window = Window(start=start, end=end)
     utc = ZoneInfo("UTC")
     for hhmm in inside:
         now = at(f"2026-06-01T{hhmm}:30", "UTC")
@@ -184,11 +182,7 @@ def test_window_boundaries(start: str, end: str, inside: list[str], outside: lis
 
 
 def test_window_one_minute_is_only_that_minute() -> None:
-    config = cfg(
-        {"c": {"cadenceMs": 1, "handler": "h", "window": {"start": "12:00", "end": "12:00"}}}
-    )
-    window = config.checks["c"].window
-    assert window is not None
+    window = Window(start="12:00", end="12:00")
     utc = ZoneInfo("UTC")
     assert in_window(at("2026-06-01T12:00:59", "UTC"), window, utc)
     assert not in_window(at("2026-06-01T12:01:00", "UTC"), window, utc)
@@ -213,17 +207,7 @@ def test_window_is_evaluated_on_the_checks_local_clock() -> None:
 
 def test_spring_forward_gap_window_opens_at_first_valid_minute() -> None:
     berlin = ZoneInfo("Europe/Berlin")
-    config = cfg(
-        {
-            "c": {
-                "cadenceMs": 1,
-                "handler": "h",
-                "window": {"start": "02:30", "end": "02:45", "tz": "Europe/Berlin"},
-            }
-        }
-    )
-    window = config.checks["c"].window
-    assert window is not None
+    window = Window(start="02:30", end="02:45")
     # 2026-03-29: Berlin jumps 02:00 CET -> 03:00 CEST (01:00 UTC).
     assert in_window(to_ms(datetime.fromisoformat("2026-03-29T01:00:00+00:00")), window, berlin)
     assert not in_window(to_ms(datetime.fromisoformat("2026-03-29T01:01:00+00:00")), window, berlin)
@@ -235,17 +219,7 @@ def test_spring_forward_gap_window_opens_at_first_valid_minute() -> None:
 
 def test_window_starting_in_gap_and_ending_after_it() -> None:
     berlin = ZoneInfo("Europe/Berlin")
-    config = cfg(
-        {
-            "c": {
-                "cadenceMs": 1,
-                "handler": "h",
-                "window": {"start": "02:30", "end": "04:00", "tz": "Europe/Berlin"},
-            }
-        }
-    )
-    window = config.checks["c"].window
-    assert window is not None
+    window = Window(start="02:30", end="04:00")
     for utc in ("2026-03-29T01:00", "2026-03-29T01:30", "2026-03-29T02:00"):
         assert in_window(at(utc, "UTC"), window, berlin), utc
     assert not in_window(at("2026-03-29T02:01", "UTC"), window, berlin)
