@@ -13,7 +13,6 @@ import fcntl
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Problem
+from .envelope import envelope
 from .handlers import RunContext, get_handler, handler_names, invoke
 from .schedule import Blocker, Evaluation, Plan, plan
 from .state import AgentState, Status, idempotency_key, record_run
@@ -48,15 +48,13 @@ def wall_clock_ms() -> int:
 
 def local_envelope(slot_ms: int, *, source_type: str = "local") -> dict[str, Any]:
     """The tick envelope used when no broker delivers one."""
-    return {
-        "event_id": f"local:{slot_ms}",
-        "event_type": "system.heartbeat.tick",
-        "timestamp": iso(slot_ms),
-        "version": "1.0.0",
-        "source": {"host": socket.gethostname(), "type": source_type, "app": "heartbeat-consumer"},
-        "correlation_ids": [],
-        "payload": {"tick_id": str(slot_ms), "epoch_ms": slot_ms},
-    }
+    return envelope(
+        "system.heartbeat.tick",
+        {"tick_id": str(slot_ms), "epoch_ms": slot_ms},
+        timestamp_ms=slot_ms,
+        event_id=f"local:{slot_ms}",
+        source_type=source_type,
+    )
 
 
 @dataclass(frozen=True)

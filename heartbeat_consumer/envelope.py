@@ -1,0 +1,157 @@
+"""Bus events: parsing what arrives, building what is sent (pure).
+
+Every event is an envelope ``{event_id, event_type, timestamp, version, source,
+correlation_ids, payload}``. Parsing is lenient where it can be (extra fields, missing
+optional ones, the manual tick snippet's ``{"tick_id": ...}`` payload, the bloodbank
+publisher's ``{tick, epoch_ms, quarter, ...}``) and exact where it must be: a body that is
+not a JSON object, or lacks an ``event_id``, ``event_type`` or a usable time, is an
+:class:`EnvelopeError` whose text is the dead-letter reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .timeutil import floor_to, iso, parse_instant_ms
+
+__all__ = [
+    "Command",
+    "EnvelopeError",
+    "Tick",
+    "envelope",
+    "parse_command",
+    "parse_envelope",
+    "parse_tick",
+    "tick_event_id",
+]
+
+VERSION = "1.0.0"
+MAX_BODY_BYTES = 1_000_000
+_NAMESPACE = uuid.UUID("6f1c1f4e-4b7e-4f53-9a55-8c1e0b2a7d10")
+
+
+class EnvelopeError(ValueError):
+    """The message cannot be used; the text says why (it becomes the dead-letter reason)."""
+
+
+@dataclass(frozen=True)
+class Tick:
+    event_id: str
+    slot_ms: int
+    """The tick's scheduled time, rounded down to the consumer's tick interval."""
+    envelope: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    event_id: str
+    name: str
+    """run | pause | resume"""
+    check: str
+    force: bool
+    until_ms: int | None
+    reason: str | None
+    envelope: dict[str, Any]
+
+
+def tick_event_id(exchange: str, slot_ms: int) -> str:
+    """The same id for the same slot on the same exchange, whichever ticker sends it."""
+    return str(uuid.uuid5(_NAMESPACE, f"tick:{exchange}:{slot_ms}"))
+
+
+def result_event_id(idempotency_key: str, status: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"result:{idempotency_key}:{status}"))
+
+
+def envelope(
+    event_type: str,
+    payload: dict[str, Any],
+    *,
+    timestamp_ms: int,
+    event_id: str | None = None,
+    correlation_ids: list[str] | None = None,
+    source_type: str = "heartbeat-consumer",
+) -> dict[str, Any]:
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "event_type": event_type,
+        "timestamp": iso(timestamp_ms),
+        "version": VERSION,
+        "source": {"host": socket.gethostname(), "type": source_type, "app": "heartbeat-consumer"},
+        "correlation_ids": correlation_ids or [],
+        "payload": payload,
+    }
+
+
+def parse_envelope(body: bytes) -> dict[str, Any]:
+    """The envelope as a dict with a string ``event_id`` and ``event_type``."""
+    if len(body) > MAX_BODY_BYTES:
+        raise EnvelopeError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise EnvelopeError(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise EnvelopeError(f"envelope must be a JSON object, not {type(data).__name__}")
+    for field in ("event_id", "event_type"):
+        value = data.get(field)
+        if not isinstance(value, str) or not value:
+            raise EnvelopeError(f"envelope field {field!r} must be a non-empty string")
+    payload = data.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise EnvelopeError("envelope field 'payload' must be an object")
+    correlation = data.get("correlation_ids", [])
+    if not isinstance(correlation, list):
+        raise EnvelopeError("envelope field 'correlation_ids' must be a list")
+    return {**data, "payload": payload}
+
+
+def _instant(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise EnvelopeError(f"{what} must be an ISO 8601 time or epoch ms")
+    try:
+        return parse_instant_ms(value)
+    except ValueError as exc:
+        raise EnvelopeError(f"{what}: {exc}") from None
+
+
+def parse_tick(body: bytes, *, interval_ms: int) -> Tick:
+    """A tick; its slot is ``payload.epoch_ms`` if given, else the envelope ``timestamp``."""
+    data = parse_envelope(body)
+    payload = data["payload"]
+    if payload.get("epoch_ms") is not None:
+        moment = _instant(payload["epoch_ms"], "payload.epoch_ms")
+    elif data.get("timestamp") is not None:
+        moment = _instant(data["timestamp"], "timestamp")
+    else:
+        raise EnvelopeError("a tick needs a 'timestamp' (or payload.epoch_ms)")
+    return Tick(event_id=data["event_id"], slot_ms=floor_to(moment, interval_ms), envelope=data)
+
+
+def parse_command(body: bytes, name: str) -> Command:
+    """``run`` {check, force}; ``pause`` {check or "*", until, reason}; ``resume`` {check}."""
+    data = parse_envelope(body)
+    payload = data["payload"]
+    check = payload.get("check", "*" if name in ("pause", "resume") else None)
+    if not isinstance(check, str) or not check:
+        raise EnvelopeError(f"{name} command needs payload.check (a check name)")
+    if name == "run" and check == "*":
+        raise EnvelopeError("run command needs one check name, not '*'")
+    until = payload.get("until")
+    reason = payload.get("reason")
+    return Command(
+        event_id=data["event_id"],
+        name=name,
+        check=check,
+        force=bool(payload.get("force", False)),
+        until_ms=None if until is None else _instant(until, "payload.until"),
+        reason=reason if isinstance(reason, str) else None,
+        envelope=data,
+    )
