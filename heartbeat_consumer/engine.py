@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Problem
-from .envelope import envelope
+from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Pause, Problem
+from .envelope import envelope as make_envelope
 from .handlers import RunContext, get_handler, handler_names, invoke
 from .schedule import Blocker, Evaluation, Plan, plan
 from .state import AgentState, Status, idempotency_key, record_run
@@ -48,7 +48,7 @@ def wall_clock_ms() -> int:
 
 def local_envelope(slot_ms: int, *, source_type: str = "local") -> dict[str, Any]:
     """The tick envelope used when no broker delivers one."""
-    return envelope(
+    return make_envelope(
         "system.heartbeat.tick",
         {"tick_id": str(slot_ms), "epoch_ms": slot_ms},
         timestamp_ms=slot_ms,
@@ -200,14 +200,58 @@ class AgentRunner:
         for evaluation in report.plan.selected:
             result = await self._run(loaded.config, evaluation, slot_ms, envelope)
             report.results.append(result)
-            if self.on_result is not None:
-                await self.on_result(result)
-            try:
-                self.store.save(self.state)
-            except StateError as exc:
-                report.state_error = exc
-                log.error("state not saved (kept in memory, retried next run): %s", exc)
+            report.state_error = await self._complete(result) or report.state_error
         return report
+
+    async def run_check(
+        self,
+        name: str,
+        slot_ms: int,
+        envelope: dict[str, Any] | None = None,
+        *,
+        force: bool = False,
+    ) -> RunResult | str:
+        """Run one check now (a manual run); its result, or the reason it did not run.
+
+        Without ``force`` the check must be due; ``force`` overrides every rule except an
+        invalid check or an unknown handler.
+        """
+        if not self._started:
+            self.start()
+        loaded, _ = self._config()
+        if loaded is None:
+            return "no usable config"
+        found = [e for e in self._plan(loaded, slot_ms).evaluations if e.check == name]
+        if not found:
+            return f"no check named {name!r}"
+        evaluation = found[0]
+        blocking = [c for c in evaluation.causes if not force or c in _DISABLING]
+        if blocking:
+            return evaluation.explain(blocking[0])
+        result = await self._run(loaded.config, evaluation, slot_ms, envelope)
+        await self._complete(result)
+        return result
+
+    def set_pause(self, name: str, pause: Pause | None) -> None:
+        """Pause a check (or ``*``, the agent) in the state file; None resumes it."""
+        pauses = dict(self.state.pauses)
+        if pause is None:
+            pauses.pop(name, None)
+        else:
+            pauses[name] = pause
+        self.state = self.state.model_copy(update={"pauses": pauses})
+        self.store.save(self.state)
+
+    async def _complete(self, result: RunResult) -> StateError | None:
+        """Hand the result on, then save the state (in that order: at-least-once)."""
+        if self.on_result is not None:
+            await self.on_result(result)
+        try:
+            self.store.save(self.state)
+        except StateError as exc:
+            log.error("state not saved (kept in memory, retried next run): %s", exc)
+            return exc
+        return None
 
     async def _run(
         self,

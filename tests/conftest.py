@@ -36,3 +36,12 @@ def _restore_registry() -> Iterator[None]:
     yield
     for name in handler_names() - before:
         unregister_handler(name)
+
+
+@pytest.fixture
+async def bus():  # type: ignore[no-untyped-def]
+    """A real RabbitMQ connection with unique names; everything declared is deleted after."""
+    from .broker import open_bus
+
+    async with open_bus() as opened:
+        yield opened

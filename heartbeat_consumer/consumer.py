@@ -1,0 +1,341 @@
+"""The RabbitMQ consumer: one agent's inbox on a FastStream broker.
+
+Topology, declared identically by every component:
+
+- exchange ``EXCHANGE_NAME`` (topic, durable) and its dead-letter exchange ``<exchange>.dlx``;
+- queue ``agent.<name>.inbox`` (durable, dead-lettering to ``agent.<name>.dlq``) with
+  exactly two bindings, ``agent.<name>.#`` and ``system.heartbeat.#``, and **one**
+  consumer that dispatches on the delivery's routing key (the second binding is made
+  by hand after declaring: two subscribers on one queue would compete for messages).
+
+Each delivery is acknowledged only after its result is published (with publisher
+confirms, persistent) and the state is saved; prefetch 1 makes one check run at a time
+per agent while later ticks wait in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from aiormq.exceptions import ChannelPreconditionFailed
+from faststream import AckPolicy
+from faststream.rabbit import (
+    Channel,
+    ExchangeType,
+    QueueType,
+    RabbitBroker,
+    RabbitExchange,
+    RabbitQueue,
+)
+from faststream.rabbit.annotations import RabbitMessage
+
+from .config import Pause
+from .engine import AgentRunner, RunResult, TickReport, local_envelope, wall_clock_ms
+from .envelope import (
+    Command,
+    EnvelopeError,
+    envelope,
+    parse_command,
+    parse_tick,
+    result_event_id,
+)
+from .timeutil import floor_to, iso
+from .topology import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_URL,
+    TICK_KEY,
+    agent_key,
+    dead_letter_exchange,
+    dead_letter_queue,
+    inbox_bindings,
+    inbox_queue,
+    mask_url,
+    result_key,
+    status_key,
+)
+
+__all__ = ["AgentConsumer", "HeartbeatConsumer", "TopologyError"]
+
+log = logging.getLogger("heartbeat_consumer.consumer")
+
+DEFAULT_TICK_INTERVAL_MS = 60_000
+REASON_HEADER = "x-heartbeat-dead-letter-reason"
+QueueKind = Literal["classic", "quorum"]
+
+
+class TopologyError(Exception):
+    """The broker has an exchange or queue of this name with other settings."""
+
+
+def _exchange(name: str) -> RabbitExchange:
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
+
+
+class AgentConsumer:
+    """One agent's inbox, tick handling and result publishing on a shared broker."""
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        *,
+        agent: str,
+        heartbeat_path: str | os.PathLike[str],
+        state_path: str | os.PathLike[str] | None = None,
+        exchange_name: str = DEFAULT_EXCHANGE,
+        tick_interval_ms: int = DEFAULT_TICK_INTERVAL_MS,
+        queue_type: QueueKind = "classic",
+        single_active_consumer: bool = False,
+        channel: Channel | None = None,
+    ) -> None:
+        self.broker = broker
+        self.agent = agent
+        self.exchange = _exchange(exchange_name)
+        self.dead_letters = RabbitExchange(
+            dead_letter_exchange(exchange_name), type=ExchangeType.DIRECT, durable=True
+        )
+        self.tick_interval_ms = tick_interval_ms
+        arguments: dict[str, Any] = {
+            "x-dead-letter-exchange": self.dead_letters.name,
+            "x-dead-letter-routing-key": dead_letter_queue(agent),
+        }
+        if single_active_consumer:
+            arguments["x-single-active-consumer"] = True
+        self.queue = RabbitQueue(  # type: ignore[call-overload]
+            inbox_queue(agent),
+            queue_type=QueueType.QUORUM if queue_type == "quorum" else QueueType.CLASSIC,
+            durable=True,
+            routing_key=inbox_bindings(agent)[0],
+            arguments=arguments,
+        )
+        self.runner = AgentRunner(heartbeat_path, state_path=state_path, on_result=self._publish)
+        self.last_slot: int | None = None
+        self._lock = asyncio.Lock()
+        self._correlation: list[str] = []
+        self.subscriber = broker.subscriber(
+            self.queue,
+            self.exchange,
+            ack_policy=AckPolicy.MANUAL,
+            channel=channel or Channel(prefetch_count=1),
+        )
+        self.subscriber(self.on_message)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def declare(self) -> None:
+        """Declare exchanges, the dead-letter queue, the inbox and its second binding.
+
+        Needs a connected broker; raises :class:`TopologyError` on a settings mismatch.
+        """
+        try:
+            exchange = await self.broker.declare_exchange(self.exchange)
+            dlx = await self.broker.declare_exchange(self.dead_letters)
+            dlq = await self.broker.declare_queue(
+                RabbitQueue(dead_letter_queue(self.agent), durable=True)
+            )
+            await dlq.bind(dlx, routing_key=dead_letter_queue(self.agent))
+            inbox = await self.broker.declare_queue(self.queue)
+            await inbox.bind(exchange, routing_key=inbox_bindings(self.agent)[1])
+        except ChannelPreconditionFailed as exc:
+            raise TopologyError(
+                f"the broker already has exchange {self.exchange.name!r} or queue "
+                f"{self.queue.name!r} with other settings than ours (exchange: topic, durable; "
+                f"queue: durable, dead-lettering to {self.dead_letters.name!r}, "
+                f"type {self.queue.arguments.get('x-queue-type') if self.queue.arguments else '?'}"
+                f"): {exc}"
+            ) from None
+
+    async def evaluate_now(self) -> TickReport:
+        """Evaluate once at start-up, for the slot containing now, without a tick."""
+        slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
+        env = local_envelope(slot, source_type="startup")
+        return await self._tick(slot, env)
+
+    # --- publishing ------------------------------------------------------------------------
+
+    async def _send(self, routing_key: str, event: dict[str, Any], correlation: str = "") -> None:
+        await self.broker.publish(
+            orjson.dumps(event),
+            exchange=self.exchange,
+            routing_key=routing_key,
+            persist=True,
+            mandatory=False,
+            content_type="application/json",
+            message_id=event["event_id"],
+            correlation_id=correlation or None,
+            message_type=event["event_type"],
+        )
+
+    async def _publish(self, result: RunResult) -> None:
+        event = envelope(
+            "heartbeat.result",
+            result.to_payload(),
+            timestamp_ms=result.finished_at,
+            event_id=result_event_id(result.idempotency_key, result.status),
+            correlation_ids=list(self._correlation),
+        )
+        key = result_key(self.agent, result.check, result.status)
+        await self._send(key, event, self._correlation[0] if self._correlation else "")
+
+    async def publish_status(self, status: str, **details: Any) -> None:
+        event = envelope(
+            "heartbeat.status",
+            {"agent": self.agent, "status": status, **details},
+            timestamp_ms=wall_clock_ms(),
+        )
+        await self._send(status_key(self.agent, status), event)
+
+    # --- deliveries ------------------------------------------------------------------------
+
+    async def on_message(self, msg: RabbitMessage) -> None:
+        key = msg.raw_message.routing_key or ""
+        try:
+            if key in (TICK_KEY, agent_key(self.agent, "tick")):
+                await self._on_tick(msg)
+            elif key in tuple(agent_key(self.agent, c) for c in ("run", "pause", "resume")):
+                await self._on_command(msg, key.rsplit(".", 1)[1])
+            else:
+                log.debug("%s: ignoring %s", self.agent, key)
+                await msg.ack()
+        except EnvelopeError as exc:
+            await self._dead_letter(msg, key, str(exc))
+        except Exception:
+            log.exception("%s: %s not processed; returned to the queue", self.agent, key)
+            with contextlib.suppress(Exception):
+                await msg.nack(requeue=True)
+
+    async def _on_tick(self, msg: RabbitMessage) -> None:
+        tick = parse_tick(msg.body, interval_ms=self.tick_interval_ms)
+        now = wall_clock_ms()
+        if tick.slot_ms < now - 2 * self.tick_interval_ms:
+            log.debug(
+                "%s: stale tick %s (%s) ignored", self.agent, tick.event_id, iso(tick.slot_ms)
+            )
+        elif self.last_slot is not None and tick.slot_ms <= self.last_slot:
+            log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))
+        else:
+            await self._tick(tick.slot_ms, tick.envelope)
+        await msg.ack()
+
+    async def _tick(self, slot_ms: int, env: dict[str, Any]) -> TickReport:
+        async with self._lock:
+            self._correlation = [str(env.get("event_id", ""))]
+            report = await self.runner.tick(slot_ms, env)
+            self.last_slot = max(slot_ms, self.last_slot or slot_ms)
+        if report.config_error is not None:
+            await self.publish_status("config_invalid", error=str(report.config_error))
+        return report
+
+    async def _on_command(self, msg: RabbitMessage, name: str) -> None:
+        command: Command = parse_command(msg.body, name)
+        async with self._lock:
+            self._correlation = [command.event_id]
+            if name == "run":
+                slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
+                outcome = await self.runner.run_check(
+                    command.check, slot, command.envelope, force=command.force
+                )
+                if isinstance(outcome, str):
+                    log.warning("%s: run %s not done: %s", self.agent, command.check, outcome)
+            elif name == "pause":
+                pause = Pause(until=command.until_ms, reason=command.reason)
+                self.runner.set_pause(command.check, pause)
+                log.info("%s: paused %s", self.agent, command.check)
+            else:
+                self.runner.set_pause(command.check, None)
+                log.info("%s: resumed %s", self.agent, command.check)
+        await msg.ack()
+
+    async def _dead_letter(self, msg: RabbitMessage, key: str, reason: str) -> None:
+        """Send the message with its reason to the agent's dead-letter queue, then ack."""
+        log.warning("%s: dead-lettering %s: %s", self.agent, key, reason)
+        try:
+            await self.broker.publish(
+                msg.body,
+                exchange=self.dead_letters,
+                routing_key=dead_letter_queue(self.agent),
+                persist=True,
+                headers={REASON_HEADER: reason, "x-original-routing-key": key},
+            )
+        except Exception:
+            await msg.reject()  # the queue's own dead-lettering, without the reason
+            return
+        await msg.ack()
+
+
+class HeartbeatConsumer:
+    """One agent's consumer with its own broker connection (the programmatic API).
+
+    ``HeartbeatConsumer(agent_name=..., heartbeat_path=..., rabbit_url=...,
+    exchange_name=...).run_sync()`` runs until SIGINT or SIGTERM.
+    """
+
+    def __init__(
+        self,
+        agent_name: str,
+        heartbeat_path: str | os.PathLike[str],
+        rabbit_url: str = DEFAULT_URL,
+        exchange_name: str = DEFAULT_EXCHANGE,
+        *,
+        state_path: str | os.PathLike[str] | None = None,
+        tick_interval_ms: int = DEFAULT_TICK_INTERVAL_MS,
+        queue_type: QueueKind = "classic",
+        single_active_consumer: bool = False,
+        graceful_timeout_s: float = 60.0,
+    ) -> None:
+        self.rabbit_url = rabbit_url
+        self.broker = RabbitBroker(
+            rabbit_url, graceful_timeout=graceful_timeout_s, logger=None, fail_fast=True
+        )
+        self.agent = AgentConsumer(
+            self.broker,
+            agent=agent_name,
+            heartbeat_path=Path(heartbeat_path),
+            state_path=state_path,
+            exchange_name=exchange_name,
+            tick_interval_ms=tick_interval_ms,
+            queue_type=queue_type,
+            single_active_consumer=single_active_consumer,
+        )
+
+    async def start(self) -> None:
+        self.agent.runner.start()
+        log.info("connecting to %s", mask_url(self.rabbit_url))
+        await self.broker.connect()
+        await self.agent.declare()
+        await self.agent.publish_status("online", pid=os.getpid())
+        await self.agent.evaluate_now()
+        await self.broker.start()
+        log.info("%s: consuming %s", self.agent.agent, self.agent.queue.name)
+
+    async def stop(self) -> None:
+        """Stop taking deliveries, let the running handler finish (up to the graceful
+        timeout; it acks and saves state), publish ``offline``, close."""
+        await self.agent.subscriber.stop()
+        try:
+            await self.agent.publish_status("offline", pid=os.getpid())
+        except Exception as exc:
+            log.warning("%s: offline status not published: %s", self.agent.agent, exc)
+        await self.broker.stop()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set, or SIGINT/SIGTERM."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def run_sync(self) -> None:
+        asyncio.run(self.run())

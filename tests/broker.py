@@ -1,0 +1,139 @@
+"""A real RabbitMQ for tests: RABBIT_URL, else localhost:5672, else testcontainers.
+
+Each test gets unique exchange and agent names and deletes what it declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from heartbeat_consumer.topology import DEFAULT_URL, dead_letter_exchange
+
+HOW_TO_START = (
+    "no RabbitMQ reachable: set RABBIT_URL, or start one on localhost:5672 "
+    "(apt-get install rabbitmq-server && rabbitmq-server -detached), "
+    "or run a Docker engine for testcontainers"
+)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def broker_url() -> str:
+    if os.environ.get("RABBIT_URL"):
+        return os.environ["RABBIT_URL"]
+    if _port_open("127.0.0.1", 5672):
+        return DEFAULT_URL
+    try:
+        from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+
+        container = RabbitMqContainer("rabbitmq:3-management")
+        container.start()
+    except Exception as exc:
+        pytest.fail(f"{HOW_TO_START} ({exc})")
+    host = container.get_container_host_ip()
+    port = container.get_exposed_port(5672)
+    return f"amqp://guest:guest@{host}:{port}/"
+
+
+@dataclass
+class Bus:
+    url: str
+    connection: aio_pika.abc.AbstractRobustConnection
+    channel: aio_pika.abc.AbstractChannel
+    exchange_name: str
+    queues: set[str] = field(default_factory=set)
+    exchanges: set[str] = field(default_factory=set)
+
+    def agent(self, prefix: str = "a") -> str:
+        name = f"{prefix}{uuid.uuid4().hex[:10]}"
+        self.queues |= {f"agent.{name}.inbox", f"agent.{name}.dlq"}
+        return name
+
+    async def exchange(self) -> aio_pika.abc.AbstractExchange:
+        return await self.channel.declare_exchange(
+            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+    async def publish(self, routing_key: str, body: bytes | dict[str, Any], **kw: Any) -> None:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        exchange = await self.exchange()
+        await exchange.publish(aio_pika.Message(data, **kw), routing_key=routing_key)
+
+    async def collector(self, binding: str) -> aio_pika.abc.AbstractQueue:
+        """A queue of our own bound to ``binding`` (results, status events)."""
+        name = f"test.collect.{uuid.uuid4().hex[:10]}"
+        self.queues.add(name)
+        queue = await self.channel.declare_queue(name, durable=False, auto_delete=False)
+        await queue.bind(await self.exchange(), routing_key=binding)
+        return queue
+
+    async def count(self, queue: str) -> int:
+        declared = await self.channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count is not None
+        return declared.declaration_result.message_count
+
+    async def cleanup(self) -> None:
+        channel = await self.connection.channel()
+        for queue in self.queues:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        for exchange in {
+            *self.exchanges,
+            self.exchange_name,
+            dead_letter_exchange(self.exchange_name),
+        }:
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)
+        await channel.close()
+
+
+async def take(
+    queue: aio_pika.abc.AbstractQueue,
+    n: int,
+    timeout: float = 10.0,
+    *,
+    skip_status: bool = True,
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Wait for ``n`` messages on ``queue``, failing after ``timeout`` seconds.
+
+    Status events (``._status.``) are dropped unless ``skip_status`` is False."""
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(got) < n:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            assert asyncio.get_running_loop().time() < deadline, f"got {len(got)} of {n} messages"
+            await asyncio.sleep(0.02)
+            continue
+        if skip_status and "._status." in (message.routing_key or ""):
+            continue
+        got.append(message)
+    return got
+
+
+@contextlib.asynccontextmanager
+async def open_bus() -> AsyncIterator[Bus]:
+    url = broker_url()
+    connection = await aio_pika.connect_robust(url)
+    channel = await connection.channel()
+    bus = Bus(url, connection, channel, f"test.hb.{uuid.uuid4().hex[:10]}")
+    try:
+        yield bus
+    finally:
+        await bus.cleanup()
+        await connection.close()

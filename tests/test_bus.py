@@ -1,0 +1,153 @@
+"""End to end against a real RabbitMQ (see tests/broker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from heartbeat_consumer import CheckConfig, register_handler
+from heartbeat_consumer.consumer import REASON_HEADER, HeartbeatConsumer
+from heartbeat_consumer.store import StateStore
+
+from .broker import Bus, take
+
+MIN = 60_000
+
+
+def write(tmp_path: Path, agent: str, checks: dict[str, Any]) -> Path:
+    path = tmp_path / f"{agent}.heartbeat.json"
+    path.write_bytes(orjson.dumps({"agent": agent, "checks": checks}))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(
+    bus: Bus, agent: str, config: Path, **kw: Any
+) -> AsyncIterator[HeartbeatConsumer]:
+    consumer = HeartbeatConsumer(agent, config, bus.url, bus.exchange_name, **kw)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+def tick(at: datetime | None = None, **payload: Any) -> dict[str, Any]:
+    at = at or datetime.now(UTC)
+    return {
+        "event_id": f"t-{at.timestamp()}",
+        "event_type": "system.heartbeat.tick",
+        "timestamp": at.isoformat(),
+        "version": "1.0.0",
+        "source": {"host": "test", "type": "test", "app": "pytest"},
+        "payload": payload,
+    }
+
+
+async def test_startup_evaluation_then_tick_result_with_routing_and_correlation(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(
+        tmp_path,
+        agent,
+        {
+            "first": {"cadenceMs": 3_600_000, "handler": "default", "priority": 1},
+            "second": {"cadenceMs": 3_600_000, "handler": "default", "priority": 2},
+        },
+    )
+    results = await bus.collector(f"heartbeat.{agent}.*.*")
+    statuses = await bus.collector(f"heartbeat.{agent}._status.*")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        (online,) = await take(statuses, 1, skip_status=False)
+        assert online.routing_key == f"heartbeat.{agent}._status.online"
+        (startup,) = await take(results, 1)
+        assert startup.routing_key == f"heartbeat.{agent}.first.success"
+        await asyncio.sleep(1.1)  # the next 1 s slot
+        event = tick()
+        await bus.publish("system.heartbeat.tick", event)
+        (second,) = await take(results, 1)
+    body = orjson.loads(second.body)
+    assert second.routing_key == f"heartbeat.{agent}.second.success"
+    assert second.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert body["event_type"] == "heartbeat.result"
+    assert body["correlation_ids"] == [event["event_id"]]
+    payload = body["payload"]
+    assert (
+        payload["agent"] == agent
+        and payload["check"] == "second"
+        and payload["status"] == "success"
+    )
+    assert payload["idempotency_key"].startswith(f"{agent}:second:")
+    assert set(payload) >= {
+        "handler",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "overdue_ratio",
+        "result",
+        "error",
+    }
+    (offline,) = await take(statuses, 1, skip_status=False)
+    assert offline.routing_key == f"heartbeat.{agent}._status.offline"
+    assert await bus.count(f"agent.{agent}.inbox") == 0
+
+
+async def test_manual_tick_snippet_as_written(bus: Bus, tmp_path: Path) -> None:
+    """The design's snippet, with only the URL and exchange name changed."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)  # the start-up evaluation
+        await asyncio.sleep(1.1)  # so the snippet's tick falls in a later 1 s slot
+        snippet = SNIPPET.replace('"amqp://delorenj:delorenj@localhost:5673/"', repr(bus.url))
+        snippet = snippet.replace('"bloodbank.events.v1"', repr(bus.exchange_name))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", snippet, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        assert out.strip() == b"Heartbeat tick sent"
+        (result,) = await take(results, 1)
+    assert result.routing_key == f"heartbeat.{agent}.c.success"
+
+
+SNIPPET = textwrap.dedent(
+    """
+    import asyncio
+    import aio_pika
+    import orjson
+    from datetime import datetime, timezone
+    from uuid import uuid4
+
+    async def main():
+        conn = await aio_pika.connect_robust("amqp://delorenj:delorenj@localhost:5673/")
+        ch = await conn.channel()
+        ex = await ch.declare_exchange("bloodbank.events.v1", aio_pika.ExchangeType.TOPIC, durable=True)
+
+        body = orjson.dumps({
+            "event_id": str(uuid4()),
+            "event_type": "system.heartbeat.tick",
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "version": "1.0.0",
+            "source": {"host": "local", "type": "manual", "app": "test"},
+            "payload": {"tick_id": str(uuid4())[:8]},
+        })
+
+        await ex.publish(aio_pika.Message(body=body), routing_key="system.heartbeat.tick")
+        await conn.close()
+        print("Heartbeat tick sent")
+
+    asyncio.run(main())
+    """
+)
