@@ -105,15 +105,15 @@ class Bus:
 async def take(
     queue: aio_pika.abc.AbstractQueue,
     n: int,
-    timeout: float = 10.0,
+    within: float = 10.0,
     *,
     skip_status: bool = True,
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Wait for ``n`` messages on ``queue``, failing after ``timeout`` seconds.
+    """Wait for ``n`` messages on ``queue``, failing after ``within`` seconds.
 
     Status events (``._status.``) are dropped unless ``skip_status`` is False."""
     got: list[aio_pika.abc.AbstractIncomingMessage] = []
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while len(got) < n:
         message = await queue.get(no_ack=True, fail=False)
         if message is None:

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import orjson
-import pytest
 
-from heartbeat_consumer import CheckConfig, register_handler
-from heartbeat_consumer.consumer import REASON_HEADER, HeartbeatConsumer
-from heartbeat_consumer.store import StateStore
+from heartbeat_consumer.consumer import HeartbeatConsumer
 
 from .broker import Bus, take
+from .conftest import ROOT
 
 MIN = 60_000
 
@@ -111,7 +110,9 @@ async def test_manual_tick_snippet_as_written(bus: Bus, tmp_path: Path) -> None:
     async with running(bus, agent, config, tick_interval_ms=1000):
         await take(results, 1)  # the start-up evaluation
         await asyncio.sleep(1.1)  # so the snippet's tick falls in a later 1 s slot
-        snippet = SNIPPET.replace('"amqp://delorenj:delorenj@localhost:5673/"', repr(bus.url))
+        snippet = design_snippet().replace(
+            '"amqp://delorenj:delorenj@localhost:5673/"', repr(bus.url)
+        )
         snippet = snippet.replace('"bloodbank.events.v1"', repr(bus.exchange_name))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", snippet, stdout=asyncio.subprocess.PIPE
@@ -150,4 +151,14 @@ SNIPPET = textwrap.dedent(
 
     asyncio.run(main())
     """
-)
+)  # noqa: E501
+
+
+def design_snippet() -> str:
+    """The "Manual Heartbeat Trigger" snippet from the design, else our copy of it."""
+    design = ROOT.parent / "shared/reference/heartbeat-consumer-design.md"
+    if design.exists():
+        match = re.search(r"python - <<'PY'\n(.*?)\nPY\n", design.read_text(), re.S)
+        assert match, "the design no longer has the manual trigger snippet"
+        return match.group(1)
+    return SNIPPET
