@@ -150,8 +150,8 @@ SNIPPET = textwrap.dedent(
         print("Heartbeat tick sent")
 
     asyncio.run(main())
-    """
-)  # noqa: E501
+    """  # noqa: E501
+)
 
 
 def design_snippet() -> str:
