@@ -83,7 +83,13 @@ class Bus:
         return queue
 
     async def count(self, queue: str) -> int:
-        declared = await self.channel.declare_queue(queue, passive=True)
+        """Ready messages in ``queue`` now (a fresh channel: robust channels cache
+        declarations, and with them the count)."""
+        channel = await self.connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        finally:
+            await channel.close()
         assert declared.declaration_result.message_count is not None
         return declared.declaration_result.message_count
 

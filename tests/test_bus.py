@@ -8,14 +8,16 @@ import re
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import orjson
 
-from heartbeat_consumer.consumer import HeartbeatConsumer
+from heartbeat_consumer import CheckConfig, register_handler
+from heartbeat_consumer.consumer import REASON_HEADER, HeartbeatConsumer
+from heartbeat_consumer.store import StateStore
 
 from .broker import Bus, take
 from .conftest import ROOT
@@ -162,3 +164,124 @@ def design_snippet() -> str:
         assert match, "the design no longer has the manual trigger snippet"
         return match.group(1)
     return SNIPPET
+
+
+async def test_malformed_messages_are_dead_lettered_with_a_reason(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)
+        await bus.publish(f"agent.{agent}.heartbeat.tick", b"{not json")
+        await bus.publish("system.heartbeat.tick", {"event_type": "system.heartbeat.tick"})
+        await bus.publish(f"agent.{agent}.heartbeat.run", tick(check=None))
+        await bus.publish(f"agent.{agent}.something.else", b"whatever")  # unknown: acked
+        await asyncio.sleep(1.1)
+        await bus.publish("system.heartbeat.tick", tick())  # still consuming afterwards
+        (result,) = await take(results, 1)
+        assert result.routing_key == f"heartbeat.{agent}.c.success"
+    dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", passive=True)
+    dead = await take(dlq, 3)
+    reasons = [(m.headers[REASON_HEADER], m.headers["x-original-routing-key"]) for m in dead]
+    assert reasons[0][0].startswith("malformed JSON") and reasons[0][1].endswith(".heartbeat.tick")
+    assert "'event_id' must be a non-empty string" in reasons[1][0]
+    assert "run command needs payload.check" in reasons[2][0]
+    assert dead[0].body == b"{not json"
+    assert await bus.count(f"agent.{agent}.inbox") == 0
+    assert await bus.count(f"agent.{agent}.dlq") == 0
+
+
+async def test_results_of_one_agent_never_reach_another_inbox(bus: Bus, tmp_path: Path) -> None:
+    a, b = bus.agent("a"), bus.agent("b")
+    results = await bus.collector("heartbeat.#")
+    config_a = write(tmp_path, a, {"c": {"cadenceMs": 1, "handler": "default"}})
+    config_b = write(tmp_path, b, {"c": {"cadenceMs": 1, "handler": "default"}})
+    async with running(bus, a, config_a, tick_interval_ms=1000):
+        await take(results, 1)
+    # A is stopped: its inbox and B's hold whatever is routed to them from now on.
+    async with running(bus, b, config_b, tick_interval_ms=1000):
+        await take(results, 1)
+        await asyncio.sleep(1.1)
+        await bus.publish(f"agent.{b}.heartbeat.tick", tick())
+        (result,) = await take(results, 1)
+        assert result.routing_key == f"heartbeat.{b}.c.success"
+        await asyncio.sleep(0.3)
+        assert await bus.count(f"agent.{b}.inbox") == 0
+    assert await bus.count(f"agent.{a}.inbox") == 0, "B's results or B's own tick reached A"
+
+
+async def test_stale_ticks_after_downtime_run_each_due_check_once(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(
+        tmp_path,
+        agent,
+        {
+            "quick": {"cadenceMs": 300_000, "handler": "default", "priority": 1},
+            "slow": {"cadenceMs": 3_600_000, "handler": "default", "priority": 2},
+        },
+    )
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config):
+        await take(results, 1)
+    # Downtime: 60 minutes of ticks pile up in the inbox.
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    for minute in range(60, 0, -1):
+        await bus.publish("system.heartbeat.tick", tick(now - timedelta(minutes=minute)))
+    assert await bus.count(f"agent.{agent}.inbox") == 60
+    async with running(bus, agent, config):
+        got = await take(results, 1)
+        await asyncio.sleep(1.0)
+        assert await bus.count(f"agent.{agent}.inbox") == 0
+    ran = [m.routing_key.split(".")[2] for m in got]
+    extra = await results.get(no_ack=True, fail=False)
+    while extra is not None:
+        if "._status." not in (extra.routing_key or ""):
+            ran.append(extra.routing_key.split(".")[2])
+        extra = await results.get(no_ack=True, fail=False)
+    assert sorted(ran) == ["slow"], "only the check still due ran, once"
+
+
+async def test_commands_run_pause_resume(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    command = {
+        "event_id": "cmd",
+        "event_type": "command",
+        "timestamp": datetime.now(UTC).isoformat(),
+    }
+    async with running(bus, agent, config) as consumer:
+        await take(results, 1)
+        await bus.publish(f"agent.{agent}.heartbeat.run", {**command, "payload": {"check": "c"}})
+        await asyncio.sleep(0.5)
+        assert await results.get(no_ack=True, fail=False) is None, "not due: not run"
+        await bus.publish(
+            f"agent.{agent}.heartbeat.run", {**command, "payload": {"check": "c", "force": True}}
+        )
+        (forced,) = await take(results, 1)
+        assert orjson.loads(forced.body)["correlation_ids"] == ["cmd"]
+        await bus.publish(
+            f"agent.{agent}.heartbeat.pause",
+            {**command, "payload": {"check": "*", "reason": "ops"}},
+        )
+        await asyncio.sleep(0.5)
+        state_path = consumer.agent.runner.store.path
+        paused = StateStore(state_path).load()[0].pauses["*"]
+        assert paused.until is None and paused.reason == "ops"
+        await bus.publish(f"agent.{agent}.heartbeat.resume", {**command, "payload": {"check": "*"}})
+        await asyncio.sleep(0.5)
+        assert StateStore(state_path).load()[0].pauses == {}
+
+
+async def test_handler_exception_is_a_failed_result_not_a_crash(bus: Bus, tmp_path: Path) -> None:
+    @register_handler("t_bus_boom")
+    async def boom(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        raise RuntimeError("kaput")
+
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "t_bus_boom"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config):
+        (failed,) = await take(results, 1)
+    assert failed.routing_key == f"heartbeat.{agent}.c.failed"
+    assert orjson.loads(failed.body)["payload"]["error"] == "RuntimeError: kaput"
