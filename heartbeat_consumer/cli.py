@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+from aiormq.exceptions import AMQPError
 
 from . import __version__
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
+from .consumer import HeartbeatConsumer, TopologyError
 from .engine import AgentRunner, RunResult, wall_clock_ms
 from .handlers import (
     HandlerError,
@@ -34,17 +36,18 @@ from .schedule import Evaluation, plan
 from .simulate import simulate
 from .state import AgentState
 from .store import StateError, StateStore, default_state_path
+from .ticker import manual_tick_key, publish_event, run_ticker
 from .timeutil import format_duration, iso, parse_duration_ms, parse_instant_ms
+from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, agent_key, mask_url
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 
-NO_BUS_YET = (
-    "heartbeat-consumer: the RabbitMQ consumer is not part of this version yet.\n"
-    "Run checks without a broker instead:\n"
-    "  heartbeat-consumer run --local FILE   # in-process ticker\n"
-    "  heartbeat-consumer run-once FILE      # for cron and systemd timers\n"
+ENV_HELP = (
+    "heartbeat-consumer: to run the RabbitMQ consumer without a command, set AGENT_NAME and "
+    "HEARTBEAT_PATH (and RABBIT_URL, EXCHANGE_NAME if not the defaults), or use "
+    "'heartbeat-consumer run FILE'. Without a broker: 'run --local FILE' or 'run-once FILE'. "
     "See heartbeat-consumer --help."
 )
 
@@ -255,8 +258,7 @@ async def _run_local(runner: AgentRunner, every_ms: int, max_ticks: int | None) 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
-        _out(NO_BUS_YET, sys.stderr)
-        return EXIT_USAGE
+        return _run_bus(args, args.agent or _agent_of(args.file))
     every = _duration(args.every)
     runner = _runner(args)
     with runner.exclusive() as mine:
@@ -267,6 +269,89 @@ def cmd_run(args: argparse.Namespace) -> int:
             "running %s locally, ticking every %s (Ctrl-C stops)", args.file, format_duration(every)
         )
         asyncio.run(_run_local(runner, every, args.max_ticks))
+    return EXIT_OK
+
+
+def _agent_of(path: str) -> str:
+    try:
+        return load_config(path).config.agent
+    except ConfigError as exc:
+        raise UsageError(f"name the agent with --agent: {exc}") from None
+
+
+def _run_bus(args: argparse.Namespace, agent: str) -> int:
+    consumer = HeartbeatConsumer(
+        agent,
+        args.file,
+        args.rabbit_url,
+        args.exchange,
+        state_path=_state_path(args),
+        tick_interval_ms=_duration(args.every),
+        queue_type=args.queue_type,
+        single_active_consumer=args.single_active_consumer,
+    )
+    with consumer.agent.runner.exclusive() as mine:
+        if not mine:
+            _out(f"another process runs agent {agent} on this state file", sys.stderr)
+            return EXIT_INVALID
+        try:
+            consumer.run_sync()
+        except TopologyError as exc:
+            _out(f"heartbeat-consumer: {exc}", sys.stderr)
+            return EXIT_INVALID
+        except (OSError, AMQPError) as exc:
+            url = mask_url(args.rabbit_url)
+            _out(f"heartbeat-consumer: cannot reach RabbitMQ at {url}: {exc}", sys.stderr)
+            return EXIT_INVALID
+    return EXIT_OK
+
+
+def cmd_ticker(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_ticker(
+            rabbit_url=args.rabbit_url,
+            exchange_name=args.exchange,
+            every_ms=_duration(args.every),
+            stop=stop,
+            max_ticks=args.max_ticks,
+        )
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    now = wall_clock_ms()
+    event = asyncio.run(
+        publish_event(
+            manual_tick_key(args.agent),
+            "system.heartbeat.tick",
+            {"tick_id": f"manual-{now}", "epoch_ms": now},
+            rabbit_url=args.rabbit_url,
+            exchange_name=args.exchange,
+            now_ms=now,
+        )
+    )
+    _out(f"tick {event['event_id']} sent to {manual_tick_key(args.agent)}")
+    return EXIT_OK
+
+
+def cmd_run_check(args: argparse.Namespace) -> int:
+    key = agent_key(args.agent, "run")
+    event = asyncio.run(
+        publish_event(
+            key,
+            "heartbeat.command.run",
+            {"check": args.check, "force": args.force},
+            rabbit_url=args.rabbit_url,
+            exchange_name=args.exchange,
+        )
+    )
+    _out(f"run {args.agent}/{args.check} sent ({event['event_id']})")
     return EXIT_OK
 
 
@@ -355,15 +440,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run-once", "run what is due now, without a broker (for cron, systemd timers)")
     p.add_argument("--tick", default="60s", help="slot size: now is rounded down to it (60s)")
     p.add_argument("--at", metavar="TIME", help="pretend it is TIME (default now)")
-    p = command("run", "run an agent: --local ticks in-process without a broker")
+    p = command("run", "run an agent's consumer on RabbitMQ, or with --local without a broker")
     p.add_argument("--local", action="store_true", help="in-process ticker, no broker")
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
-    p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
+    p.add_argument("--max-ticks", type=int, metavar="N", help="--local: stop after N ticks")
+    p.add_argument("--agent", metavar="NAME", help="agent (queue) name (default: from FILE)")
+    bus_options(p)
+    p.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
+    p.add_argument(
+        "--single-active-consumer",
+        action="store_true",
+        help="replicas of one agent stand by; one consumes at a time",
+    )
     p = command("status", "show the state file: last runs, failures, retries")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the heartbeat.v1 JSON Schema")
+    p = sub.add_parser("ticker", help="publish system.heartbeat.tick at every interval boundary")
+    p.add_argument("--every", default="60s", help="tick interval (default 60s)")
+    p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
+    bus_options(p)
+    p = sub.add_parser("tick", help="inject one tick now, to every agent or to one")
+    p.add_argument("--agent", metavar="NAME", help="only this agent")
+    bus_options(p)
+    p = sub.add_parser("run-check", help="ask an agent to run one check now")
+    p.add_argument("agent", metavar="AGENT")
+    p.add_argument("check", metavar="CHECK")
+    p.add_argument("--force", action="store_true", help="run even if not due")
+    bus_options(p)
     return parser
 
+
+def bus_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rabbit-url",
+        default=os.environ.get("RABBIT_URL", DEFAULT_URL),
+        help="env RABBIT_URL (default amqp://guest:guest@localhost:5672/)",
+    )
+    p.add_argument(
+        "--exchange",
+        default=os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE),
+        help=f"env EXCHANGE_NAME (default {DEFAULT_EXCHANGE})",
+    )
+
+
+def _run_from_environment(args: argparse.Namespace) -> int:
+    """No command: the reference design's environment variables run the bus consumer."""
+    agent, path = os.environ.get("AGENT_NAME"), os.environ.get("HEARTBEAT_PATH")
+    if not agent or not path:
+        _out(ENV_HELP, sys.stderr)
+        return EXIT_USAGE
+    args.file = path
+    args.handlers, args.state, args.agent = None, None, agent
+    args.rabbit_url = os.environ.get("RABBIT_URL", DEFAULT_URL)
+    args.exchange = os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE)
+    args.every, args.queue_type, args.single_active_consumer = "60s", "classic", False
+    _load_handlers(args)
+    return _run_bus(args, agent)
+
+
+BROKER_ONLY = frozenset({"schema", "ticker", "tick", "run-check"})
+"""Commands that run no handlers, so load no plugins."""
 
 COMMANDS = {
     "validate": cmd_validate,
@@ -373,6 +509,9 @@ COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
     "schema": cmd_schema,
+    "ticker": cmd_ticker,
+    "tick": cmd_tick,
+    "run-check": cmd_run_check,
 }
 
 
@@ -387,16 +526,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command is None:
-        _out(NO_BUS_YET, sys.stderr)
-        return EXIT_USAGE
     try:
-        if args.command != "schema":
+        if args.command is None:
+            return _run_from_environment(args)
+        if args.command not in BROKER_ONLY:
             _load_handlers(args)
         return COMMANDS[args.command](args)
     except UsageError as exc:
         _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
         return EXIT_USAGE
+    except (OSError, AMQPError) as exc:
+        url = mask_url(getattr(args, "rabbit_url", "") or "")
+        _out(
+            f"heartbeat-consumer {args.command}: cannot reach RabbitMQ at {url}: {exc}", sys.stderr
+        )
+        return EXIT_INVALID
     except (HandlerError, StateError) as exc:
         _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
         return EXIT_INVALID

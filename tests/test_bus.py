@@ -285,3 +285,83 @@ async def test_handler_exception_is_a_failed_result_not_a_crash(bus: Bus, tmp_pa
         (failed,) = await take(results, 1)
     assert failed.routing_key == f"heartbeat.{agent}.c.failed"
     assert orjson.loads(failed.body)["payload"]["error"] == "RuntimeError: kaput"
+
+
+BIN = str(Path(sys.executable).with_name("heartbeat-consumer"))
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        BIN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_environment_mode_tick_and_run_check_commands_and_sigterm(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """`heartbeat-consumer` with the design's environment variables, driven by the
+    `tick` and `run-check` commands; SIGTERM publishes offline and exits 0."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    env = {
+        **__import__("os").environ,
+        "AGENT_NAME": agent,
+        "HEARTBEAT_PATH": str(config),
+        "RABBIT_URL": bus.url,
+        "EXCHANGE_NAME": bus.exchange_name,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        BIN, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        (online,) = await take(results, 1, skip_status=False)
+        assert online.routing_key.endswith("._status.online")
+        (first,) = await take(results, 1)  # start-up evaluation
+        assert first.routing_key == f"heartbeat.{agent}.c.success"
+        opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
+        code, out = await cli("tick", "--agent", agent, *opts)
+        assert code == 0 and f"sent to agent.{agent}.heartbeat.tick" in out
+        code, out = await cli("run-check", agent, "c", "--force", *opts)
+        assert code == 0, out
+        (forced,) = await take(results, 1)
+        assert forced.routing_key == f"heartbeat.{agent}.c.success"
+    finally:
+        proc.send_signal(__import__("signal").SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert "guest:guest" not in err.decode(), "password in the logs"
+    (offline,) = await take(results, 1, skip_status=False)
+    assert offline.routing_key.endswith("._status.offline")
+
+
+async def test_two_tickers_each_check_runs_once_per_slot(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name, "--every", "1s"]
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        (startup,) = await take(results, 1)
+        outcomes = await asyncio.gather(
+            cli("ticker", "--max-ticks", "3", *opts), cli("ticker", "--max-ticks", "3", *opts)
+        )
+        assert [code for code, _ in outcomes] == [0, 0], outcomes
+        await asyncio.sleep(0.5)
+    slots = [orjson.loads(startup.body)["payload"]["slot"]]
+    extra = await results.get(no_ack=True, fail=False)
+    while extra is not None:
+        if "._status." not in (extra.routing_key or ""):
+            slots.append(orjson.loads(extra.body)["payload"]["slot"])
+        extra = await results.get(no_ack=True, fail=False)
+    assert len(slots) == len(set(slots)), f"a slot ran twice: {slots}"
+    assert len(slots) >= 3, slots
+
+
+async def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
+    config = write(tmp_path, "nobroker", {"c": {"cadenceMs": 1, "handler": "default"}})
+    url = "amqp://guest:s3cret@127.0.0.1:1/"
+    code, out = await cli("run", str(config), "--rabbit-url", url, "--state", str(tmp_path / "s"))
+    assert code == 1 and "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
+    assert "s3cret" not in out and "Traceback" not in out

@@ -228,12 +228,13 @@ def test_unknown_plugin_module_is_a_clear_error(capsys: pytest.CaptureFixture[st
     assert "cannot import handler module 'no_such_plugin_mod'" in capsys.readouterr().err
 
 
-def test_no_subcommand_says_the_bus_consumer_is_not_here_yet(
-    capsys: pytest.CaptureFixture[str],
+def test_no_subcommand_without_environment_explains_itself(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("AGENT_NAME", raising=False)
+    monkeypatch.delenv("HEARTBEAT_PATH", raising=False)
     assert main([]) == 2
-    assert "RabbitMQ consumer is not part of this version yet" in capsys.readouterr().err
-    assert main(["run", EXAMPLE]) == 2
+    assert "set AGENT_NAME and HEARTBEAT_PATH" in capsys.readouterr().err
 
 
 def test_schema_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -583,27 +583,39 @@ def test_fifteen_minute_check_keeps_real_time_through_dst(zone: str, phase: int 
 
 @st.composite
 def window_cases(draw: st.DrawFn) -> tuple[str, int, int, str]:
-    """(zone, now, start minute, end text): random, or close to a DST transition."""
+    """(zone, now, start minute, end text): random, near a DST transition, or a window
+    starting inside a spring-forward gap tested around the end of the gap."""
     zone = draw(st.sampled_from(ZONES))
+    tz = ZoneInfo(zone)
     year = draw(st.sampled_from(YEARS_WITH_TRANSITIONS))
     near = transitions(zone, year)
-    if near and draw(st.booleans()):
-        transition = draw(st.sampled_from(near))
-        now = transition + draw(st.integers(-180, 180)) * MINUTE
-        now += draw(st.sampled_from([0, 1, 59_999]))
-        before = minute_of_day(wall(transition - MINUTE, ZoneInfo(zone)))
-        start = (before + draw(st.integers(-30, 90))) % 1440
-        end = draw(
-            st.one_of(
-                st.just("24:00"),
-                st.integers(0, 120).map(lambda d: hhmm((start + d) % 1440)),
-                window_ends,
-            )
+    forward = [t for t in near if wall(t, tz).utcoffset() > wall(t - 1, tz).utcoffset()]
+    mode = draw(st.sampled_from(["random", "near", "gap"]))
+    if mode == "gap" and forward:
+        transition = draw(st.sampled_from(forward))
+        before = minute_of_day(wall(transition - MINUTE, tz))
+        skipped = (wall(transition, tz).utcoffset() - wall(transition - 1, tz).utcoffset()) // (
+            timedelta(minutes=1)
         )
+        start = (before + draw(st.integers(1, skipped))) % 1440
+        now = transition + draw(st.sampled_from([-MINUTE, -1, 0, 1, 59_999, MINUTE]))
+    elif mode != "random" and near:
+        transition = draw(st.sampled_from(near))
+        minutes = st.one_of(st.integers(-180, 180), st.sampled_from([-1, 0, 0, 1]))
+        now = transition + draw(minutes) * MINUTE + draw(st.sampled_from([0, 1, 59_999]))
+        before = minute_of_day(wall(transition - MINUTE, tz))
+        start = (before + draw(st.integers(-30, 90))) % 1440
     else:
         now = draw(st.integers(0, END_2100))
         start = draw(st.integers(0, 1439))
-        end = draw(window_ends)
+        return zone, now, start, draw(window_ends)
+    end = draw(
+        st.one_of(
+            st.just("24:00"),
+            st.integers(0, 120).map(lambda d: hhmm((start + d) % 1440)),
+            window_ends,
+        )
+    )
     return zone, now, start, end
 
 
@@ -614,6 +626,40 @@ def test_in_window_follows_the_local_wall_clock(case: tuple[str, int, int, str])
     window = Window(start=hhmm(start), end=end)
     expected = expected_open(now, start, end_minute(end), zone)
     assert in_window(now, window, ZoneInfo(zone)) == expected
+
+
+@cache
+def forward_gaps() -> tuple[tuple[str, int, int], ...]:
+    """(zone, transition, skipped minutes) of every spring-forward in the sampled years."""
+    out = []
+    for zone in ZONES:
+        tz = ZoneInfo(zone)
+        for year in YEARS_WITH_TRANSITIONS:
+            for t in transitions(zone, year):
+                jump = wall(t, tz).utcoffset() - wall(t - 1, tz).utcoffset()
+                if jump > timedelta(0):
+                    out.append((zone, t, jump // timedelta(minutes=1)))
+    return tuple(out)
+
+
+@MEDIUM
+@given(st.data())
+def test_window_starting_in_a_gap_opens_exactly_at_the_gap_end(data: st.DataObject) -> None:
+    zone, transition, skipped = data.draw(st.sampled_from(forward_gaps()), label="gap")
+    tz = ZoneInfo(zone)
+    last_before = minute_of_day(wall(transition - MINUTE, tz))
+    first_after = minute_of_day(wall(transition, tz))
+    assert (first_after - last_before) % 1440 == skipped + 1
+    start = (last_before + data.draw(st.integers(1, skipped), label="start in gap")) % 1440
+    # an end inside the gap too: the window has no existing minute but the gap's end
+    end = (start + data.draw(st.integers(0, (last_before + skipped - start) % 1440))) % 1440
+    window = Window(start=hhmm(start), end=hhmm(end))
+    assert in_window(transition, window, tz)
+    assert in_window(transition + 59_999, window, tz)
+    assert not in_window(transition - MINUTE, window, tz)
+    assert not in_window(transition + MINUTE, window, tz)
+    for now in (transition - 1, transition + 1, transition + 60_000):
+        assert in_window(now, window, tz) == expected_open(now, start, end, zone)
 
 
 @MEDIUM
