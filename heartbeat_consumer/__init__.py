@@ -14,6 +14,7 @@ from .config import (
     load_config,
     parse_config,
 )
+from .consumer import HeartbeatConsumer, TopologyError
 from .engine import AgentRunner, RunResult, TickReport
 from .handlers import (
     HandlerError,
@@ -37,6 +38,7 @@ __all__ = [
     "Evaluation",
     "HandlerError",
     "HeartbeatConfig",
+    "HeartbeatConsumer",
     "LoadedConfig",
     "Plan",
     "Problem",
@@ -44,6 +46,7 @@ __all__ = [
     "RunResult",
     "StateError",
     "TickReport",
+    "TopologyError",
     "__version__",
     "current_run",
     "evaluate",

@@ -14,9 +14,10 @@ from typing import Any
 
 import aio_pika
 import orjson
+import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
-from heartbeat_consumer.consumer import REASON_HEADER, HeartbeatConsumer
+from heartbeat_consumer.consumer import REASON_HEADER, HeartbeatConsumer, TopologyError
 from heartbeat_consumer.store import StateStore
 
 from .broker import Bus, take
@@ -365,3 +366,15 @@ async def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
     code, out = await cli("run", str(config), "--rabbit-url", url, "--state", str(tmp_path / "s"))
     assert code == 1 and "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
     assert "s3cret" not in out and "Traceback" not in out
+
+
+async def test_exchange_with_other_settings_is_a_clear_error(bus: Bus, tmp_path: Path) -> None:
+    await bus.channel.declare_exchange(
+        bus.exchange_name, aio_pika.ExchangeType.FANOUT, durable=False
+    )
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    consumer = HeartbeatConsumer(agent, config, bus.url, bus.exchange_name)
+    with pytest.raises(TopologyError, match=r"already has exchange .* with other settings"):
+        await consumer.start()
+    await consumer.broker.stop()
