@@ -378,3 +378,99 @@ async def test_exchange_with_other_settings_is_a_clear_error(bus: Bus, tmp_path:
     with pytest.raises(TopologyError, match=r"already has exchange .* with other settings"):
         await consumer.start()
     await consumer.broker.stop()
+
+
+async def test_consumer_recovers_after_connections_are_killed(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)
+        killed = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "-q",
+            "close_all_connections",
+            "test: connection killed",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        if await killed.wait() != 0:
+            pytest.skip("rabbitmqctl is not available to kill connections")
+        delivered: list[str] = []
+        for _ in range(40):  # ~20 s: reconnect interval is 5 s
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                await bus.publish("system.heartbeat.tick", tick())
+            message = await results.get(no_ack=True, fail=False)
+            if message is not None and "._status." not in (message.routing_key or ""):
+                delivered.append(message.routing_key or "")
+                break
+        assert delivered == [f"heartbeat.{agent}.c.success"], "no tick processed after reconnect"
+
+
+SLOW_PLUGIN = """
+import asyncio, pathlib
+from heartbeat_consumer import register_handler
+
+@register_handler("slow_sigterm")
+async def slow(tick_payload, check_config):
+    pathlib.Path(check_config.meta["started"]).write_text("started")
+    await asyncio.sleep(2)
+    return {"status": "success", "slept": 2}
+"""
+
+
+async def test_sigterm_during_a_handler_finishes_it_acks_and_saves(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    started = tmp_path / "started"
+    (tmp_path / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    config = write(
+        tmp_path,
+        agent,
+        {
+            "c": {
+                "cadenceMs": 1,
+                "timeoutMs": 20_000,
+                "handler": "slow_sigterm",
+                "meta": {"started": str(started)},
+            }
+        },
+    )
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    state = tmp_path / "state.json"
+    proc = await asyncio.create_subprocess_exec(
+        BIN,
+        "run",
+        str(config),
+        "--rabbit-url",
+        bus.url,
+        "--exchange",
+        bus.exchange_name,
+        "--handlers",
+        str(tmp_path / "slow_plugin.py"),
+        "--state",
+        str(state),
+        "--every",
+        "1s",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await take(results, 1, within=15)  # the start-up run, 2 s long
+    started.unlink()
+    await asyncio.sleep(1.1)
+    await bus.publish("system.heartbeat.tick", tick())
+    for _ in range(100):
+        if started.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert started.exists(), "the tick's handler did not start"
+    proc.send_signal(__import__("signal").SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    (finished,) = await take(results, 1)
+    payload = orjson.loads(finished.body)["payload"]
+    assert payload["result"] == {"status": "success", "slept": 2}, payload
+    saved, _ = StateStore(state).load()
+    assert saved.check("c").runs == 2
+    assert await bus.count(f"agent.{agent}.inbox") == 0, "the tick was acked"
