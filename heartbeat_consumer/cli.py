@@ -24,6 +24,7 @@ from . import __version__
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
 from .consumer import HeartbeatConsumer, TopologyError
 from .engine import AgentRunner, RunResult, wall_clock_ms
+from .fleet import Fleet
 from .handlers import (
     HandlerError,
     handler_names,
@@ -306,6 +307,33 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
     return EXIT_OK
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    fleet = Fleet(
+        args.directory,
+        args.rabbit_url,
+        args.exchange,
+        state_dir=args.state_dir,
+        tick_interval_ms=_duration(args.every),
+        queue_type=args.queue_type,
+        single_active_consumer=args.single_active_consumer,
+        rescan_s=_duration(args.rescan) / 1000,
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await fleet.run(stop)
+
+    try:
+        asyncio.run(run())
+    except TopologyError as exc:
+        _out(f"heartbeat-consumer: {exc}", sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
 def cmd_ticker(args: argparse.Namespace) -> int:
     async def run() -> int:
         stop = asyncio.Event()
@@ -415,12 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, *, state: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("file", metavar="FILE", help="heartbeat.json")
-        p.add_argument(
-            "--handlers",
-            action="append",
-            metavar="MODULE",
-            help="import a handler plugin module (repeatable; env HEARTBEAT_HANDLERS)",
-        )
+        handlers_option(p)
         if state:
             p.add_argument(
                 "--state",
@@ -445,16 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
     p.add_argument("--max-ticks", type=int, metavar="N", help="--local: stop after N ticks")
     p.add_argument("--agent", metavar="NAME", help="agent (queue) name (default: from FILE)")
-    bus_options(p)
-    p.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
-    p.add_argument(
-        "--single-active-consumer",
-        action="store_true",
-        help="replicas of one agent stand by; one consumes at a time",
-    )
+    consumer_options(p)
     p = command("status", "show the state file: last runs, failures, retries")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the heartbeat.v1 JSON Schema")
+    _bus_commands(sub)
+    return parser
+
+
+def _bus_commands(sub: Any) -> None:
+    p = sub.add_parser("fleet", help="run the consumers of every *.heartbeat.json in DIR")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--state-dir", metavar="DIR", help="state files (default: beside each config)")
+    p.add_argument("--every", default="60s", help="tick interval (default 60s)")
+    p.add_argument("--rescan", default="5s", help="how often DIR is re-read (default 5s)")
+    handlers_option(p)
+    consumer_options(p)
     p = sub.add_parser("ticker", help="publish system.heartbeat.tick at every interval boundary")
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
     p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
@@ -467,7 +496,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("check", metavar="CHECK")
     p.add_argument("--force", action="store_true", help="run even if not due")
     bus_options(p)
-    return parser
+
+
+def handlers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--handlers",
+        action="append",
+        metavar="MODULE",
+        help="import a handler plugin module or file.py (repeatable; env HEARTBEAT_HANDLERS)",
+    )
+
+
+def consumer_options(p: argparse.ArgumentParser) -> None:
+    bus_options(p)
+    p.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
+    p.add_argument(
+        "--single-active-consumer",
+        action="store_true",
+        help="replicas of one agent stand by; one consumes at a time",
+    )
 
 
 def bus_options(p: argparse.ArgumentParser) -> None:
@@ -510,6 +557,7 @@ COMMANDS = {
     "status": cmd_status,
     "schema": cmd_schema,
     "ticker": cmd_ticker,
+    "fleet": cmd_fleet,
     "tick": cmd_tick,
     "run-check": cmd_run_check,
 }

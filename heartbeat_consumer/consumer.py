@@ -123,6 +123,7 @@ class AgentConsumer:
             self.exchange,
             ack_policy=AckPolicy.MANUAL,
             channel=channel or Channel(prefetch_count=1),
+            persistent=False,  # held here, so a fleet can drop a removed agent
         )
         self.subscriber(self.on_message)
 

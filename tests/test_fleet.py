@@ -1,0 +1,101 @@
+"""Fleet mode against a real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from heartbeat_consumer.fleet import Fleet, agent_files
+
+from .broker import Bus, take
+from .test_bus import tick
+
+
+def add_agent(directory: Path, agent: str) -> Path:
+    path = directory / f"{agent}.heartbeat.json"
+    path.write_bytes(
+        orjson.dumps({"agent": agent, "checks": {"c": {"cadenceMs": 1, "handler": "default"}}})
+    )
+    return path
+
+
+def test_agent_files(tmp_path: Path) -> None:
+    add_agent(tmp_path, "x")
+    (tmp_path / ".heartbeat.json").write_text("{}")
+    (tmp_path / "notes.json").write_text("{}")
+    assert agent_files(tmp_path) == {"x": tmp_path / "x.heartbeat.json"}
+
+
+async def test_fleet_of_200_agents_answers_one_tick(bus: Bus, tmp_path: Path) -> None:
+    agents = [bus.agent("f") for _ in range(200)]
+    for agent in agents:
+        add_agent(tmp_path, agent)
+    results = await bus.collector("heartbeat.*.c.*")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    await fleet.start()
+    try:
+        startup = await take(results, 200, within=60)
+        assert {m.routing_key for m in startup} == {f"heartbeat.{a}.c.success" for a in agents}
+        await asyncio.sleep(1.1)
+        await bus.publish("system.heartbeat.tick", tick())
+        answered = await take(results, 200, within=30)
+        assert {m.routing_key for m in answered} == {f"heartbeat.{a}.c.success" for a in agents}
+        listing = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "-q",
+            "list_connections",
+            "channels",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await listing.communicate()
+        if listing.returncode == 0:
+            counts = [int(c) for c in out.split() if c.isdigit()]
+            assert max(counts) <= 5, f"one channel per agent? {counts}"
+    finally:
+        await fleet.stop()
+
+
+async def test_fleet_picks_up_added_and_removed_files(bus: Bus, tmp_path: Path) -> None:
+    first, second = bus.agent("f"), bus.agent("f")
+    add_agent(tmp_path, first)
+    results = await bus.collector("heartbeat.*.c.*")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    await fleet.start()
+    try:
+        await take(results, 1)
+        add_agent(tmp_path, second)
+        await fleet.rescan()
+        (added,) = await take(results, 1)
+        assert added.routing_key == f"heartbeat.{second}.c.success"
+        (tmp_path / f"{first}.heartbeat.json").unlink()
+        await fleet.rescan()
+        assert set(fleet.agents) == {second}
+        await asyncio.sleep(1.1)
+        await bus.publish("system.heartbeat.tick", tick())
+        (only,) = await take(results, 1)
+        assert only.routing_key == f"heartbeat.{second}.c.success"
+        await asyncio.sleep(0.3)
+        assert await bus.count(f"agent.{first}.inbox") == 1, "kept for when it comes back"
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("broken", ["{not json", '{"agent": "x"}'])
+async def test_a_broken_file_does_not_stop_the_fleet(bus: Bus, tmp_path: Path, broken: str) -> None:
+    good, bad = bus.agent("f"), bus.agent("f")
+    add_agent(tmp_path, good)
+    (tmp_path / f"{bad}.heartbeat.json").write_text(broken)
+    results = await bus.collector("heartbeat.#")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    await fleet.start()
+    try:
+        got = await take(results, 4, skip_status=False, within=15)
+        keys = {m.routing_key for m in got}
+        assert f"heartbeat.{good}.c.success" in keys
+        assert f"heartbeat.{bad}._status.config_invalid" in keys
+    finally:
+        await fleet.stop()
