@@ -38,3 +38,4 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_evaluate.py
+	$(BIN)/python bench/bench_fleet_memory.py

@@ -1,0 +1,83 @@
+"""Process RSS of a fleet of N agents on a real RabbitMQ (default: 1, 100, 1000).
+
+Run: .venv/bin/python bench/bench_fleet_memory.py [N ...]   (RABBIT_URL or localhost)
+Each size runs in a fresh process; the queues and exchanges it declares are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+import orjson
+
+from heartbeat_consumer.fleet import Fleet
+from heartbeat_consumer.topology import DEFAULT_URL
+
+URL = os.environ.get("RABBIT_URL", DEFAULT_URL)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_configs(directory: str, agents: list[str]) -> None:
+    for agent in agents:
+        checks = {"c": {"cadenceMs": 3_600_000, "handler": "default"}}
+        Path(directory, f"{agent}.heartbeat.json").write_bytes(
+            orjson.dumps({"agent": agent, "checks": checks})
+        )
+
+
+async def measure(n: int) -> None:
+    exchange = f"bench.hb.{uuid.uuid4().hex[:8]}"
+    agents = [f"b{uuid.uuid4().hex[:10]}" for _ in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_configs(tmp, agents)
+        before = rss_mb()
+        started = time.monotonic()
+        fleet = Fleet(tmp, URL, exchange, rescan_s=3600)
+        await fleet.start()
+        took = time.monotonic() - started
+        await asyncio.sleep(1)
+        after = rss_mb()
+        await fleet.stop()
+    connection = await aio_pika.connect(URL)
+    channel = await connection.channel()
+    for agent in agents:
+        await channel.queue_delete(f"agent.{agent}.inbox")
+        await channel.queue_delete(f"agent.{agent}.dlq")
+    await channel.exchange_delete(exchange)
+    await channel.exchange_delete(f"{exchange}.dlx")
+    await connection.close()
+    per_agent = (after - before) / n * 1024
+    print(
+        f"{n:>6} agents  RSS {after:7.1f} MB  (+{per_agent:6.1f} KB/agent)  start-up {took:5.1f} s"
+    )
+
+
+def main() -> None:
+    sizes = [int(a) for a in sys.argv[1:]] or [1, 100, 1000]
+    if os.environ.get("BENCH_CHILD"):
+        asyncio.run(measure(sizes[0]))
+        return
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    print(f"fleet memory, {machine}")
+    for n in sizes:
+        env = {**os.environ, "BENCH_CHILD": "1"}
+        subprocess.run([sys.executable, __file__, str(n)], env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
