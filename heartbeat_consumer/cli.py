@@ -22,6 +22,7 @@ from aiormq.exceptions import AMQPError
 
 from . import __version__
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
+from .connection import TlsError, TlsFiles
 from .consumer import HeartbeatConsumer, TopologyError
 from .engine import AgentRunner, RunResult, wall_clock_ms
 from .fleet import Fleet
@@ -290,6 +291,7 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
         tick_interval_ms=_duration(args.every),
         queue_type=args.queue_type,
         single_active_consumer=args.single_active_consumer,
+        tls=_tls(args),
     )
     with consumer.agent.runner.exclusive() as mine:
         if not mine:
@@ -307,6 +309,11 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
     return EXIT_OK
 
 
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    files = TlsFiles(args.ca_file, args.cert_file, args.key_file)
+    return files if files else None
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     fleet = Fleet(
         args.directory,
@@ -317,6 +324,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         queue_type=args.queue_type,
         single_active_consumer=args.single_active_consumer,
         rescan_s=_duration(args.rescan) / 1000,
+        tls=_tls(args),
     )
 
     async def run() -> None:
@@ -346,6 +354,7 @@ def cmd_ticker(args: argparse.Namespace) -> int:
             every_ms=_duration(args.every),
             stop=stop,
             max_ticks=args.max_ticks,
+            tls=_tls(args),
         )
 
     asyncio.run(run())
@@ -362,6 +371,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
             rabbit_url=args.rabbit_url,
             exchange_name=args.exchange,
             now_ms=now,
+            tls=_tls(args),
         )
     )
     _out(f"tick {event['event_id']} sent to {manual_tick_key(args.agent)}")
@@ -377,6 +387,7 @@ def cmd_run_check(args: argparse.Namespace) -> int:
             {"check": args.check, "force": args.force},
             rabbit_url=args.rabbit_url,
             exchange_name=args.exchange,
+            tls=_tls(args),
         )
     )
     _out(f"run {args.agent}/{args.check} sent ({event['event_id']})")
@@ -528,6 +539,11 @@ def bus_options(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE),
         help=f"env EXCHANGE_NAME (default {DEFAULT_EXCHANGE})",
     )
+    for option, env in (("ca", "RABBIT_CA_FILE"), ("cert", "RABBIT_CERT_FILE")):
+        p.add_argument(f"--{option}-file", default=os.environ.get(env), help=f"amqps: env {env}")
+    p.add_argument(
+        "--key-file", default=os.environ.get("RABBIT_KEY_FILE"), help="env RABBIT_KEY_FILE"
+    )
 
 
 def _run_from_environment(args: argparse.Namespace) -> int:
@@ -541,6 +557,9 @@ def _run_from_environment(args: argparse.Namespace) -> int:
     args.rabbit_url = os.environ.get("RABBIT_URL", DEFAULT_URL)
     args.exchange = os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE)
     args.every, args.queue_type, args.single_active_consumer = "60s", "classic", False
+    args.ca_file = os.environ.get("RABBIT_CA_FILE")
+    args.cert_file = os.environ.get("RABBIT_CERT_FILE")
+    args.key_file = os.environ.get("RABBIT_KEY_FILE")
     _load_handlers(args)
     return _run_bus(args, agent)
 
@@ -589,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"heartbeat-consumer {args.command}: cannot reach RabbitMQ at {url}: {exc}", sys.stderr
         )
         return EXIT_INVALID
-    except (HandlerError, StateError) as exc:
+    except (HandlerError, StateError, TlsError) as exc:
         _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:

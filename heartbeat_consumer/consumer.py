@@ -37,6 +37,7 @@ from faststream.rabbit import (
 from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
+from .connection import TlsFiles, make_broker
 from .engine import AgentRunner, RunResult, TickReport, local_envelope, wall_clock_ms
 from .envelope import (
     Command,
@@ -289,11 +290,10 @@ class HeartbeatConsumer:
         queue_type: QueueKind = "classic",
         single_active_consumer: bool = False,
         graceful_timeout_s: float = 60.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.rabbit_url = rabbit_url
-        self.broker = RabbitBroker(
-            rabbit_url, graceful_timeout=graceful_timeout_s, logger=None, fail_fast=True
-        )
+        self.broker = make_broker(rabbit_url, tls=tls, graceful_timeout_s=graceful_timeout_s)
         self.agent = AgentConsumer(
             self.broker,
             agent=agent_name,

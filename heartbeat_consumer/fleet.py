@@ -14,8 +14,9 @@ import logging
 import os
 from pathlib import Path
 
-from faststream.rabbit import Channel, RabbitBroker
+from faststream.rabbit import Channel
 
+from .connection import TlsFiles, make_broker
 from .consumer import DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
 from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, mask_url
 
@@ -48,6 +49,7 @@ class Fleet:
         single_active_consumer: bool = False,
         rescan_s: float = 5.0,
         graceful_timeout_s: float = 60.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.state_dir = Path(state_dir) if state_dir else None
@@ -57,7 +59,7 @@ class Fleet:
         self.queue_type: QueueKind = queue_type
         self.single_active_consumer = single_active_consumer
         self.rescan_s = rescan_s
-        self.broker = RabbitBroker(rabbit_url, graceful_timeout=graceful_timeout_s, logger=None)
+        self.broker = make_broker(rabbit_url, tls=tls, graceful_timeout_s=graceful_timeout_s)
         self.channel = Channel(prefetch_count=1)
         self.agents: dict[str, AgentConsumer] = {}
         self._started = False

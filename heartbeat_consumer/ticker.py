@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 
+from .connection import TlsFiles, make_broker
 from .engine import wall_clock_ms
 from .envelope import envelope, tick_event_id
 from .local import next_slot
@@ -79,9 +80,10 @@ async def publish_event(
     rabbit_url: str = DEFAULT_URL,
     exchange_name: str = DEFAULT_EXCHANGE,
     now_ms: int | None = None,
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     """Publish one event (a manual tick, a command) with publisher confirms."""
-    broker = RabbitBroker(rabbit_url, logger=None)
+    broker = make_broker(rabbit_url, tls=tls)
     await broker.connect()
     try:
         exchange = _exchange(exchange_name)
@@ -111,6 +113,7 @@ async def run_ticker(
     stop: asyncio.Event | None = None,
     max_ticks: int | None = None,
     clock: Callable[[], int] = wall_clock_ms,
+    tls: TlsFiles | None = None,
 ) -> int:
     """Publish a tick at every boundary until ``stop``; returns the number published.
 
@@ -118,7 +121,7 @@ async def run_ticker(
     slot; the connection reconnects by itself.
     """
     stop = stop or asyncio.Event()
-    broker = RabbitBroker(rabbit_url, logger=None)
+    broker = make_broker(rabbit_url, tls=tls)
     log.info("ticker: %s, exchange %s, every %d ms", mask_url(rabbit_url), exchange_name, every_ms)
     await broker.connect()
     exchange = _exchange(exchange_name)

@@ -474,3 +474,46 @@ async def test_sigterm_during_a_handler_finishes_it_acks_and_saves(
     saved, _ = StateStore(state).load()
     assert saved.check("c").runs == 2
     assert await bus.count(f"agent.{agent}.inbox") == 0, "the tick was acked"
+
+
+async def rabbitmqctl(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        pytest.skip("rabbitmqctl is not available")
+    return out.decode()
+
+
+async def test_quorum_queue(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config, queue_type="quorum"):
+        await take(results, 1)
+        listing = await rabbitmqctl("list_queues", "name", "type")
+    assert f"agent.{agent}.inbox\tquorum" in listing
+
+
+async def test_single_active_consumer_hot_standby(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    options: dict[str, Any] = {"tick_interval_ms": 1000, "single_active_consumer": True}
+    async with running(bus, agent, config, state_path=tmp_path / "one.json", **options):
+        await take(results, 1)
+        async with running(bus, agent, config, state_path=tmp_path / "two.json", **options):
+            await take(results, 1)  # each replica's start-up evaluation
+            await asyncio.sleep(1.1)
+            await bus.publish("system.heartbeat.tick", tick())
+            await take(results, 1)
+            await asyncio.sleep(0.5)
+            assert await results.get(no_ack=True, fail=False) is None, "both replicas ran the tick"
+            consumers = await rabbitmqctl("list_consumers", "queue_name", "active")
+            states = [line.split("\t")[1] for line in consumers.splitlines() if agent in line]
+            assert sorted(states) == ["false", "true"], consumers
