@@ -21,6 +21,7 @@ import orjson
 from aiormq.exceptions import AMQPError
 
 from . import __version__
+from .asyncapi import render as render_asyncapi
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
 from .connection import TlsError, TlsFiles
 from .consumer import HeartbeatConsumer, TopologyError
@@ -342,6 +343,16 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    text = render_asyncapi(args.exchange)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        _out(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def cmd_ticker(args: argparse.Namespace) -> int:
     async def run() -> int:
         stop = asyncio.Event()
@@ -483,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", "show the state file: last runs, failures, retries")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the heartbeat.v1 JSON Schema")
+    p = sub.add_parser("asyncapi", help="write the AsyncAPI document of every channel")
+    p.add_argument("--output", default="-", metavar="FILE", help="default: standard output")
+    p.add_argument("--exchange", default=os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE))
     _bus_commands(sub)
     return parser
 
@@ -564,7 +578,7 @@ def _run_from_environment(args: argparse.Namespace) -> int:
     return _run_bus(args, agent)
 
 
-BROKER_ONLY = frozenset({"schema", "ticker", "tick", "run-check"})
+BROKER_ONLY = frozenset({"schema", "asyncapi", "ticker", "tick", "run-check"})
 """Commands that run no handlers, so load no plugins."""
 
 COMMANDS = {
@@ -577,6 +591,7 @@ COMMANDS = {
     "schema": cmd_schema,
     "ticker": cmd_ticker,
     "fleet": cmd_fleet,
+    "asyncapi": cmd_asyncapi,
     "tick": cmd_tick,
     "run-check": cmd_run_check,
 }

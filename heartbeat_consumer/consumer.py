@@ -115,7 +115,9 @@ class AgentConsumer:
             routing_key=inbox_bindings(agent)[0],
             arguments=arguments,
         )
-        self.runner = AgentRunner(heartbeat_path, state_path=state_path, on_result=self._publish)
+        self.runner = AgentRunner(
+            heartbeat_path, state_path=state_path, on_result=self._publish, agent=agent
+        )
         self.last_slot: int | None = None
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []

@@ -126,7 +126,10 @@ class AgentRunner:
         state_path: str | os.PathLike[str] | None = None,
         on_result: ResultSink | None = None,
         clock: Callable[[], int] = wall_clock_ms,
+        agent: str | None = None,
     ) -> None:
+        """``agent`` overrides the config's ``agent`` (the bus names the queue after it)."""
+        self.agent = agent
         self.config_path = Path(config_path)
         self.source = ConfigSource(self.config_path)
         self.store = StateStore(state_path or default_state_path(self.config_path))
@@ -188,6 +191,13 @@ class AgentRunner:
         report.plan = self._plan(loaded, slot_ms)
         if self.source.generation != self._reported_generation:
             self._reported_generation = self.source.generation
+            if self.agent is not None and loaded.config.agent != self.agent:
+                log.warning(
+                    "%s says agent %r; running it as %r",
+                    self.config_path,
+                    loaded.config.agent,
+                    self.agent,
+                )
             for ev in report.plan.evaluations:
                 if ev.blockers and ev.blockers[0][0] in _DISABLING:
                     log.error("check %s disabled: %s", ev.check, ev.reason)
@@ -261,16 +271,17 @@ class AgentRunner:
         envelope: dict[str, Any] | None,
     ) -> RunResult:
         check = config.checks[evaluation.check]
-        key = idempotency_key(config.agent, check.name, slot_ms)
+        agent = self.agent or config.agent
+        key = idempotency_key(agent, check.name, slot_ms)
         payload = {
-            "agent": config.agent,
+            "agent": agent,
             "check_name": check.name,
             "timestamp": iso(slot_ms),
             "envelope": envelope if envelope is not None else local_envelope(slot_ms),
             "idempotency_key": key,
         }
         context = RunContext(
-            agent=config.agent,
+            agent=agent,
             check=check,
             config=config,
             state=self.state,
@@ -301,7 +312,7 @@ class AgentRunner:
             initial_last_run=check.last_run,
         )
         run = RunResult(
-            agent=config.agent,
+            agent=agent,
             check=check.name,
             handler=check.handler,
             status=outcome_status,

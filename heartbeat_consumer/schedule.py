@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 from zoneinfo import ZoneInfo
 
 from .config import CheckConfig, HeartbeatConfig, Pause, Problem, Window
 from .state import AgentState
-from .timeutil import format_duration, gap_end_minute, iso, local_time
+from .timeutil import format_duration, gap_end, iso, local_time
 
 __all__ = [
     "Blocker",
@@ -111,8 +111,11 @@ def _in_window_local(local: datetime, window: Window, tz: ZoneInfo) -> bool:
     inside = start <= minute <= end if start <= end else (minute >= start or minute <= end)
     if inside:
         return True
-    first_valid = gap_end_minute(local.date(), start, tz)
-    return first_valid is not None and minute == first_valid
+    today = local.date()
+    for day in (today, today - timedelta(days=1)):  # the gap may end at midnight
+        if gap_end(day, start, tz) == (today, minute):
+            return True
+    return False
 
 
 def in_window(now_ms: int, window: Window, tz: ZoneInfo) -> bool:

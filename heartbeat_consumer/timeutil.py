@@ -17,7 +17,7 @@ __all__ = [
     "floor_to",
     "format_duration",
     "from_ms",
-    "gap_end_minute",
+    "gap_end",
     "iso",
     "local_time",
     "parse_duration_ms",
@@ -128,12 +128,15 @@ def _exists(day: date, minute: int, tz: ZoneInfo) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def gap_end_minute(day: date, minute: int, tz: ZoneInfo) -> int | None:
+def gap_end(day: date, minute: int, tz: ZoneInfo) -> tuple[date, int] | None:
     """If local ``minute`` of ``day`` falls in a spring-forward gap, the first valid local
-    minute after the gap (minute of day); otherwise None."""
+    (date, minute of day) after the gap, which may be on the next day (a gap that ends
+    at midnight, as in America/Nuuk); otherwise None."""
     if minute >= 24 * 60 or _exists(day, minute, tz):
         return None
-    for later in range(minute + 1, 24 * 60):
-        if _exists(day, later, tz):
-            return later
+    for offset in range(1, 2 * 24 * 60):
+        later_day = day + timedelta(days=(minute + offset) // (24 * 60))
+        later = (minute + offset) % (24 * 60)
+        if _exists(later_day, later, tz):
+            return later_day, later
     return None

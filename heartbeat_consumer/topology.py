@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = [
     "DEFAULT_EXCHANGE",
     "DEFAULT_URL",
+    "TICK_BINDING",
     "TICK_KEY",
     "agent_key",
     "dead_letter_exchange",

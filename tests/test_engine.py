@@ -310,3 +310,16 @@ def test_exclusive_lock(write_config: WriteConfig) -> None:
             assert not theirs
     with second.exclusive() as theirs:
         assert theirs
+
+
+async def test_agent_name_given_by_the_transport_wins_over_the_file(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(config({"c": {"cadenceMs": MIN, "handler": "default"}}))
+    rec = Recorder()
+    runner = AgentRunner(path, on_result=rec, agent="queue-name")
+    await runner.tick(T0)
+    (result,) = rec.results
+    assert result.agent == "queue-name"
+    assert result.idempotency_key == f"queue-name:c:{T0}"
+    assert any("says agent 'bot'; running it as 'queue-name'" in r.message for r in caplog.records)

@@ -1,0 +1,216 @@
+"""The AsyncAPI 3.0 document of the wire contract, built from :mod:`topology` (pure).
+
+It lists every channel, including the inbox's manually bound ``system.heartbeat.#``
+key, which FastStream's own generator cannot see.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .state import STATUSES
+from .topology import DEFAULT_EXCHANGE, TICK_BINDING, TICK_KEY
+
+__all__ = ["build", "render"]
+
+AGENT = {"description": "Agent name, ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"}
+CHECK = {"description": "Check name, ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"}
+
+
+def _envelope(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["event_id", "event_type", "payload"],
+        "properties": {
+            "event_id": {"type": "string"},
+            "event_type": {"type": "string", "examples": [event_type]},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "version": {"type": "string", "examples": ["1.0.0"]},
+            "source": {
+                "type": "object",
+                "properties": {n: {"type": "string"} for n in ("host", "type", "app")},
+            },
+            "correlation_ids": {"type": "array", "items": {"type": "string"}},
+            "payload": payload,
+        },
+    }
+
+
+def _message(name: str, summary: str, event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "summary": summary,
+        "contentType": "application/json",
+        "payload": _envelope(event_type, payload),
+    }
+
+
+def _routing(exchange: str) -> dict[str, Any]:
+    return {
+        "amqp": {
+            "is": "routingKey",
+            "exchange": {"name": exchange, "type": "topic", "durable": True, "autoDelete": False},
+        }
+    }
+
+
+def _channel(address: str, exchange: str, message: str, params: dict[str, Any] | None = None,
+             description: str = "") -> dict[str, Any]:  # fmt: skip
+    channel: dict[str, Any] = {
+        "address": address,
+        "description": description,
+        "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+        "bindings": _routing(exchange),
+    }
+    if params:
+        channel["parameters"] = params
+    return channel
+
+
+def _operation(action: str, channel: str, message: str, summary: str) -> dict[str, Any]:
+    return {
+        "action": action,
+        "summary": summary,
+        "channel": {"$ref": f"#/channels/{channel}"},
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+    }
+
+
+def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
+    obj: dict[str, Any] = {"type": "object"}
+    tick_payload = {
+        **obj,
+        "description": "The slot is payload.epoch_ms if given, else the envelope timestamp.",
+        "properties": {
+            "tick_id": {"type": "string"},
+            "epoch_ms": {"type": "integer"},
+            "interval_ms": {"type": "integer"},
+            "quarter": {"type": "string"},
+        },
+    }
+    result_payload = {
+        **obj,
+        "properties": {
+            "agent": {"type": "string"},
+            "check": {"type": "string"},
+            "handler": {"type": "string"},
+            "status": {"enum": list(STATUSES)},
+            "slot": {"type": "string", "format": "date-time"},
+            "started_at": {"type": "string", "format": "date-time"},
+            "finished_at": {"type": "string", "format": "date-time"},
+            "duration_ms": {"type": "integer"},
+            "overdue_ratio": {"type": ["number", "null"]},
+            "idempotency_key": {"type": "string", "description": "agent:check:slot"},
+            "result": obj,
+            "error": {"type": ["string", "null"]},
+        },
+    }
+    status_payload = {
+        **obj,
+        "properties": {
+            "agent": {"type": "string"},
+            "status": {"enum": ["online", "offline", "config_invalid"]},
+            "error": {"type": "string"},
+        },
+    }
+    check_ref = {"check": {"type": "string"}}
+    messages = {
+        "tick": _message("tick", "A heartbeat tick", TICK_KEY, tick_payload),
+        "run": _message(
+            "run",
+            "Run a check now",
+            "heartbeat.command.run",
+            {
+                **obj,
+                "required": ["check"],
+                "properties": {**check_ref, "force": {"type": "boolean"}},
+            },
+        ),
+        "pause": _message(
+            "pause",
+            "Pause a check, or the agent with '*'",
+            "heartbeat.command.pause",
+            {
+                **obj,
+                "properties": {
+                    **check_ref,
+                    "until": {"type": ["string", "integer", "null"]},
+                    "reason": {"type": "string"},
+                },
+            },
+        ),
+        "resume": _message(
+            "resume", "Resume a check", "heartbeat.command.resume", {**obj, "properties": check_ref}
+        ),
+        "result": _message(
+            "result", "The result of one check run", "heartbeat.result", result_payload
+        ),
+        "status": _message(
+            "status", "An agent's consumer status", "heartbeat.status", status_payload
+        ),
+    }
+    agent = {"agent": AGENT}
+    inbox_text = (
+        f"Each agent's queue agent.{{agent}}.inbox (durable, prefetch 1, one consumer) is bound "
+        f"to agent.{{agent}}.# and {TICK_BINDING}; it dead-letters to agent.{{agent}}.dlq via "
+        f"{exchange}.dlx with the header x-heartbeat-dead-letter-reason."
+    )
+    channels = {
+        "tick": _channel(
+            TICK_KEY, exchange, "tick", description="A tick for every agent. " + inbox_text
+        ),
+        "agentTick": _channel(
+            "agent.{agent}.heartbeat.tick", exchange, "tick", agent, "A tick for one agent."
+        ),
+        "run": _channel("agent.{agent}.heartbeat.run", exchange, "run", agent),
+        "pause": _channel("agent.{agent}.heartbeat.pause", exchange, "pause", agent),
+        "resume": _channel("agent.{agent}.heartbeat.resume", exchange, "resume", agent),
+        "result": _channel(
+            "heartbeat.{agent}.{check}.{status}",
+            exchange,
+            "result",
+            {**agent, "check": CHECK, "status": {"enum": list(STATUSES)}},
+            "Persistent, published with confirms; never routed to an inbox.",
+        ),
+        "status": _channel(
+            "heartbeat.{agent}._status.{status}",
+            exchange,
+            "status",
+            {**agent, "status": {"enum": ["online", "offline", "config_invalid"]}},
+        ),
+    }
+    operations = {
+        "receiveTick": _operation("receive", "tick", "tick", "Evaluate and run what is due"),
+        "receiveAgentTick": _operation("receive", "agentTick", "tick", "Same, for one agent"),
+        "receiveRun": _operation("receive", "run", "run", "Run one check now"),
+        "receivePause": _operation("receive", "pause", "pause", "Pause (kept in the state file)"),
+        "receiveResume": _operation("receive", "resume", "resume", "Resume"),
+        "sendResult": _operation("send", "result", "result", "After each check run"),
+        "sendStatus": _operation("send", "status", "status", "On start, stop and bad config"),
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "heartbeat-consumer",
+            "version": __version__,
+            "description": "Ticks, commands, results and status events of heartbeat-consumer.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "default": {
+                "host": "localhost:5672",
+                "protocol": "amqp",
+                "description": "Set RABBIT_URL for another broker.",
+            }
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
+    }
+
+
+def render(exchange: str = DEFAULT_EXCHANGE) -> str:
+    return yaml.safe_dump(build(exchange), sort_keys=False, width=100)
