@@ -517,3 +517,45 @@ async def test_single_active_consumer_hot_standby(bus: Bus, tmp_path: Path) -> N
             consumers = await rabbitmqctl("list_consumers", "queue_name", "active")
             states = [line.split("\t")[1] for line in consumers.splitlines() if agent in line]
             assert sorted(states) == ["false", "true"], consumers
+
+
+async def test_ticker_ticks_are_aligned_expiring_and_deterministic(bus: Bus) -> None:
+    from heartbeat_consumer.envelope import tick_event_id
+
+    ticks = await bus.collector("system.heartbeat.tick")
+    opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name, "--every", "1s"]
+    ticker = asyncio.create_task(cli("ticker", "--max-ticks", "2", *opts))
+    got = await take(ticks, 2)  # read as they come: each expires after one interval
+    code, out = await ticker
+    assert code == 0, out
+    for message in got:
+        body = orjson.loads(message.body)
+        slot = body["payload"]["epoch_ms"]
+        assert slot % 1000 == 0
+        assert body["event_id"] == message.message_id == tick_event_id(bus.exchange_name, slot)
+        assert message.expiration == 1.0, "expires after one interval"
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    slots = [orjson.loads(m.body)["payload"]["epoch_ms"] for m in got]
+    assert slots[1] - slots[0] == 1000
+
+
+async def test_consumer_recovers_after_a_broker_restart(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)
+        await rabbitmqctl("stop_app")
+        await rabbitmqctl("start_app")
+        await rabbitmqctl("await_startup")
+        delivered = []
+        for _ in range(60):  # up to ~30 s
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                await bus.publish("system.heartbeat.tick", tick())
+            with contextlib.suppress(Exception):
+                message = await results.get(no_ack=True, fail=False)
+                if message is not None and "._status." not in (message.routing_key or ""):
+                    delivered.append(message.routing_key)
+                    break
+        assert delivered == [f"heartbeat.{agent}.c.success"], "no tick processed after restart"
