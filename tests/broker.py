@@ -132,6 +132,27 @@ async def take(
     return got
 
 
+async def drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Whatever is in ``queue`` now, status events left out."""
+    found = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        if "._status." not in (message.routing_key or ""):
+            found.append(message)
+    return found
+
+
+async def rabbitmqctl(*args: str) -> str:
+    """Run rabbitmqctl on this machine's broker; skip the test where it cannot."""
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        pytest.skip(f"rabbitmqctl {args[0]} is not available here")
+    return out.decode()
+
+
 @contextlib.asynccontextmanager
 async def open_bus() -> AsyncIterator[Bus]:
     url = broker_url()

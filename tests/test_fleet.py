@@ -10,7 +10,7 @@ import pytest
 
 from heartbeat_consumer.fleet import Fleet, agent_files
 
-from .broker import Bus, take
+from .broker import Bus, rabbitmqctl, take
 from .test_bus import tick
 
 
@@ -43,18 +43,9 @@ async def test_fleet_of_200_agents_answers_one_tick(bus: Bus, tmp_path: Path) ->
         await bus.publish("system.heartbeat.tick", tick())
         answered = await take(results, 200, within=30)
         assert {m.routing_key for m in answered} == {f"heartbeat.{a}.c.success" for a in agents}
-        listing = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "-q",
-            "list_connections",
-            "channels",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        out, _ = await listing.communicate()
-        if listing.returncode == 0:
-            counts = [int(c) for c in out.split() if c.isdigit()]
-            assert max(counts) <= 5, f"one channel per agent? {counts}"
+        listing = await rabbitmqctl("list_connections", "channels")
+        counts = [int(c) for c in listing.split() if c.isdigit()]
+        assert max(counts) <= 5, f"one channel per agent? {counts}"
     finally:
         await fleet.stop()
 
