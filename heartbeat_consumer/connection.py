@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
-from faststream.rabbit import RabbitBroker
+import orjson
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
 
 from .topology import DEFAULT_URL
 
-__all__ = ["TlsFiles", "make_broker"]
+__all__ = ["TlsFiles", "make_broker", "publish_json", "topic_exchange"]
 
 
 class TlsError(Exception):
@@ -47,4 +49,34 @@ def make_broker(
     security = BaseSecurity(ssl_context=tls.context(), use_ssl=True) if tls else None
     return RabbitBroker(
         url, security=security, graceful_timeout=graceful_timeout_s, logger=None, fail_fast=True
+    )
+
+
+def topic_exchange(name: str) -> RabbitExchange:
+    """The exchange as every component declares it: topic, durable."""
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
+
+
+async def publish_json(
+    broker: RabbitBroker,
+    exchange: RabbitExchange,
+    routing_key: str,
+    event: dict[str, Any],
+    *,
+    correlation_id: str | None = None,
+    expiration_ms: int | None = None,
+) -> None:
+    """Publish an event envelope: persistent, with confirms, not mandatory (results and
+    ticks with nobody bound to them are normal)."""
+    await broker.publish(
+        orjson.dumps(event),
+        exchange=exchange,
+        routing_key=routing_key,
+        persist=True,
+        mandatory=False,
+        content_type="application/json",
+        message_id=event["event_id"],
+        correlation_id=correlation_id,
+        message_type=event["event_type"],
+        expiration=None if expiration_ms is None else expiration_ms / 1000,
     )

@@ -23,7 +23,6 @@ import signal
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
 from faststream.rabbit import (
@@ -37,7 +36,7 @@ from faststream.rabbit import (
 from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
-from .connection import TlsFiles, make_broker
+from .connection import TlsFiles, make_broker, publish_json, topic_exchange
 from .engine import AgentRunner, RunResult, TickReport, local_envelope, wall_clock_ms
 from .envelope import (
     Command,
@@ -49,6 +48,7 @@ from .envelope import (
 )
 from .timeutil import floor_to, iso
 from .topology import (
+    COMMANDS,
     DEFAULT_EXCHANGE,
     DEFAULT_URL,
     TICK_KEY,
@@ -75,10 +75,6 @@ class TopologyError(Exception):
     """The broker has an exchange or queue of this name with other settings."""
 
 
-def _exchange(name: str) -> RabbitExchange:
-    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
-
-
 class AgentConsumer:
     """One agent's inbox, tick handling and result publishing on a shared broker."""
 
@@ -97,7 +93,7 @@ class AgentConsumer:
     ) -> None:
         self.broker = broker
         self.agent = agent
-        self.exchange = _exchange(exchange_name)
+        self.exchange = topic_exchange(exchange_name)
         self.dead_letters = RabbitExchange(
             dead_letter_exchange(exchange_name), type=ExchangeType.DIRECT, durable=True
         )
@@ -118,6 +114,8 @@ class AgentConsumer:
         self.runner = AgentRunner(
             heartbeat_path, state_path=state_path, on_result=self._publish, agent=agent
         )
+        self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
+        """Routing key -> what it is; anything else on the inbox is acked and ignored."""
         self.last_slot: int | None = None
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []
@@ -164,16 +162,8 @@ class AgentConsumer:
     # --- publishing ------------------------------------------------------------------------
 
     async def _send(self, routing_key: str, event: dict[str, Any], correlation: str = "") -> None:
-        await self.broker.publish(
-            orjson.dumps(event),
-            exchange=self.exchange,
-            routing_key=routing_key,
-            persist=True,
-            mandatory=False,
-            content_type="application/json",
-            message_id=event["event_id"],
-            correlation_id=correlation or None,
-            message_type=event["event_type"],
+        await publish_json(
+            self.broker, self.exchange, routing_key, event, correlation_id=correlation or None
         )
 
     async def _publish(self, result: RunResult) -> None:
@@ -199,11 +189,12 @@ class AgentConsumer:
 
     async def on_message(self, msg: RabbitMessage) -> None:
         key = msg.raw_message.routing_key or ""
+        kind = self._routes.get(key)
         try:
-            if key in (TICK_KEY, agent_key(self.agent, "tick")):
+            if kind == "tick":
                 await self._on_tick(msg)
-            elif key in tuple(agent_key(self.agent, c) for c in ("run", "pause", "resume")):
-                await self._on_command(msg, key.rsplit(".", 1)[1])
+            elif kind is not None:
+                await self._on_command(msg, kind)
             else:
                 log.debug("%s: ignoring %s", self.agent, key)
                 await msg.ack()

@@ -16,10 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
-
-from .connection import TlsFiles, make_broker
+from .connection import TlsFiles, make_broker, publish_json, topic_exchange
 from .engine import wall_clock_ms
 from .envelope import envelope, tick_event_id
 from .local import next_slot
@@ -48,30 +45,6 @@ def tick_envelope(exchange: str, slot_ms: int, every_ms: int) -> dict[str, Any]:
     )
 
 
-def _exchange(name: str) -> RabbitExchange:
-    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
-
-
-async def _publish(
-    broker: RabbitBroker,
-    exchange: RabbitExchange,
-    routing_key: str,
-    event: dict[str, Any],
-    expiration_ms: int | None = None,
-) -> None:
-    await broker.publish(
-        orjson.dumps(event),
-        exchange=exchange,
-        routing_key=routing_key,
-        persist=True,
-        mandatory=False,
-        content_type="application/json",
-        message_id=event["event_id"],
-        message_type=event["event_type"],
-        expiration=None if expiration_ms is None else expiration_ms / 1000,
-    )
-
-
 async def publish_event(
     routing_key: str,
     event_type: str,
@@ -86,7 +59,7 @@ async def publish_event(
     broker = make_broker(rabbit_url, tls=tls)
     await broker.connect()
     try:
-        exchange = _exchange(exchange_name)
+        exchange = topic_exchange(exchange_name)
         await broker.declare_exchange(exchange)
         event = envelope(
             event_type,
@@ -95,7 +68,7 @@ async def publish_event(
             event_id=str(uuid.uuid4()),
             source_type="cli",
         )
-        await _publish(broker, exchange, routing_key, event)
+        await publish_json(broker, exchange, routing_key, event)
         return event
     finally:
         await broker.stop()
@@ -124,7 +97,7 @@ async def run_ticker(
     broker = make_broker(rabbit_url, tls=tls)
     log.info("ticker: %s, exchange %s, every %d ms", mask_url(rabbit_url), exchange_name, every_ms)
     await broker.connect()
-    exchange = _exchange(exchange_name)
+    exchange = topic_exchange(exchange_name)
     await broker.declare_exchange(exchange)
     sent = 0
     now = clock()
@@ -138,13 +111,8 @@ async def run_ticker(
                 if stop.is_set():
                     break
             try:
-                await _publish(
-                    broker,
-                    exchange,
-                    TICK_KEY,
-                    tick_envelope(exchange_name, slot, every_ms),
-                    every_ms,
-                )
+                event = tick_envelope(exchange_name, slot, every_ms)
+                await publish_json(broker, exchange, TICK_KEY, event, expiration_ms=every_ms)
                 sent += 1
             except Exception as exc:
                 log.error("tick for slot %d not published: %s", slot, exc)

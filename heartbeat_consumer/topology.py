@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "COMMANDS",
     "DEFAULT_EXCHANGE",
     "DEFAULT_URL",
     "TICK_BINDING",
