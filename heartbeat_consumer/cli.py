@@ -11,7 +11,6 @@ import asyncio
 import logging
 import math
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from .handlers import (
     load_plugins,
     plugin_modules_from_env,
 )
-from .local import run_local, run_once
+from .local import run_local, run_once, stop_on_signals
 from .schedule import Evaluation, plan
 from .simulate import simulate
 from .state import AgentState
@@ -252,11 +251,7 @@ def cmd_run_once(args: argparse.Namespace) -> int:
 
 
 async def _run_local(runner: AgentRunner, every_ms: int, max_ticks: int | None) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return await run_local(runner, every_ms=every_ms, max_ticks=max_ticks, stop=stop)
+    return await run_local(runner, every_ms=every_ms, max_ticks=max_ticks, stop=stop_on_signals())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -298,15 +293,7 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
         if not mine:
             _out(f"another process runs agent {agent} on this state file", sys.stderr)
             return EXIT_INVALID
-        try:
-            consumer.run_sync()
-        except TopologyError as exc:
-            _out(f"heartbeat-consumer: {exc}", sys.stderr)
-            return EXIT_INVALID
-        except (OSError, AMQPError) as exc:
-            url = mask_url(args.rabbit_url)
-            _out(f"heartbeat-consumer: cannot reach RabbitMQ at {url}: {exc}", sys.stderr)
-            return EXIT_INVALID
+        consumer.run_sync()
     return EXIT_OK
 
 
@@ -329,17 +316,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     )
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await fleet.run(stop)
+        await fleet.run(stop_on_signals())
 
-    try:
-        asyncio.run(run())
-    except TopologyError as exc:
-        _out(f"heartbeat-consumer: {exc}", sys.stderr)
-        return EXIT_INVALID
+    asyncio.run(run())
     return EXIT_OK
 
 
@@ -355,15 +334,11 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
 
 def cmd_ticker(args: argparse.Namespace) -> int:
     async def run() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         return await run_ticker(
             rabbit_url=args.rabbit_url,
             exchange_name=args.exchange,
             every_ms=_duration(args.every),
-            stop=stop,
+            stop=stop_on_signals(),
             max_ticks=args.max_ticks,
             tls=_tls(args),
         )
@@ -608,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    name = f"heartbeat-consumer {args.command}" if args.command else "heartbeat-consumer"
     try:
         if args.command is None:
             return _run_from_environment(args)
@@ -615,16 +591,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _load_handlers(args)
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
+        _out(f"{name}: {exc}", sys.stderr)
         return EXIT_USAGE
     except (OSError, AMQPError) as exc:
         url = mask_url(getattr(args, "rabbit_url", "") or "")
-        _out(
-            f"heartbeat-consumer {args.command}: cannot reach RabbitMQ at {url}: {exc}", sys.stderr
-        )
+        _out(f"{name}: cannot reach RabbitMQ at {url}: {exc}", sys.stderr)
         return EXIT_INVALID
-    except (HandlerError, StateError, TlsError) as exc:
-        _out(f"heartbeat-consumer {args.command}: {exc}", sys.stderr)
+    except (HandlerError, StateError, TlsError, TopologyError) as exc:
+        _out(f"{name}: {exc}", sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +45,7 @@ from .envelope import (
     parse_tick,
     result_event_id,
 )
+from .local import stop_on_signals
 from .timeutil import floor_to, iso
 from .topology import (
     COMMANDS,
@@ -320,11 +320,7 @@ class HeartbeatConsumer:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set, or SIGINT/SIGTERM."""
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals(stop)
         await self.start()
         try:
             await stop.wait()

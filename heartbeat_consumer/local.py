@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Callable
 
 from .engine import AgentRunner, TickReport, local_envelope, wall_clock_ms
 from .timeutil import floor_to
 
-__all__ = ["next_slot", "run_local", "run_once"]
+__all__ = ["next_slot", "run_local", "run_once", "stop_on_signals"]
+
+
+def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
+    """An event that SIGINT and SIGTERM set (where this loop can take signal handlers)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def next_slot(previous_slot: int, now_ms: int, every_ms: int) -> int:
