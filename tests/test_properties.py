@@ -184,6 +184,15 @@ def all_day(zone: str) -> dict[str, str]:
     return {"start": "00:00", "end": "24:00", "tz": zone}
 
 
+def replay(config: HeartbeatConfig, history: list[tuple[int, int, Status]]) -> AgentState:
+    """The state after recording ``(check index, slot, status)`` runs, checks by name order."""
+    names_ = sorted(config.checks)
+    state = AgentState()
+    for index, slot, status in history:
+        state = record(state, config, names_[index % len(names_)], slot, status)
+    return state
+
+
 def record(
     state: AgentState, config: HeartbeatConfig, name: str, slot: int, status: Status
 ) -> AgentState:
@@ -433,9 +442,7 @@ def test_select_picks_the_best_due_checks_in_order(
     max_checks: int,
 ) -> None:
     names_ = sorted(config.checks)
-    state = AgentState()
-    for index, slot, status in history:
-        state = record(state, config, names_[index % len(names_)], slot, status)
+    state = replay(config, history)
     evaluations = evaluate(config, state, now)
     assert [e.check for e in evaluations] == names_
 
@@ -847,9 +854,7 @@ def test_evaluate_never_raises(
     config: HeartbeatConfig, now: int, history: list[tuple[int, int, Status]]
 ) -> None:
     names_ = sorted(config.checks)
-    state = AgentState()
-    for index, slot, status in history:
-        state = record(state, config, names_[index % len(names_)], slot, status)
+    state = replay(config, history)
     evaluations = evaluate(config, state, now)
     assert [e.check for e in evaluations] == names_
     for e in evaluations:
