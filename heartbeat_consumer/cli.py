@@ -535,20 +535,15 @@ def bus_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_from_environment(args: argparse.Namespace) -> int:
-    """No command: the reference design's environment variables run the bus consumer."""
+def _run_from_environment(parser: argparse.ArgumentParser) -> int:
+    """No command: the reference design's environment variables run the bus consumer,
+    exactly as ``run $HEARTBEAT_PATH --agent $AGENT_NAME`` (which reads the rest of the
+    environment: RABBIT_URL, EXCHANGE_NAME, HEARTBEAT_STATE_PATH, ...)."""
     agent, path = os.environ.get("AGENT_NAME"), os.environ.get("HEARTBEAT_PATH")
     if not agent or not path:
         _out(ENV_HELP, sys.stderr)
         return EXIT_USAGE
-    args.file = path
-    args.handlers, args.state, args.agent = None, None, agent
-    args.rabbit_url = os.environ.get("RABBIT_URL", DEFAULT_URL)
-    args.exchange = os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE)
-    args.every, args.queue_type, args.single_active_consumer = "60s", "classic", False
-    args.ca_file = os.environ.get("RABBIT_CA_FILE")
-    args.cert_file = os.environ.get("RABBIT_CERT_FILE")
-    args.key_file = os.environ.get("RABBIT_KEY_FILE")
+    args = parser.parse_args(["run", path, "--agent", agent])
     _load_handlers(args)
     return _run_bus(args, agent)
 
@@ -586,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"heartbeat-consumer {args.command}" if args.command else "heartbeat-consumer"
     try:
         if args.command is None:
-            return _run_from_environment(args)
+            return _run_from_environment(parser)
         if args.command not in BROKER_ONLY:
             _load_handlers(args)
         return COMMANDS[args.command](args)
@@ -594,7 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _out(f"{name}: {exc}", sys.stderr)
         return EXIT_USAGE
     except (OSError, AMQPError) as exc:
-        url = mask_url(getattr(args, "rabbit_url", "") or "")
+        url = mask_url(
+            getattr(args, "rabbit_url", None) or os.environ.get("RABBIT_URL", DEFAULT_URL)
+        )
         _out(f"{name}: cannot reach RabbitMQ at {url}: {exc}", sys.stderr)
         return EXIT_INVALID
     except (HandlerError, StateError, TlsError, TopologyError) as exc:

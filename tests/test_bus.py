@@ -526,3 +526,20 @@ async def test_consumer_recovers_after_a_broker_restart(bus: Bus, tmp_path: Path
         delivered = await tick_until_result(bus, results, attempts=60)
         assert delivered, "no tick processed after restart"
         assert set(delivered) == {f"heartbeat.{agent}.c.success"}
+
+
+async def test_environment_mode_with_unreachable_broker_names_the_masked_url(
+    tmp_path: Path,
+) -> None:
+    config = write(tmp_path, "envnobroker", {"c": {"cadenceMs": 1, "handler": "default"}})
+    env = {
+        **__import__("os").environ,
+        "AGENT_NAME": "envnobroker",
+        "HEARTBEAT_PATH": str(config),
+        "HEARTBEAT_STATE_PATH": str(tmp_path / "state.json"),
+        "RABBIT_URL": "amqp://guest:s3cret@127.0.0.1:1/",
+    }
+    code, out = await cli(env=env)
+    assert code == 1 and "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
+    assert "s3cret" not in out and "Traceback" not in out
+    assert (tmp_path / "state.json.lock").exists(), "HEARTBEAT_STATE_PATH is honoured"
