@@ -34,6 +34,7 @@ from .handlers import (
     plugin_modules_from_env,
 )
 from .local import run_local, run_once, stop_on_signals
+from .logs import LOG_FORMATS, setup_logging
 from .schedule import Evaluation, plan
 from .simulate import simulate
 from .state import AgentState
@@ -288,6 +289,9 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
         queue_type=args.queue_type,
         single_active_consumer=args.single_active_consumer,
         tls=_tls(args),
+        declare_exchanges=args.declare_exchanges,
+        health_port=args.health_port,
+        health_host=args.health_host,
     )
     with consumer.agent.runner.exclusive() as mine:
         if not mine:
@@ -313,6 +317,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         single_active_consumer=args.single_active_consumer,
         rescan_s=_duration(args.rescan) / 1000,
         tls=_tls(args),
+        declare_exchanges=args.declare_exchanges,
+        health_port=args.health_port,
+        health_host=args.health_host,
     )
 
     async def run() -> None:
@@ -341,6 +348,9 @@ def cmd_ticker(args: argparse.Namespace) -> int:
             stop=stop_on_signals(),
             max_ticks=args.max_ticks,
             tls=_tls(args),
+            declare_exchanges=args.declare_exchanges,
+            health_port=args.health_port,
+            health_host=args.health_host,
         )
 
     asyncio.run(run())
@@ -358,6 +368,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
             exchange_name=args.exchange,
             now_ms=now,
             tls=_tls(args),
+            declare_exchanges=args.declare_exchanges,
         )
     )
     _out(f"tick {event['event_id']} sent to {manual_tick_key(args.agent)}")
@@ -374,6 +385,7 @@ def cmd_run_check(args: argparse.Namespace) -> int:
             rabbit_url=args.rabbit_url,
             exchange_name=args.exchange,
             tls=_tls(args),
+            declare_exchanges=args.declare_exchanges,
         )
     )
     _out(f"run {args.agent}/{args.check} sent ({event['event_id']})")
@@ -435,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL; default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("LOG_FORMAT", "text"),
+        help="text (default) or json: one object per line (env LOG_FORMAT)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help_text: str, *, state: bool = True) -> argparse.ArgumentParser:
@@ -488,6 +506,7 @@ def _bus_commands(sub: Any) -> None:
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
     p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
     bus_options(p)
+    health_options(p)
     p = sub.add_parser("tick", help="inject one tick now, to every agent or to one")
     p.add_argument("--agent", metavar="NAME", help="only this agent")
     bus_options(p)
@@ -509,11 +528,28 @@ def handlers_option(p: argparse.ArgumentParser) -> None:
 
 def consumer_options(p: argparse.ArgumentParser) -> None:
     bus_options(p)
+    health_options(p)
     p.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
     p.add_argument(
         "--single-active-consumer",
         action="store_true",
         help="replicas of one agent stand by; one consumes at a time",
+    )
+
+
+def health_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=os.environ.get("HEALTH_PORT") or None,
+        metavar="PORT",
+        help="serve /health and /metrics on PORT (env HEALTH_PORT; default: off)",
+    )
+    p.add_argument(
+        "--health-host",
+        default=os.environ.get("HEALTH_HOST", "127.0.0.1"),
+        metavar="ADDR",
+        help="address to serve them on (env HEALTH_HOST; default 127.0.0.1)",
     )
 
 
@@ -533,6 +569,14 @@ def bus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--key-file", default=os.environ.get("RABBIT_KEY_FILE"), help="env RABBIT_KEY_FILE"
     )
+    p.add_argument(
+        "--no-declare-exchanges",
+        dest="declare_exchanges",
+        action="store_false",
+        default=os.environ.get("DECLARE_EXCHANGES", "true").lower() not in FALSE_WORDS,
+        help="only check that the exchanges exist (least-privilege users; "
+        "env DECLARE_EXCHANGES=false)",
+    )
 
 
 def _run_from_environment(parser: argparse.ArgumentParser) -> int:
@@ -547,6 +591,8 @@ def _run_from_environment(parser: argparse.ArgumentParser) -> int:
     _load_handlers(args)
     return _run_bus(args, agent)
 
+
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 BROKER_ONLY = frozenset({"schema", "asyncapi", "ticker", "tick", "run-check"})
 """Commands that run no handlers, so load no plugins."""
@@ -573,11 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = str(args.log_level).upper()
     if level not in logging.getLevelNamesMapping():
         parser.error(f"unknown log level {args.log_level!r} (use DEBUG, INFO, WARNING or ERROR)")
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.log_format not in LOG_FORMATS:
+        parser.error(f"unknown log format {args.log_format!r} (use text or json)")
+    setup_logging(level, args.log_format)
     name = f"heartbeat-consumer {args.command}" if args.command else "heartbeat-consumer"
     try:
         if args.command is None:

@@ -52,9 +52,10 @@ def make_broker(
     )
 
 
-def topic_exchange(name: str) -> RabbitExchange:
-    """The exchange as every component declares it: topic, durable."""
-    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
+def topic_exchange(name: str, *, declare: bool = True) -> RabbitExchange:
+    """The exchange as every component declares it: topic, durable. ``declare=False``
+    only checks that it exists (passive), which needs no configure permission."""
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True, declare=declare)
 
 
 async def publish_json(

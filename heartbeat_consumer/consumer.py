@@ -2,7 +2,8 @@
 
 Topology, declared identically by every component:
 
-- exchange ``EXCHANGE_NAME`` (topic, durable) and its dead-letter exchange ``<exchange>.dlx``;
+- exchange ``EXCHANGE_NAME`` (topic, durable) and its dead-letter exchange ``<exchange>.dlx``
+  (topic too, so that topic permissions can confine each agent to its own keys);
 - queue ``agent.<name>.inbox`` (durable, dead-lettering to ``agent.<name>.dlq``) with
   exactly two bindings, ``agent.<name>.#`` and ``system.heartbeat.#``, and **one**
   consumer that dispatches on the delivery's routing key (the second binding is made
@@ -22,16 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
-from faststream.rabbit import (
-    Channel,
-    ExchangeType,
-    QueueType,
-    RabbitBroker,
-    RabbitExchange,
-    RabbitQueue,
-)
+from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
@@ -45,7 +40,10 @@ from .envelope import (
     parse_tick,
     result_event_id,
 )
+from .health import Health
 from .local import stop_on_signals
+from .metrics import Metrics
+from .service import run_service
 from .timeutil import floor_to, iso
 from .topology import (
     COMMANDS,
@@ -90,12 +88,17 @@ class AgentConsumer:
         queue_type: QueueKind = "classic",
         single_active_consumer: bool = False,
         channel: Channel | None = None,
+        declare_exchanges: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``declare_exchanges=False`` only checks that the exchanges exist (a passive
+        declare, which needs no configure permission: see deploy/rabbitmq/permissions.sh)."""
         self.broker = broker
         self.agent = agent
-        self.exchange = topic_exchange(exchange_name)
-        self.dead_letters = RabbitExchange(
-            dead_letter_exchange(exchange_name), type=ExchangeType.DIRECT, durable=True
+        self.metrics = metrics or Metrics()
+        self.exchange = topic_exchange(exchange_name, declare=declare_exchanges)
+        self.dead_letters = topic_exchange(
+            dead_letter_exchange(exchange_name), declare=declare_exchanges
         )
         self.tick_interval_ms = tick_interval_ms
         arguments: dict[str, Any] = {
@@ -112,7 +115,7 @@ class AgentConsumer:
             arguments=arguments,
         )
         self.runner = AgentRunner(
-            heartbeat_path, state_path=state_path, on_result=self._publish, agent=agent
+            heartbeat_path, state_path=state_path, on_result=self._on_result, agent=agent
         )
         self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
@@ -159,12 +162,38 @@ class AgentConsumer:
         env = local_envelope(slot, source_type="startup")
         return await self._tick(slot, env)
 
+    async def health(self, channel: AbstractChannel | None = None) -> Health:
+        """Healthy when our subscriber runs and the broker counts a consumer on the inbox.
+
+        A passive declare (it needs no permission) on ``channel``, or on a short-lived one;
+        a missing queue closes the channel it was asked on."""
+        detail: dict[str, Any] = {"queue": self.queue.name, "consuming": self.subscriber.running}
+        own = channel is None
+        if channel is None:
+            channel = await (await self.broker.connect()).channel()
+        try:
+            queue = await channel.declare_queue(self.queue.name, passive=True)
+            consumers = queue.declaration_result.consumer_count or 0
+        except Exception as exc:
+            return Health(False, True, {**detail, "error": f"inbox not usable: {exc}"})
+        finally:
+            if own:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        detail["consumers"] = consumers
+        detail["last_slot"] = iso(self.last_slot) if self.last_slot is not None else None
+        return Health(self.subscriber.running and consumers > 0, True, detail)
+
     # --- publishing ------------------------------------------------------------------------
 
     async def _send(self, routing_key: str, event: dict[str, Any], correlation: str = "") -> None:
         await publish_json(
             self.broker, self.exchange, routing_key, event, correlation_id=correlation or None
         )
+
+    async def _on_result(self, result: RunResult) -> None:
+        self.metrics.run(result)
+        await self._publish(result)
 
     async def _publish(self, result: RunResult) -> None:
         event = envelope(
@@ -199,6 +228,7 @@ class AgentConsumer:
                 log.debug("%s: ignoring %s", self.agent, key)
                 await msg.ack()
         except EnvelopeError as exc:
+            self.metrics.dead_letter(self.agent, exc.kind)
             await self._dead_letter(msg, key, str(exc))
         except Exception:
             log.exception("%s: %s not processed; returned to the queue", self.agent, key)
@@ -212,10 +242,13 @@ class AgentConsumer:
             log.debug(
                 "%s: stale tick %s (%s) ignored", self.agent, tick.event_id, iso(tick.slot_ms)
             )
+            self.metrics.tick(self.agent, "stale")
         elif self.last_slot is not None and tick.slot_ms <= self.last_slot:
             log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))
+            self.metrics.tick(self.agent, "duplicate")
         else:
             await self._tick(tick.slot_ms, tick.envelope)
+            self.metrics.tick(self.agent, "evaluated")
         await msg.ack()
 
     async def _tick(self, slot_ms: int, env: dict[str, Any]) -> TickReport:
@@ -223,6 +256,7 @@ class AgentConsumer:
             self._correlation = [str(env.get("event_id", ""))]
             report = await self.runner.tick(slot_ms, env)
             self.last_slot = max(slot_ms, self.last_slot or slot_ms)
+        self.metrics.config(self.agent, valid=report.config_error is None)
         if report.config_error is not None:
             await self.publish_status("config_invalid", error=str(report.config_error))
         return report
@@ -268,7 +302,8 @@ class HeartbeatConsumer:
     """One agent's consumer with its own broker connection (the programmatic API).
 
     ``HeartbeatConsumer(agent_name=..., heartbeat_path=..., rabbit_url=...,
-    exchange_name=...).run_sync()`` runs until SIGINT or SIGTERM.
+    exchange_name=...).run_sync()`` runs until SIGINT or SIGTERM. With ``health_port``
+    it serves ``/health`` and ``/metrics``; under systemd it sends READY and WATCHDOG.
     """
 
     def __init__(
@@ -282,10 +317,16 @@ class HeartbeatConsumer:
         tick_interval_ms: int = DEFAULT_TICK_INTERVAL_MS,
         queue_type: QueueKind = "classic",
         single_active_consumer: bool = False,
+        declare_exchanges: bool = True,
         graceful_timeout_s: float = 60.0,
         tls: TlsFiles | None = None,
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
     ) -> None:
         self.rabbit_url = rabbit_url
+        self.health_port = health_port
+        self.health_host = health_host
+        self.metrics = Metrics()
         self.broker = make_broker(rabbit_url, tls=tls, graceful_timeout_s=graceful_timeout_s)
         self.agent = AgentConsumer(
             self.broker,
@@ -296,6 +337,8 @@ class HeartbeatConsumer:
             tick_interval_ms=tick_interval_ms,
             queue_type=queue_type,
             single_active_consumer=single_active_consumer,
+            declare_exchanges=declare_exchanges,
+            metrics=self.metrics,
         )
 
     async def start(self) -> None:
@@ -318,14 +361,24 @@ class HeartbeatConsumer:
             log.warning("%s: offline status not published: %s", self.agent.agent, exc)
         await self.broker.stop()
 
+    async def health(self) -> Health:
+        if not await self.broker.ping(timeout=2):
+            return Health(
+                False, False, {"error": f"broker {mask_url(self.rabbit_url)} unreachable"}
+            )
+        return await self.agent.health()
+
+    def describe(self) -> str:
+        return f"agent {self.agent.agent}: consuming {self.agent.queue.name}"
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set, or SIGINT/SIGTERM."""
-        stop = stop_on_signals(stop)
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
+        await run_service(
+            self,
+            stop_on_signals(stop),
+            health_port=self.health_port,
+            health_host=self.health_host,
+        )
 
     def run_sync(self) -> None:
         asyncio.run(self.run())

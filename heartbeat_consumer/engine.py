@@ -335,5 +335,13 @@ class AgentRunner:
             run.status,
             run.duration_ms,
             f" error={error}" if error else "",
+            extra={
+                "event": "check_run",
+                "agent": run.agent,
+                "check": run.check,
+                "status": run.status,
+                "duration_ms": run.duration_ms,
+                "slot": iso(slot_ms),
+            },
         )
         return run

@@ -36,7 +36,13 @@ _NAMESPACE = uuid.UUID("6f1c1f4e-4b7e-4f53-9a55-8c1e0b2a7d10")
 
 
 class EnvelopeError(ValueError):
-    """The message cannot be used; the text says why (it becomes the dead-letter reason)."""
+    """The message cannot be used; the text says why (it becomes the dead-letter reason).
+
+    ``kind`` is one of a few fixed words (a bounded metrics label)."""
+
+    def __init__(self, message: str, kind: str = "invalid_envelope") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,13 @@ def envelope(
 def parse_envelope(body: bytes) -> dict[str, Any]:
     """The envelope as a dict with a string ``event_id`` and ``event_type``."""
     if len(body) > MAX_BODY_BYTES:
-        raise EnvelopeError(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit")
+        raise EnvelopeError(
+            f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit", "too_large"
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise EnvelopeError(f"malformed JSON: {exc}") from None
+        raise EnvelopeError(f"malformed JSON: {exc}", "malformed_json") from None
     if not isinstance(data, dict):
         raise EnvelopeError(f"envelope must be a JSON object, not {type(data).__name__}")
     for field in ("event_id", "event_type"):

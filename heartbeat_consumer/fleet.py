@@ -13,11 +13,15 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from faststream.rabbit import Channel
 
 from .connection import TlsFiles, make_broker
 from .consumer import DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
+from .health import Health
+from .metrics import Metrics
+from .service import run_service
 from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, mask_url
 
 __all__ = ["Fleet", "agent_files"]
@@ -47,9 +51,12 @@ class Fleet:
         tick_interval_ms: int = DEFAULT_TICK_INTERVAL_MS,
         queue_type: QueueKind = "classic",
         single_active_consumer: bool = False,
+        declare_exchanges: bool = True,
         rescan_s: float = 5.0,
         graceful_timeout_s: float = 60.0,
         tls: TlsFiles | None = None,
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
     ) -> None:
         self.directory = Path(directory)
         self.state_dir = Path(state_dir) if state_dir else None
@@ -58,7 +65,11 @@ class Fleet:
         self.tick_interval_ms = tick_interval_ms
         self.queue_type: QueueKind = queue_type
         self.single_active_consumer = single_active_consumer
+        self.declare_exchanges = declare_exchanges
         self.rescan_s = rescan_s
+        self.health_port = health_port
+        self.health_host = health_host
+        self.metrics = Metrics()
         self.broker = make_broker(rabbit_url, tls=tls, graceful_timeout_s=graceful_timeout_s)
         self.channel = Channel(prefetch_count=1)
         self.agents: dict[str, AgentConsumer] = {}
@@ -76,6 +87,8 @@ class Fleet:
             queue_type=self.queue_type,
             single_active_consumer=self.single_active_consumer,
             channel=self.channel,
+            declare_exchanges=self.declare_exchanges,
+            metrics=self.metrics,
         )
 
     async def _add(self, agent: str, path: Path) -> None:
@@ -92,6 +105,7 @@ class Fleet:
     async def _remove(self, agent: str) -> None:
         consumer = self.agents.pop(agent)
         await consumer.subscriber.stop()
+        self.metrics.forget_agent(agent)
         with contextlib.suppress(Exception):
             await consumer.publish_status("offline", pid=os.getpid())
         log.info("fleet: %s removed", agent)
@@ -122,13 +136,42 @@ class Fleet:
                 await consumer.publish_status("offline", pid=os.getpid())
         await self.broker.stop()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
+    async def health(self) -> Health:
+        """Healthy when connected and every agent's consumer is registered on its inbox;
+        the detail names the agents that are not (one channel serves every probe)."""
+        if not await self.broker.ping(timeout=2):
+            url = mask_url(self.rabbit_url)
+            return Health(False, False, {"error": f"broker {url} unreachable"})
+        connection = await self.broker.connect()
+        channel = await connection.channel()
+        unhealthy: dict[str, Any] = {}
         try:
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.rescan_s)
-                if not stop.is_set():
-                    await self.rescan()
+            for name, consumer in list(self.agents.items()):
+                if channel.is_closed:
+                    channel = await connection.channel()
+                health = await consumer.health(channel)
+                if not health.ok:
+                    unhealthy[name] = health.detail
         finally:
-            await self.stop()
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return Health(not unhealthy, True, {"agents": len(self.agents), "unhealthy": unhealthy})
+
+    def describe(self) -> str:
+        return f"fleet {self.directory}: {len(self.agents)} agent(s)"
+
+    async def _rescan_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.rescan_s)
+            if not stop.is_set():
+                await self.rescan()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await run_service(
+            self,
+            stop,
+            health_port=self.health_port,
+            health_host=self.health_host,
+            main=lambda: self._rescan_until(stop),
+        )

@@ -19,12 +19,22 @@ from typing import Any
 from .connection import TlsFiles, make_broker, publish_json, topic_exchange
 from .engine import wall_clock_ms
 from .envelope import envelope, tick_event_id
+from .health import Health
 from .local import next_slot
+from .metrics import Metrics
 from .schedule import quarter_at
-from .timeutil import zone
-from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, TICK_KEY, agent_key, mask_url
+from .service import run_service
+from .timeutil import iso, zone
+from .topology import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_URL,
+    TICK_KEY,
+    agent_key,
+    dead_letter_exchange,
+    mask_url,
+)
 
-__all__ = ["manual_tick_key", "publish_event", "run_ticker", "tick_envelope"]
+__all__ = ["Ticker", "manual_tick_key", "publish_event", "run_ticker", "tick_envelope"]
 
 log = logging.getLogger("heartbeat_consumer.ticker")
 
@@ -54,12 +64,13 @@ async def publish_event(
     exchange_name: str = DEFAULT_EXCHANGE,
     now_ms: int | None = None,
     tls: TlsFiles | None = None,
+    declare_exchanges: bool = True,
 ) -> dict[str, Any]:
     """Publish one event (a manual tick, a command) with publisher confirms."""
     broker = make_broker(rabbit_url, tls=tls)
     await broker.connect()
     try:
-        exchange = topic_exchange(exchange_name)
+        exchange = topic_exchange(exchange_name, declare=declare_exchanges)
         await broker.declare_exchange(exchange)
         event = envelope(
             event_type,
@@ -78,6 +89,84 @@ def manual_tick_key(agent: str | None) -> str:
     return TICK_KEY if agent is None else agent_key(agent, "tick")
 
 
+class Ticker:
+    """Publishes a tick at every boundary; a failed publish (broker down) is logged and
+    the ticker carries on with the next slot while the connection reconnects by itself."""
+
+    def __init__(
+        self,
+        *,
+        rabbit_url: str = DEFAULT_URL,
+        exchange_name: str = DEFAULT_EXCHANGE,
+        every_ms: int = 60_000,
+        clock: Callable[[], int] = wall_clock_ms,
+        tls: TlsFiles | None = None,
+        declare_exchanges: bool = True,
+    ) -> None:
+        self.rabbit_url = rabbit_url
+        self.exchange_name = exchange_name
+        self.every_ms = every_ms
+        self.clock = clock
+        self.metrics = Metrics()
+        self.broker = make_broker(rabbit_url, tls=tls)
+        self.exchange = topic_exchange(exchange_name, declare=declare_exchanges)
+        self.sent = 0
+        self.last_slot: int | None = None
+
+    async def start(self) -> None:
+        log.info(
+            "ticker: %s, exchange %s, every %d ms",
+            mask_url(self.rabbit_url),
+            self.exchange_name,
+            self.every_ms,
+        )
+        await self.broker.connect()
+        await self.broker.declare_exchange(self.exchange)
+        # The dead-letter exchange too: least-privileged agents only check it exists.
+        await self.broker.declare_exchange(
+            topic_exchange(dead_letter_exchange(self.exchange_name), declare=self.exchange.declare)
+        )
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    async def health(self) -> Health:
+        connected = await self.broker.ping(timeout=2)
+        last = iso(self.last_slot) if self.last_slot is not None else None
+        return Health(connected, connected, {"ticks_sent": self.sent, "last_tick": last})
+
+    def describe(self) -> str:
+        return f"ticking {self.exchange_name} every {self.every_ms} ms; {self.sent} sent"
+
+    async def publish(self, slot_ms: int) -> None:
+        event = tick_envelope(self.exchange_name, slot_ms, self.every_ms)
+        await publish_json(self.broker, self.exchange, TICK_KEY, event, expiration_ms=self.every_ms)
+        self.sent += 1
+        self.last_slot = slot_ms
+        self.metrics.ticks_published.inc()
+
+    async def tick_until(self, stop: asyncio.Event, max_ticks: int | None = None) -> int:
+        """Tick at every boundary until ``stop`` (or ``max_ticks``); the number sent."""
+        now = self.clock()
+        slot = now - now % self.every_ms + self.every_ms  # the next boundary
+        while not stop.is_set():
+            delay = (slot - self.clock()) / 1000
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    break
+            try:
+                await self.publish(slot)
+            except Exception as exc:
+                self.metrics.tick_publish_errors.inc()
+                log.error("tick for slot %d not published: %s", slot, exc)
+            if max_ticks is not None and self.sent >= max_ticks:
+                break
+            slot = next_slot(slot, self.clock(), self.every_ms)
+        return self.sent
+
+
 async def run_ticker(
     *,
     rabbit_url: str = DEFAULT_URL,
@@ -87,38 +176,25 @@ async def run_ticker(
     max_ticks: int | None = None,
     clock: Callable[[], int] = wall_clock_ms,
     tls: TlsFiles | None = None,
+    declare_exchanges: bool = True,
+    health_port: int | None = None,
+    health_host: str = "127.0.0.1",
 ) -> int:
-    """Publish a tick at every boundary until ``stop``; returns the number published.
-
-    A failed publish (broker down) is logged and the ticker carries on with the next
-    slot; the connection reconnects by itself.
-    """
+    """Run a :class:`Ticker` as a service until ``stop``; returns the number published."""
     stop = stop or asyncio.Event()
-    broker = make_broker(rabbit_url, tls=tls)
-    log.info("ticker: %s, exchange %s, every %d ms", mask_url(rabbit_url), exchange_name, every_ms)
-    await broker.connect()
-    exchange = topic_exchange(exchange_name)
-    await broker.declare_exchange(exchange)
-    sent = 0
-    now = clock()
-    slot = now - now % every_ms + every_ms  # the next boundary
-    try:
-        while not stop.is_set():
-            delay = (slot - clock()) / 1000
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
-                    break
-            try:
-                event = tick_envelope(exchange_name, slot, every_ms)
-                await publish_json(broker, exchange, TICK_KEY, event, expiration_ms=every_ms)
-                sent += 1
-            except Exception as exc:
-                log.error("tick for slot %d not published: %s", slot, exc)
-            if max_ticks is not None and sent >= max_ticks:
-                break
-            slot = next_slot(slot, clock(), every_ms)
-    finally:
-        await broker.stop()
-    return sent
+    ticker = Ticker(
+        rabbit_url=rabbit_url,
+        exchange_name=exchange_name,
+        every_ms=every_ms,
+        clock=clock,
+        tls=tls,
+        declare_exchanges=declare_exchanges,
+    )
+    await run_service(
+        ticker,
+        stop,
+        health_port=health_port,
+        health_host=health_host,
+        main=lambda: ticker.tick_until(stop, max_ticks),
+    )
+    return ticker.sent

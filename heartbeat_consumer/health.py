@@ -1,0 +1,148 @@
+"""The health and metrics endpoint: ``GET /health`` and ``GET /metrics`` over HTTP/1.1.
+
+A deliberately small server on asyncio streams (two read-only routes need no framework).
+``/health`` answers 200 only when the component says it is healthy (for a consumer:
+broker connected **and** its consumer registered on its queue), else 503; the probe's
+answer is cached for ``cache_s`` so a busy scraper cannot flood the broker with probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .metrics import CONTENT_TYPE, Metrics
+
+__all__ = ["Health", "HealthServer"]
+
+log = logging.getLogger("heartbeat_consumer.health")
+
+MAX_HEADER_LINES = 100
+READ_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    connected: bool
+    """The broker connection is up (a restart would not help while it is down)."""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.ok else "unhealthy",
+            "connected": self.connected,
+            **self.detail,
+        }
+
+
+Probe = Callable[[], Awaitable[Health]]
+
+
+async def probe_with_timeout(probe: Probe, timeout_s: float = PROBE_TIMEOUT_S) -> Health:
+    """The probe's answer; a probe that raises or hangs is an unhealthy, unconnected one."""
+    try:
+        return await asyncio.wait_for(probe(), timeout_s)
+    except TimeoutError:
+        return Health(False, False, {"error": f"health probe took over {timeout_s:g} s"})
+    except Exception as exc:
+        return Health(False, False, {"error": f"health probe failed: {exc}"})
+
+
+class HealthServer:
+    def __init__(
+        self,
+        probe: Probe,
+        metrics: Metrics,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        cache_s: float = 1.0,
+    ) -> None:
+        self.probe = probe
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.cache_s = cache_s
+        self._cached: tuple[float, Health] | None = None
+        self._lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        if self.port == 0:  # an ephemeral port: report the one we got
+            self.port = self._server.sockets[0].getsockname()[1]
+        log.info("health and metrics on http://%s:%d/health and /metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def health(self) -> Health:
+        async with self._lock:  # concurrent requests share one probe
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.cache_s:
+                self._cached = (now, await probe_with_timeout(self.probe))
+            return self._cached[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method = ""
+        try:
+            method, path = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT_S)
+            status, content_type, body = await self._route(method, path)
+        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+            status, content_type, body = 400, "text/plain", b"bad request\n"
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            writer.write(head if method == "HEAD" else head + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"only GET and HEAD\n"
+        if path == "/health":
+            health = await self.health()
+            body = orjson.dumps(health.to_json(), option=orjson.OPT_APPEND_NEWLINE)
+            return (200 if health.ok else 503), "application/json", body
+        if path == "/metrics":
+            return 200, CONTENT_TYPE, self.metrics.render()
+        return 404, "text/plain", b"not found: try /health or /metrics\n"
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    line = (await reader.readline()).decode("latin-1").strip()
+    method, target, _version = line.split(" ", 2)
+    for _ in range(MAX_HEADER_LINES):
+        if (await reader.readline()) in (b"\r\n", b"\n", b""):
+            break
+    else:
+        raise ValueError("too many header lines")
+    return method, target.split("?", 1)[0]
