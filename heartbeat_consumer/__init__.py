@@ -16,16 +16,20 @@ from .config import (
 )
 from .consumer import HeartbeatConsumer, TopologyError
 from .engine import AgentRunner, RunResult, TickReport
+from .fleet import Fleet
 from .handlers import (
     HandlerError,
     RunContext,
     current_run,
     register_handler,
 )
+from .health import Health
+from .metrics import Metrics
 from .schedule import Evaluation, Plan, evaluate, overdue_ratio, plan, select
 from .simulate import simulate
 from .state import AgentState, CheckState
 from .store import StateError
+from .ticker import Ticker
 
 del _builtin_handlers
 
@@ -36,16 +40,20 @@ __all__ = [
     "CheckState",
     "ConfigError",
     "Evaluation",
+    "Fleet",
     "HandlerError",
+    "Health",
     "HeartbeatConfig",
     "HeartbeatConsumer",
     "LoadedConfig",
+    "Metrics",
     "Plan",
     "Problem",
     "RunContext",
     "RunResult",
     "StateError",
     "TickReport",
+    "Ticker",
     "TopologyError",
     "__version__",
     "current_run",
