@@ -1,0 +1,184 @@
+"""The monitor's dead-man's-switch rules (pure): incidents open once, resolve once, and
+survive a restart of the monitor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from heartbeat_consumer.deadman import Alert, WatchConfig, WatchState, evaluate, observe
+
+MIN = 60_000
+T0 = 1_800_000_000_000
+
+
+def status(agent: str, value: str) -> dict[str, Any]:
+    return {"event_type": "heartbeat.status", "payload": {"agent": agent, "status": value}}
+
+
+def started(agent: str, check: str, key: str, timeout_ms: int = MIN) -> dict[str, Any]:
+    return {
+        "event_type": "heartbeat.started",
+        "payload": {
+            "agent": agent,
+            "check": check,
+            "idempotency_key": key,
+            "timeout_ms": timeout_ms,
+            "cadence_ms": 15 * MIN,
+        },
+    }
+
+
+def result(agent: str, check: str, value: str = "success", key: str = "") -> dict[str, Any]:
+    return {
+        "event_type": "heartbeat.result",
+        "payload": {
+            "agent": agent,
+            "check": check,
+            "status": value,
+            "idempotency_key": key,
+            "cadence_ms": 15 * MIN,
+        },
+    }
+
+
+def kinds(alerts: list[Alert]) -> list[tuple[str, str, str | None]]:
+    return [(a.agent, a.kind, a.check) for a in alerts]
+
+
+CONFIG = WatchConfig()
+
+
+def test_an_agent_that_goes_silent_is_stale_once_then_resolved() -> None:
+    state = observe(WatchState(), status("a", "online"), T0)
+    state, alerts = evaluate(state, CONFIG, T0 + 5 * MIN)
+    assert alerts == []  # exactly the threshold: not yet
+    state, alerts = evaluate(state, CONFIG, T0 + 5 * MIN + 1)
+    assert kinds(alerts) == [("a", "stale", None)] and alerts[0].severity == "warning"
+    for minute in range(6, 30):
+        state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
+        assert alerts == [], "an open incident is not sent again"
+    state = observe(state, result("a", "c"), T0 + 30 * MIN)
+    state, alerts = evaluate(state, CONFIG, T0 + 30 * MIN)
+    assert kinds(alerts) == [("a", "resolved", None)]
+    assert "stale resolved after" in alerts[0].detail and state.incidents == {}
+
+
+def test_repeat_reminds_at_the_configured_interval() -> None:
+    config = WatchConfig(repeat_ms=10 * MIN)
+    state = observe(WatchState(), status("a", "online"), T0)
+    sent = []
+    for minute in range(0, 40):
+        state, alerts = evaluate(state, config, T0 + minute * MIN)
+        sent += [(minute, a.repeat) for a in alerts]
+    assert sent == [(6, False), (16, True), (26, True), (36, True)]
+
+
+def test_per_agent_stale_threshold_and_offline_agents_are_not_stale() -> None:
+    config = WatchConfig(stale_ms_by_agent={"slow": 60 * MIN})
+    state = WatchState()
+    for agent in ("slow", "fast", "gone"):
+        state = observe(state, status(agent, "online"), T0)
+    state = observe(state, status("gone", "offline"), T0 + MIN)
+    state, alerts = evaluate(state, config, T0 + 30 * MIN)
+    assert kinds(alerts) == [("fast", "stale", None)]
+
+
+def test_a_run_that_does_not_finish_within_its_timeout_is_an_error() -> None:
+    state = observe(WatchState(), started("a", "c", "a:c:1", timeout_ms=MIN), T0)
+    state, alerts = evaluate(state, CONFIG, T0 + MIN + 30_000)  # timeout + grace: not yet
+    assert alerts == []
+    state, alerts = evaluate(state, CONFIG, T0 + MIN + 30_001)
+    assert kinds(alerts) == [("a", "timeout", "c")] and alerts[0].severity == "error"
+    state = observe(state, result("a", "c", "timeout", key="a:c:1"), T0 + 2 * MIN)
+    state, alerts = evaluate(state, CONFIG, T0 + 2 * MIN)
+    assert kinds(alerts) == [("a", "resolved", "c")]
+
+
+def test_a_result_of_an_older_run_does_not_clear_the_running_one() -> None:
+    state = observe(WatchState(), started("a", "c", "a:c:2"), T0)
+    state = observe(state, result("a", "c", key="a:c:1"), T0 + 1)
+    assert state.agents["a"].checks["c"].running_key == "a:c:2"
+
+
+def test_missed_when_the_last_success_is_older_than_cadence_plus_grace() -> None:
+    state = observe(WatchState(), result("a", "c"), T0)
+    keep_alive = status("a", "online")
+    for minute in range(1, 18):
+        state = observe(state, keep_alive, T0 + minute * MIN)
+        state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
+        assert alerts == [], minute  # 15 min cadence + 2 min grace
+    state = observe(state, result("a", "c", "failed"), T0 + 17 * MIN + 1)
+    state, alerts = evaluate(state, CONFIG, T0 + 17 * MIN + 1)
+    assert kinds(alerts) == [("a", "missed", "c")] and "last success 1020 s ago" in alerts[0].detail
+    state = observe(state, result("a", "c", "alert"), T0 + 18 * MIN)  # alert = it ran
+    state, alerts = evaluate(state, CONFIG, T0 + 18 * MIN)
+    assert kinds(alerts) == [("a", "resolved", "c")]
+
+
+def test_a_check_that_never_succeeds_is_missed_from_when_it_was_first_seen() -> None:
+    state = observe(WatchState(), result("a", "c", "failed"), T0)
+    state = observe(state, status("a", "online"), T0 + 17 * MIN + 1)
+    state, alerts = evaluate(state, CONFIG, T0 + 17 * MIN + 1)
+    assert kinds(alerts) == [("a", "missed", "c")]
+    assert "no success since first seen" in alerts[0].detail
+
+
+def test_incidents_survive_a_monitor_restart_and_are_not_sent_again() -> None:
+    state = observe(WatchState(), status("a", "online"), T0)
+    state, alerts = evaluate(state, CONFIG, T0 + 10 * MIN)
+    assert len(alerts) == 1
+    restored = WatchState.model_validate_json(state.model_dump_json())
+    assert restored == state
+    restored, alerts = evaluate(restored, CONFIG, T0 + 11 * MIN)
+    assert alerts == []
+
+
+def test_events_without_an_agent_are_ignored() -> None:
+    state = WatchState()
+    assert observe(state, {"event_type": "heartbeat.result", "payload": {}}, T0) == state
+    assert observe(state, {"event_type": "x"}, T0) == state
+
+
+EVENTS = st.lists(
+    st.tuples(
+        st.integers(0, 120),  # minute
+        st.sampled_from(["online", "offline", "started", "success", "failed"]),
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["c", "d"]),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENTS, st.integers(0, 200))
+def test_every_incident_opens_once_and_resolves_once(
+    events: list[tuple[int, str, str, str]], horizon: int
+) -> None:
+    """Over any event history: an incident id alternates open, resolved, open...; a second
+    evaluation at the same time sends nothing; the state round-trips through JSON."""
+    state = WatchState()
+    timeline = sorted(events)
+    is_open: dict[str, bool] = {}
+    for minute in range(horizon):
+        for at, what, agent, check in timeline:
+            if at == minute:
+                if what in ("online", "offline"):
+                    event = status(agent, what)
+                elif what == "started":
+                    event = started(agent, check, f"{agent}:{check}:{minute}")
+                else:
+                    event = result(agent, check, what, f"{agent}:{check}:{minute - 1}")
+                state = observe(state, event, T0 + minute * MIN)
+        state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
+        for alert in alerts:
+            opening = alert.kind != "resolved"
+            assert is_open.get(alert.incident, False) != opening, (minute, alert)
+            is_open[alert.incident] = opening
+        assert set(state.incidents) == {k for k, v in is_open.items() if v}
+        again, repeat = evaluate(state, CONFIG, T0 + minute * MIN)
+        assert repeat == [] and again == state
+    assert WatchState.model_validate_json(state.model_dump_json()) == state
