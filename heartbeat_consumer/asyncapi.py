@@ -12,7 +12,7 @@ import yaml
 
 from . import __version__
 from .state import STATUSES
-from .topology import DEFAULT_EXCHANGE, TICK_BINDING, TICK_KEY
+from .topology import DEFAULT_EXCHANGE, STATUS_EVENTS, TICK_BINDING, TICK_KEY
 
 __all__ = ["build", "render"]
 
@@ -106,13 +106,28 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "idempotency_key": {"type": "string", "description": "agent:check:slot"},
             "result": obj,
             "error": {"type": ["string", "null"]},
+            "cadence_ms": {"type": ["integer", "null"]},
+            "timeout_ms": {"type": ["integer", "null"]},
+        },
+    }
+    started_payload = {
+        **obj,
+        "properties": {
+            "agent": {"type": "string"},
+            "check": {"type": "string"},
+            "handler": {"type": "string"},
+            "slot": {"type": "string", "format": "date-time"},
+            "started_at": {"type": "string", "format": "date-time"},
+            "idempotency_key": {"type": "string", "description": "agent:check:slot"},
+            "cadence_ms": {"type": "integer"},
+            "timeout_ms": {"type": "integer"},
         },
     }
     status_payload = {
         **obj,
         "properties": {
             "agent": {"type": "string"},
-            "status": {"enum": ["online", "offline", "config_invalid"]},
+            "status": {"enum": list(STATUS_EVENTS)},
             "error": {"type": "string"},
         },
     }
@@ -148,6 +163,9 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "result": _message(
             "result", "The result of one check run", "heartbeat.result", result_payload
         ),
+        "started": _message(
+            "started", "A check run is starting", "heartbeat.started", started_payload
+        ),
         "status": _message(
             "status", "An agent's consumer status", "heartbeat.status", status_payload
         ),
@@ -175,11 +193,18 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             {**agent, "check": CHECK, "status": {"enum": list(STATUSES)}},
             "Persistent, published with confirms; never routed to an inbox.",
         ),
+        "started": _channel(
+            "heartbeat.{agent}.{check}.started",
+            exchange,
+            "started",
+            {**agent, "check": CHECK},
+            "Before each check run; its result follows (or the run timed out).",
+        ),
         "status": _channel(
             "heartbeat.{agent}._status.{status}",
             exchange,
             "status",
-            {**agent, "status": {"enum": ["online", "offline", "config_invalid"]}},
+            {**agent, "status": {"enum": list(STATUS_EVENTS)}},
         ),
     }
     operations = {
@@ -189,7 +214,10 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "receivePause": _operation("receive", "pause", "pause", "Pause (kept in the state file)"),
         "receiveResume": _operation("receive", "resume", "resume", "Resume"),
         "sendResult": _operation("send", "result", "result", "After each check run"),
-        "sendStatus": _operation("send", "status", "status", "On start, stop and bad config"),
+        "sendStarted": _operation("send", "started", "started", "Before each check run"),
+        "sendStatus": _operation(
+            "send", "status", "status", "On start, stop, bad config and idle ticks"
+        ),
     }
     return {
         "asyncapi": "3.0.0",

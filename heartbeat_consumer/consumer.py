@@ -31,7 +31,14 @@ from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
 from .connection import TlsFiles, make_broker, publish_json, topic_exchange
-from .engine import AgentRunner, RunResult, TickReport, local_envelope, wall_clock_ms
+from .engine import (
+    AgentRunner,
+    RunResult,
+    StartedRun,
+    TickReport,
+    local_envelope,
+    wall_clock_ms,
+)
 from .envelope import (
     Command,
     EnvelopeError,
@@ -115,7 +122,11 @@ class AgentConsumer:
             arguments=arguments,
         )
         self.runner = AgentRunner(
-            heartbeat_path, state_path=state_path, on_result=self._on_result, agent=agent
+            heartbeat_path,
+            state_path=state_path,
+            on_result=self._on_result,
+            on_start=self._on_start,
+            agent=agent,
         )
         self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
@@ -191,6 +202,17 @@ class AgentConsumer:
             self.broker, self.exchange, routing_key, event, correlation_id=correlation or None
         )
 
+    async def _on_start(self, run: StartedRun) -> None:
+        event = envelope(
+            "heartbeat.started",
+            run.to_payload(),
+            timestamp_ms=run.started_at,
+            event_id=result_event_id(run.idempotency_key, "started"),
+            correlation_ids=list(self._correlation),
+        )
+        key = result_key(self.agent, run.check, "started")
+        await self._send(key, event, self._correlation[0] if self._correlation else "")
+
     async def _on_result(self, result: RunResult) -> None:
         self.metrics.run(result)
         await self._publish(result)
@@ -259,6 +281,8 @@ class AgentConsumer:
         self.metrics.config(self.agent, valid=report.config_error is None)
         if report.config_error is not None:
             await self.publish_status("config_invalid", error=str(report.config_error))
+        elif not report.results:  # the monitor's dead-man's switch hears from us anyway
+            await self.publish_status("alive", slot=iso(slot_ms))
         return report
 
     async def _on_command(self, msg: RabbitMessage, name: str) -> None:

@@ -30,6 +30,7 @@ from .timeutil import iso
 __all__ = [
     "AgentRunner",
     "RunResult",
+    "StartedRun",
     "TickReport",
     "local_envelope",
     "wall_clock_ms",
@@ -72,6 +73,8 @@ class RunResult:
     idempotency_key: str
     result: dict[str, Any]
     error: str | None = None
+    cadence_ms: int | None = None
+    timeout_ms: int | None = None
 
     @property
     def duration_ms(self) -> int:
@@ -91,6 +94,35 @@ class RunResult:
             "idempotency_key": self.idempotency_key,
             "result": self.result,
             "error": self.error,
+            "cadence_ms": self.cadence_ms,
+            "timeout_ms": self.timeout_ms,
+        }
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """A check run about to start; ``to_payload()`` is the started event's payload (the
+    monitor's timeout detection waits for its result)."""
+
+    agent: str
+    check: str
+    handler: str
+    slot: int
+    started_at: int
+    idempotency_key: str
+    cadence_ms: int
+    timeout_ms: int
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "check": self.check,
+            "handler": self.handler,
+            "slot": iso(self.slot),
+            "started_at": iso(self.started_at),
+            "idempotency_key": self.idempotency_key,
+            "cadence_ms": self.cadence_ms,
+            "timeout_ms": self.timeout_ms,
         }
 
 
@@ -107,6 +139,7 @@ class TickReport:
 
 
 ResultSink = Callable[[RunResult], Awaitable[None]]
+StartSink = Callable[[StartedRun], Awaitable[None]]
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +160,7 @@ class AgentRunner:
         on_result: ResultSink | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         agent: str | None = None,
+        on_start: StartSink | None = None,
     ) -> None:
         """``agent`` overrides the config's ``agent`` (the bus names the queue after it)."""
         self.agent = agent
@@ -134,6 +168,7 @@ class AgentRunner:
         self.source = ConfigSource(self.config_path)
         self.store = StateStore(state_path or default_state_path(self.config_path))
         self.on_result = on_result
+        self.on_start = on_start
         self.clock = clock
         self.started_ms = clock()
         self.state = AgentState()
@@ -290,6 +325,19 @@ class AgentRunner:
         )
         handler = get_handler(check.handler)
         started = self.clock()
+        if self.on_start is not None:
+            await self.on_start(
+                StartedRun(
+                    agent=agent,
+                    check=check.name,
+                    handler=check.handler,
+                    slot=slot_ms,
+                    started_at=started,
+                    idempotency_key=key,
+                    cadence_ms=check.cadence_ms,
+                    timeout_ms=check.effective_timeout_ms,
+                )
+            )
         if handler is None:  # unregistered between plan and run
             outcome_status: Status = "failed"
             result: dict[str, Any] = {}
@@ -323,6 +371,8 @@ class AgentRunner:
             idempotency_key=key,
             result=result,
             error=error,
+            cadence_ms=check.cadence_ms,
+            timeout_ms=check.effective_timeout_ms,
         )
         level = (
             logging.INFO if outcome_status in ("success", "alert", "skipped") else logging.WARNING

@@ -2,8 +2,9 @@
 
 - Ticks: ``system.heartbeat.tick`` to every agent, ``agent.<name>.heartbeat.tick`` to one.
 - Commands: ``agent.<name>.heartbeat.run|pause|resume``.
-- Results: ``heartbeat.<agent>.<check>.<status>`` and status events
-  ``heartbeat.<agent>._status.<online|offline|config_invalid>``. Neither matches an
+- Results: ``heartbeat.<agent>.<check>.<status>``, run announcements
+  ``heartbeat.<agent>.<check>.started`` and status events
+  ``heartbeat.<agent>._status.<online|offline|config_invalid|alive>``. None matches an
   inbox binding, so results never flow back into any agent's inbox.
 """
 
@@ -15,6 +16,7 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_EXCHANGE",
     "DEFAULT_URL",
+    "STATUS_EVENTS",
     "TICK_BINDING",
     "TICK_KEY",
     "agent_key",
@@ -32,6 +34,8 @@ DEFAULT_EXCHANGE = "bloodbank.events.v1"
 TICK_KEY = "system.heartbeat.tick"
 TICK_BINDING = "system.heartbeat.#"
 COMMANDS = ("tick", "run", "pause", "resume")
+STATUS_EVENTS = ("online", "offline", "config_invalid", "alive")
+"""``alive``: a tick was evaluated and ran nothing (the monitor hears from idle agents)."""
 
 
 def inbox_queue(agent: str) -> str:

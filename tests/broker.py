@@ -108,6 +108,10 @@ class Bus:
         await channel.close()
 
 
+def _is_status(routing_key: str) -> bool:
+    return "._status." in routing_key or routing_key.endswith(".started")
+
+
 async def take(
     queue: aio_pika.abc.AbstractQueue,
     n: int,
@@ -126,7 +130,7 @@ async def take(
             assert asyncio.get_running_loop().time() < deadline, f"got {len(got)} of {n} messages"
             await asyncio.sleep(0.02)
             continue
-        if skip_status and "._status." in (message.routing_key or ""):
+        if skip_status and _is_status(message.routing_key or ""):
             continue
         got.append(message)
     return got
@@ -136,7 +140,7 @@ async def drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.Abstract
     """Whatever is in ``queue`` now, status events left out."""
     found = []
     while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        if "._status." not in (message.routing_key or ""):
+        if not _is_status(message.routing_key or ""):
             found.append(message)
     return found
 

@@ -543,3 +543,31 @@ async def test_environment_mode_with_unreachable_broker_names_the_masked_url(
     assert code == 1 and "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
     assert "s3cret" not in out and "Traceback" not in out
     assert (tmp_path / "state.json.lock").exists(), "HEARTBEAT_STATE_PATH is honoured"
+
+
+async def test_started_announces_each_run_and_alive_reports_idle_ticks(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """What the monitor's dead-man's switch hears: ``started`` before each run (with its
+    timeout and cadence, also in the result), ``alive`` after a tick that ran nothing."""
+    agent = bus.agent()
+    config = write(
+        tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default", "timeoutMs": 5000}}
+    )
+    events = await bus.collector(f"heartbeat.{agent}.#")
+    async with running(bus, agent, config):
+        online, started, result = await take(events, 3, skip_status=False)
+        assert online.routing_key == f"heartbeat.{agent}._status.online"
+        assert started.routing_key == f"heartbeat.{agent}.c.started"
+        assert result.routing_key == f"heartbeat.{agent}.c.success"
+        announced = orjson.loads(started.body)
+        done = orjson.loads(result.body)
+        assert announced["event_type"] == "heartbeat.started"
+        assert announced["payload"]["idempotency_key"] == done["payload"]["idempotency_key"]
+        for payload in (announced["payload"], done["payload"]):
+            assert payload["timeout_ms"] == 5000 and payload["cadence_ms"] == 3_600_000
+        assert announced["event_id"] != done["event_id"]
+        await bus.publish("system.heartbeat.tick", tick(datetime.now(UTC) + timedelta(minutes=1)))
+        (alive,) = await take(events, 1, skip_status=False)
+        assert alive.routing_key == f"heartbeat.{agent}._status.alive"
+        assert orjson.loads(alive.body)["payload"]["slot"].endswith("Z")

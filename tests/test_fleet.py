@@ -84,7 +84,8 @@ async def test_a_broken_file_does_not_stop_the_fleet(bus: Bus, tmp_path: Path, b
     fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
     await fleet.start()
     try:
-        got = await take(results, 4, skip_status=False, within=15)
+        # Two online, the good agent's started and result, the bad one's config_invalid.
+        got = await take(results, 5, skip_status=False, within=15)
         keys = {m.routing_key for m in got}
         assert f"heartbeat.{good}.c.success" in keys
         assert f"heartbeat.{bad}._status.config_invalid" in keys
