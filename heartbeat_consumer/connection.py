@@ -10,9 +10,10 @@ import orjson
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
 
-from .topology import DEFAULT_URL
+from .health import Health
+from .topology import DEFAULT_URL, mask_url
 
-__all__ = ["TlsFiles", "make_broker", "publish_json", "topic_exchange"]
+__all__ = ["TlsFiles", "make_broker", "publish_json", "topic_exchange", "unreachable"]
 
 
 class TlsError(Exception):
@@ -81,3 +82,11 @@ async def publish_json(
         message_type=event["event_type"],
         expiration=None if expiration_ms is None else expiration_ms / 1000,
     )
+
+
+async def unreachable(broker: RabbitBroker, url: str) -> Health | None:
+    """The health of a broker connection that does not answer a ping (naming the masked
+    URL), or None when it answers."""
+    if await broker.ping(timeout=2):
+        return None
+    return Health(False, False, {"error": f"broker {mask_url(url)} unreachable"})

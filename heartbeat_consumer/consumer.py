@@ -30,7 +30,7 @@ from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
-from .connection import TlsFiles, make_broker, publish_json, topic_exchange
+from .connection import TlsFiles, make_broker, publish_json, topic_exchange, unreachable
 from .engine import (
     AgentRunner,
     RunResult,
@@ -202,31 +202,27 @@ class AgentConsumer:
             self.broker, self.exchange, routing_key, event, correlation_id=correlation or None
         )
 
-    async def _on_start(self, run: StartedRun) -> None:
+    async def _send_run_event(
+        self, event_type: str, run: StartedRun, word: str, at_ms: int
+    ) -> None:
+        """A run's started or result event, correlated with the tick or command that
+        caused it, under ``heartbeat.<agent>.<check>.<word>``."""
         event = envelope(
-            "heartbeat.started",
+            event_type,
             run.to_payload(),
-            timestamp_ms=run.started_at,
-            event_id=result_event_id(run.idempotency_key, "started"),
+            timestamp_ms=at_ms,
+            event_id=result_event_id(run.idempotency_key, word),
             correlation_ids=list(self._correlation),
         )
-        key = result_key(self.agent, run.check, "started")
+        key = result_key(self.agent, run.check, word)
         await self._send(key, event, self._correlation[0] if self._correlation else "")
+
+    async def _on_start(self, run: StartedRun) -> None:
+        await self._send_run_event("heartbeat.started", run, "started", run.started_at)
 
     async def _on_result(self, result: RunResult) -> None:
         self.metrics.run(result)
-        await self._publish(result)
-
-    async def _publish(self, result: RunResult) -> None:
-        event = envelope(
-            "heartbeat.result",
-            result.to_payload(),
-            timestamp_ms=result.finished_at,
-            event_id=result_event_id(result.idempotency_key, result.status),
-            correlation_ids=list(self._correlation),
-        )
-        key = result_key(self.agent, result.check, result.status)
-        await self._send(key, event, self._correlation[0] if self._correlation else "")
+        await self._send_run_event("heartbeat.result", result, result.status, result.finished_at)
 
     async def publish_status(self, status: str, **details: Any) -> None:
         event = envelope(
@@ -386,11 +382,7 @@ class HeartbeatConsumer:
         await self.broker.stop()
 
     async def health(self) -> Health:
-        if not await self.broker.ping(timeout=2):
-            return Health(
-                False, False, {"error": f"broker {mask_url(self.rabbit_url)} unreachable"}
-            )
-        return await self.agent.health()
+        return await unreachable(self.broker, self.rabbit_url) or await self.agent.health()
 
     def describe(self) -> str:
         return f"agent {self.agent.agent}: consuming {self.agent.queue.name}"

@@ -59,47 +59,6 @@ def local_envelope(slot_ms: int, *, source_type: str = "local") -> dict[str, Any
 
 
 @dataclass(frozen=True)
-class RunResult:
-    """One check run; ``to_payload()`` is the result event's payload."""
-
-    agent: str
-    check: str
-    handler: str
-    status: Status
-    slot: int
-    started_at: int
-    finished_at: int
-    overdue_ratio: float
-    idempotency_key: str
-    result: dict[str, Any]
-    error: str | None = None
-    cadence_ms: int | None = None
-    timeout_ms: int | None = None
-
-    @property
-    def duration_ms(self) -> int:
-        return self.finished_at - self.started_at
-
-    def to_payload(self) -> dict[str, Any]:
-        return {
-            "agent": self.agent,
-            "check": self.check,
-            "handler": self.handler,
-            "status": self.status,
-            "slot": iso(self.slot),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-            "duration_ms": self.duration_ms,
-            "overdue_ratio": None if math.isinf(self.overdue_ratio) else self.overdue_ratio,
-            "idempotency_key": self.idempotency_key,
-            "result": self.result,
-            "error": self.error,
-            "cadence_ms": self.cadence_ms,
-            "timeout_ms": self.timeout_ms,
-        }
-
-
-@dataclass(frozen=True)
 class StartedRun:
     """A check run about to start; ``to_payload()`` is the started event's payload (the
     monitor's timeout detection waits for its result)."""
@@ -123,6 +82,32 @@ class StartedRun:
             "idempotency_key": self.idempotency_key,
             "cadence_ms": self.cadence_ms,
             "timeout_ms": self.timeout_ms,
+        }
+
+
+@dataclass(frozen=True)
+class RunResult(StartedRun):
+    """One finished check run; ``to_payload()`` is the result event's payload."""
+
+    status: Status
+    finished_at: int
+    overdue_ratio: float
+    result: dict[str, Any]
+    error: str | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return self.finished_at - self.started_at
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            **super().to_payload(),
+            "status": self.status,
+            "finished_at": iso(self.finished_at),
+            "duration_ms": self.duration_ms,
+            "overdue_ratio": None if math.isinf(self.overdue_ratio) else self.overdue_ratio,
+            "result": self.result,
+            "error": self.error,
         }
 
 
@@ -325,19 +310,18 @@ class AgentRunner:
         )
         handler = get_handler(check.handler)
         started = self.clock()
+        start = StartedRun(
+            agent=agent,
+            check=check.name,
+            handler=check.handler,
+            slot=slot_ms,
+            started_at=started,
+            idempotency_key=key,
+            cadence_ms=check.cadence_ms,
+            timeout_ms=check.effective_timeout_ms,
+        )
         if self.on_start is not None:
-            await self.on_start(
-                StartedRun(
-                    agent=agent,
-                    check=check.name,
-                    handler=check.handler,
-                    slot=slot_ms,
-                    started_at=started,
-                    idempotency_key=key,
-                    cadence_ms=check.cadence_ms,
-                    timeout_ms=check.effective_timeout_ms,
-                )
-            )
+            await self.on_start(start)
         if handler is None:  # unregistered between plan and run
             outcome_status: Status = "failed"
             result: dict[str, Any] = {}
@@ -360,19 +344,12 @@ class AgentRunner:
             initial_last_run=check.last_run,
         )
         run = RunResult(
-            agent=agent,
-            check=check.name,
-            handler=check.handler,
+            **vars(start),
             status=outcome_status,
-            slot=slot_ms,
-            started_at=started,
             finished_at=finished,
             overdue_ratio=evaluation.ratio,
-            idempotency_key=key,
             result=result,
             error=error,
-            cadence_ms=check.cadence_ms,
-            timeout_ms=check.effective_timeout_ms,
         )
         level = (
             logging.INFO if outcome_status in ("success", "alert", "skipped") else logging.WARNING

@@ -17,7 +17,7 @@ from typing import Any
 
 from faststream.rabbit import Channel
 
-from .connection import TlsFiles, make_broker
+from .connection import TlsFiles, make_broker, unreachable
 from .consumer import DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
 from .health import Health
 from .metrics import Metrics
@@ -139,9 +139,8 @@ class Fleet:
     async def health(self) -> Health:
         """Healthy when connected and every agent's consumer is registered on its inbox;
         the detail names the agents that are not (one channel serves every probe)."""
-        if not await self.broker.ping(timeout=2):
-            url = mask_url(self.rabbit_url)
-            return Health(False, False, {"error": f"broker {url} unreachable"})
+        if down := await unreachable(self.broker, self.rabbit_url):
+            return down
         connection = await self.broker.connect()
         channel = await connection.channel()
         unhealthy: dict[str, Any] = {}
