@@ -12,16 +12,22 @@ happened did not. Three kinds of incident, each keyed by (agent, kind, check):
 
 :func:`evaluate` opens an incident (one alert), keeps it open without re-sending (unless
 ``repeat_ms`` asks for reminders) and resolves it when the condition clears (one
-``resolved``). The whole :class:`WatchState` is serialisable, so a restarted monitor
-neither forgets open incidents nor sends them again. No clock reads, no I/O.
+``resolved``). The whole :class:`WatchState` is serialisable (:meth:`WatchState.to_json`),
+so a restarted monitor neither forgets open incidents nor sends them again.
+
+The views are small slotted dataclasses, not models: a monitor holds one per agent and
+check of the fleet (see bench/bench_monitor_memory.py). No clock reads, no I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .timeutil import parse_instant_ms
 
 __all__ = [
     "Alert",
@@ -31,19 +37,25 @@ __all__ = [
     "WatchConfig",
     "WatchState",
     "evaluate",
+    "incident_id",
+    "next_due_at",
     "observe",
 ]
 
 Kind = Literal["stale", "timeout", "missed"]
 Severity = Literal["warning", "error"]
 SEVERITY: dict[str, Severity] = {"stale": "warning", "timeout": "error", "missed": "error"}
+SUCCEEDED = frozenset({"success", "alert", "skipped"})
+"""Result statuses after which the agent records the slot as lastRun (the check ran)."""
+WATCHED_EVENTS = frozenset({"heartbeat.status", "heartbeat.started", "heartbeat.result"})
+"""What an agent says about itself; anything else (the monitor's own alerts) is not a
+sign of life."""
+MAX_ERROR_CHARS = 200
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+class WatchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-
-class WatchConfig(_Model):
     stale_ms: int = Field(default=300_000, gt=0)
     stale_ms_by_agent: dict[str, int] = Field(default_factory=dict)
     """Per-agent stale thresholds, overriding ``stale_ms``."""
@@ -52,16 +64,23 @@ class WatchConfig(_Model):
     """Two one-minute ticks: a check may run on the tick after it became due."""
     repeat_ms: int | None = Field(default=None, gt=0)
     """Re-send an open incident's alert this often; None sends it once."""
+    forget_ms: int = Field(default=7 * 86_400_000, gt=0)
+    """An agent offline (or silent) for this long is dropped from the view."""
 
     def stale_for(self, agent: str) -> int:
         return self.stale_ms_by_agent.get(agent, self.stale_ms)
 
 
-class CheckView(_Model):
+@dataclass(frozen=True, slots=True)
+class CheckView:
     first_seen_at: int | None = None
     last_status: str | None = None
     last_result_at: int | None = None
     last_success_at: int | None = None
+    last_slot: int | None = None
+    """The slot of the last success: the agent's lastRun for this check."""
+    last_error: str | None = None
+    duration_ms: int | None = None
     cadence_ms: int | None = None
     """Learnt from the check's events; without it, ``missed`` cannot be judged."""
     running_key: str | None = None
@@ -70,26 +89,42 @@ class CheckView(_Model):
     timeout_ms: int | None = None
 
 
-class AgentView(_Model):
+@dataclass(frozen=True, slots=True)
+class AgentView:
     online: bool = False
     last_seen: int | None = None
-    checks: dict[str, CheckView] = Field(default_factory=dict)
+    status: str | None = None
+    """The last status the agent announced (online, alive, config_invalid, offline)."""
+    checks: dict[str, CheckView] = field(default_factory=dict)
 
 
-class Incident(_Model):
+@dataclass(frozen=True, slots=True)
+class Incident:
     agent: str
     kind: Kind
-    check: str | None = None
+    check: str | None
     opened_at: int
     last_sent_at: int
     detail: str
 
 
-class WatchState(_Model):
+@dataclass(frozen=True, slots=True)
+class WatchState:
     version: Literal[1] = 1
-    agents: dict[str, AgentView] = Field(default_factory=dict)
-    incidents: dict[str, Incident] = Field(default_factory=dict)
+    agents: dict[str, AgentView] = field(default_factory=dict)
+    incidents: dict[str, Incident] = field(default_factory=dict)
     """Open incidents by :func:`incident_id`."""
+
+    def to_json(self) -> bytes:
+        return _STATE.dump_json(self)
+
+    @staticmethod
+    def from_json(data: bytes | str) -> WatchState:
+        """Raises ``pydantic.ValidationError`` on a file that is not a saved state."""
+        return _STATE.validate_json(data)
+
+
+_STATE: TypeAdapter[WatchState] = TypeAdapter(WatchState)
 
 
 @dataclass(frozen=True)
@@ -104,7 +139,13 @@ class Alert:
     detail: str
     incident: str
     opened_at: int
+    sent_at: int
     repeat: bool = False
+
+    @property
+    def key(self) -> str:
+        """Unique per alert sent: the same alert published twice has the same key."""
+        return f"{self.incident}:{self.kind}:{self.opened_at}:{self.sent_at}"
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -123,46 +164,79 @@ def incident_id(agent: str, kind: str, check: str | None) -> str:
     return f"{agent}:{kind}:{check or '*'}"
 
 
+def next_due_at(check: CheckView) -> int | None:
+    """When the check becomes due again, as far as the bus tells: its last successful
+    slot plus its cadence (the agent's windows and retries may move it later)."""
+    if check.last_slot is None or check.cadence_ms is None:
+        return None
+    return check.last_slot + check.cadence_ms
+
+
 # --- what the bus told us ----------------------------------------------------------------
 
 
 def observe(state: WatchState, event: dict[str, Any], at_ms: int) -> WatchState:
-    """Fold one event (the ``payload`` of a status, started or result event, with
-    ``event_type``) into the state. ``at_ms`` is when it was received."""
+    """Fold one event (a status, started or result envelope) into the state. ``at_ms`` is
+    when it happened (the envelope's timestamp, at most when it was received)."""
     payload = event.get("payload") or {}
-    agent = str(payload.get("agent") or "")
-    if not agent:
-        return state
-    view = state.agents.get(agent, AgentView()).model_copy(deep=True)
-    view.last_seen = max(at_ms, view.last_seen or at_ms)
+    agent = payload.get("agent")
     kind = event.get("event_type")
+    if not isinstance(agent, str) or not agent or kind not in WATCHED_EVENTS:
+        return state
+    view = state.agents.get(agent) or AgentView()
+    last_seen = max(at_ms, view.last_seen or at_ms)
     check_name = payload.get("check")
     if kind == "heartbeat.status":
-        status = payload.get("status")
-        if status in ("online", "offline"):
-            view.online = status == "online"
-    elif kind in ("heartbeat.started", "heartbeat.result") and isinstance(check_name, str):
-        check = view.checks.get(check_name, CheckView(first_seen_at=at_ms))
-        cadence = payload.get("cadence_ms")
-        if isinstance(cadence, int) and cadence > 0:
-            check.cadence_ms = cadence
-        view.online = True
-        if kind == "heartbeat.started":
-            check.running_key = str(payload.get("idempotency_key") or "")
-            check.started_at = at_ms
-            timeout = payload.get("timeout_ms")
-            check.timeout_ms = timeout if isinstance(timeout, int) and timeout > 0 else None
-        else:
-            status = payload.get("status")
-            check.last_status = str(status)
-            check.last_result_at = at_ms
-            if status in ("success", "alert", "skipped"):
-                check.last_success_at = at_ms
-            if check.running_key in (None, "", payload.get("idempotency_key")):
-                check.running_key, check.started_at = None, None
-        view.checks[check_name] = check
-    agents = {**state.agents, agent: view}
-    return state.model_copy(update={"agents": agents})
+        status = sys.intern(str(payload.get("status")))
+        view = replace(view, last_seen=last_seen, status=status, online=status != "offline")
+    elif isinstance(check_name, str) and check_name:
+        name = sys.intern(check_name)
+        check = _fold_check(view.checks.get(name), kind, payload, at_ms)
+        view = replace(view, last_seen=last_seen, online=True, checks={**view.checks, name: check})
+    else:
+        view = replace(view, last_seen=last_seen)
+    return replace(state, agents={**state.agents, sys.intern(agent): view})
+
+
+def _fold_check(
+    check: CheckView | None, kind: str, payload: dict[str, Any], at_ms: int
+) -> CheckView:
+    check = check or CheckView(first_seen_at=at_ms)
+    cadence = payload.get("cadence_ms")
+    if isinstance(cadence, int) and cadence > 0:
+        check = replace(check, cadence_ms=cadence)
+    if kind == "heartbeat.started":
+        timeout = payload.get("timeout_ms")
+        return replace(
+            check,
+            running_key=str(payload.get("idempotency_key") or ""),
+            started_at=at_ms,
+            timeout_ms=timeout if isinstance(timeout, int) and timeout > 0 else None,
+        )
+    status = sys.intern(str(payload.get("status")))
+    error = payload.get("error")
+    duration = payload.get("duration_ms")
+    changes: dict[str, Any] = {
+        "last_status": status,
+        "last_result_at": at_ms,
+        "last_error": str(error)[:MAX_ERROR_CHARS] if error else None,
+        "duration_ms": duration if isinstance(duration, int) else None,
+    }
+    if status in SUCCEEDED:
+        changes["last_success_at"] = at_ms
+        changes["last_slot"] = _instant(payload.get("slot")) or at_ms
+    if check.running_key in (None, "", payload.get("idempotency_key")):
+        changes["running_key"], changes["started_at"] = None, None
+    return replace(check, **changes)
+
+
+def _instant(value: object) -> int | None:
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return None
+    try:
+        return parse_instant_ms(value)
+    except ValueError:
+        return None
 
 
 # --- which alerts that makes ---------------------------------------------------------------
@@ -173,10 +247,7 @@ def _conditions(state: WatchState, config: WatchConfig, now: int) -> dict[str, I
     found: dict[str, Incident] = {}
 
     def hold(agent: str, kind: Kind, check: str | None, detail: str) -> None:
-        key = incident_id(agent, kind, check)
-        found[key] = Incident(
-            agent=agent, kind=kind, check=check, opened_at=now, last_sent_at=now, detail=detail
-        )
+        found[incident_id(agent, kind, check)] = Incident(agent, kind, check, now, now, detail)
 
     for agent, view in state.agents.items():
         stale_ms = config.stale_for(agent)
@@ -210,7 +281,15 @@ def _conditions(state: WatchState, config: WatchConfig, now: int) -> dict[str, I
 
 
 def evaluate(state: WatchState, config: WatchConfig, now: int) -> tuple[WatchState, list[Alert]]:
-    """Open, remind and resolve incidents at ``now``; the alerts to publish."""
+    """Open, remind and resolve incidents at ``now``; forget agents gone for
+    ``forget_ms``; the alerts to publish."""
+    agents = {
+        name: view
+        for name, view in state.agents.items()
+        if view.last_seen is None or now - view.last_seen <= config.forget_ms
+    }
+    if len(agents) != len(state.agents):
+        state = replace(state, agents=agents)
     holding = _conditions(state, config, now)
     incidents: dict[str, Incident] = {}
     alerts: list[Alert] = []
@@ -218,32 +297,25 @@ def evaluate(state: WatchState, config: WatchConfig, now: int) -> tuple[WatchSta
         old = state.incidents.get(key)
         if old is None:
             incidents[key] = fresh
-            alerts.append(_alert(fresh, key))
+            alerts.append(_alert(fresh, key, now))
             continue
         due = config.repeat_ms is not None and now - old.last_sent_at >= config.repeat_ms
-        kept = old.model_copy(
-            update={"detail": fresh.detail, "last_sent_at": now if due else old.last_sent_at}
-        )
+        kept = replace(old, detail=fresh.detail, last_sent_at=now if due else old.last_sent_at)
         incidents[key] = kept
         if due:
-            alerts.append(_alert(kept, key, repeat=True))
+            alerts.append(_alert(kept, key, now, repeat=True))
     for key, old in state.incidents.items():
         if key not in holding:
+            detail = f"{old.kind} resolved after {(now - old.opened_at) // 1000} s"
             alerts.append(
-                Alert(
-                    old.agent,
-                    "resolved",
-                    old.check,
-                    "info",
-                    f"{old.kind} resolved after {(now - old.opened_at) // 1000} s",
-                    key,
-                    old.opened_at,
-                )
+                Alert(old.agent, "resolved", old.check, "info", detail, key, old.opened_at, now)
             )
-    return state.model_copy(update={"incidents": incidents}), alerts
+    if incidents == state.incidents:
+        return state, alerts
+    return replace(state, incidents=incidents), alerts
 
 
-def _alert(incident: Incident, key: str, *, repeat: bool = False) -> Alert:
+def _alert(incident: Incident, key: str, now: int, *, repeat: bool = False) -> Alert:
     return Alert(
         incident.agent,
         incident.kind,
@@ -252,5 +324,6 @@ def _alert(incident: Incident, key: str, *, repeat: bool = False) -> Alert:
         incident.detail,
         key,
         incident.opened_at,
+        now,
         repeat,
     )

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from .state import AgentState
 from .timeutil import iso
 
-__all__ = ["StateError", "StateStore", "default_state_path"]
+__all__ = ["StateError", "StateStore", "atomic_write", "default_state_path"]
 
 log = logging.getLogger("heartbeat_consumer.store")
 
@@ -95,28 +95,35 @@ class StateStore:
 
     def save(self, state: AgentState) -> None:
         data = orjson.dumps(state.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-        directory = self.path.parent
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        except OSError as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            Path(tmp).replace(self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise StateError(f"cannot write state file {self.path}: {exc.strerror}") from None
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            log.debug("fsync of %s not supported", directory)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.path, data + b"\n")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file:
+    a temporary file in the same directory, fsync, rename, fsync of the directory.
+    Raises :class:`StateError`."""
+    directory = path.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise StateError(f"cannot write state file {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise StateError(f"cannot write state file {path}: {exc.strerror}") from None
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        log.debug("fsync of %s not supported", directory)
+    finally:
+        os.close(dir_fd)

@@ -8,7 +8,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heartbeat_consumer.deadman import Alert, WatchConfig, WatchState, evaluate, observe
+from heartbeat_consumer.deadman import (
+    Alert,
+    WatchConfig,
+    WatchState,
+    evaluate,
+    next_due_at,
+    observe,
+)
 
 MIN = 60_000
 T0 = 1_800_000_000_000
@@ -130,7 +137,7 @@ def test_incidents_survive_a_monitor_restart_and_are_not_sent_again() -> None:
     state = observe(WatchState(), status("a", "online"), T0)
     state, alerts = evaluate(state, CONFIG, T0 + 10 * MIN)
     assert len(alerts) == 1
-    restored = WatchState.model_validate_json(state.model_dump_json())
+    restored = WatchState.from_json(state.to_json())
     assert restored == state
     restored, alerts = evaluate(restored, CONFIG, T0 + 11 * MIN)
     assert alerts == []
@@ -140,6 +147,41 @@ def test_events_without_an_agent_are_ignored() -> None:
     state = WatchState()
     assert observe(state, {"event_type": "heartbeat.result", "payload": {}}, T0) == state
     assert observe(state, {"event_type": "x"}, T0) == state
+
+
+def test_any_status_but_offline_is_a_sign_of_life_and_alerts_are_not() -> None:
+    """A monitor started after its agents said ``online`` learns of them from ``alive``;
+    its own alerts (which come back through ``heartbeat.#``) never count as life."""
+    state = observe(WatchState(), status("a", "alive"), T0)
+    assert state.agents["a"].online and state.agents["a"].status == "alive"
+    alert = {"event_type": "heartbeat.alert", "payload": {"agent": "a", "kind": "stale"}}
+    assert observe(state, alert, T0 + 9 * MIN) == state
+    state, alerts = evaluate(state, CONFIG, T0 + 9 * MIN)
+    assert kinds(alerts) == [("a", "stale", None)]
+
+
+def test_next_due_is_the_last_successful_slot_plus_the_cadence() -> None:
+    event = result("a", "c")
+    event["payload"] |= {"slot": "2027-01-15T08:00:00.000Z", "duration_ms": 12}
+    state = observe(WatchState(), event, T0 + 5_000)
+    check = state.agents["a"].checks["c"]
+    assert check.last_slot == T0  # T0 is 2027-01-15T08:00:00Z
+    assert next_due_at(check) == check.last_slot + 15 * MIN and check.duration_ms == 12
+    failed = result("a", "c", "failed")
+    failed["payload"]["error"] = "x" * 5000
+    check = observe(state, failed, T0 + 1).agents["a"].checks["c"]
+    assert check.last_slot == state.agents["a"].checks["c"].last_slot  # failures keep lastRun
+    assert check.last_error == "x" * 200
+
+
+def test_agents_silent_for_the_forget_period_are_dropped() -> None:
+    config = WatchConfig(forget_ms=60 * MIN)
+    state = observe(WatchState(), status("gone", "offline"), T0)
+    state = observe(state, status("here", "online"), T0 + 50 * MIN)
+    state, _ = evaluate(state, config, T0 + 60 * MIN)
+    assert set(state.agents) == {"gone", "here"}
+    state, _ = evaluate(state, config, T0 + 60 * MIN + 1)
+    assert set(state.agents) == {"here"}
 
 
 EVENTS = st.lists(
@@ -181,4 +223,4 @@ def test_every_incident_opens_once_and_resolves_once(
         assert set(state.incidents) == {k for k, v in is_open.items() if v}
         again, repeat = evaluate(state, CONFIG, T0 + minute * MIN)
         assert repeat == [] and again == state
-    assert WatchState.model_validate_json(state.model_dump_json()) == state
+    assert WatchState.from_json(state.to_json()) == state
