@@ -12,7 +12,7 @@ import yaml
 
 from . import __version__
 from .state import STATUSES
-from .topology import DEFAULT_EXCHANGE, STATUS_EVENTS, TICK_BINDING, TICK_KEY
+from .topology import ALERT_KINDS, DEFAULT_EXCHANGE, STATUS_EVENTS, TICK_BINDING, TICK_KEY
 
 __all__ = ["build", "render"]
 
@@ -169,6 +169,28 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "status": _message(
             "status", "An agent's consumer status", "heartbeat.status", status_payload
         ),
+        "alert": _message(
+            "alert",
+            "The monitor opened, reminded of or resolved an incident",
+            "heartbeat.alert",
+            {
+                **obj,
+                "required": ["agent", "kind", "severity", "incident", "detail", "opened_at"],
+                "properties": {
+                    "agent": {"type": "string"},
+                    "kind": {"enum": [*ALERT_KINDS]},
+                    "check": {"type": ["string", "null"]},
+                    "severity": {"enum": ["warning", "error", "info"]},
+                    "detail": {"type": "string"},
+                    "incident": {
+                        "type": "string",
+                        "description": "agent:kind:check (* for the agent), stable per incident",
+                    },
+                    "opened_at": {"type": "integer", "description": "epoch ms"},
+                    "repeat": {"type": "boolean", "description": "a reminder (--repeat)"},
+                },
+            },
+        ),
     }
     agent = {"agent": AGENT}
     inbox_text = (
@@ -206,6 +228,14 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "status",
             {**agent, "status": {"enum": list(STATUS_EVENTS)}},
         ),
+        "alert": _channel(
+            "heartbeat.{agent}._alert.{kind}",
+            exchange,
+            "alert",
+            {**agent, "kind": {"enum": [*ALERT_KINDS]}},
+            "From `heartbeat-consumer monitor` (queue heartbeat.monitor, bound to heartbeat.#). "
+            "Persistent; the event_id is derived from the incident and the time it was sent.",
+        ),
     }
     operations = {
         "receiveTick": _operation("receive", "tick", "tick", "Evaluate and run what is due"),
@@ -218,13 +248,18 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "sendStatus": _operation(
             "send", "status", "status", "On start, stop, bad config and idle ticks"
         ),
+        "sendAlert": _operation(
+            "send", "alert", "alert", "The monitor: once per incident, and when it resolves"
+        ),
     }
     return {
         "asyncapi": "3.0.0",
         "info": {
             "title": "heartbeat-consumer",
             "version": __version__,
-            "description": "Ticks, commands, results and status events of heartbeat-consumer.",
+            "description": (
+                "Ticks, commands, results, status events and monitor alerts of heartbeat-consumer."
+            ),
         },
         "defaultContentType": "application/json",
         "servers": {

@@ -18,12 +18,14 @@ from typing import Any, TextIO
 
 import orjson
 from aiormq.exceptions import AMQPError
+from pydantic import ValidationError
 
 from . import __version__
 from .asyncapi import render as render_asyncapi
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
 from .connection import TlsError, TlsFiles
 from .consumer import HeartbeatConsumer, TopologyError
+from .deadman import WatchConfig
 from .engine import AgentRunner, RunResult, wall_clock_ms
 from .fleet import Fleet
 from .handlers import (
@@ -35,6 +37,7 @@ from .handlers import (
 )
 from .local import run_local, run_once, stop_on_signals
 from .logs import LOG_FORMATS, setup_logging
+from .monitor import DEFAULT_MONITOR_QUEUE, Monitor
 from .schedule import Evaluation, plan
 from .simulate import simulate
 from .state import AgentState
@@ -329,6 +332,46 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _watch_config(args: argparse.Namespace) -> WatchConfig:
+    by_agent = {}
+    for item in args.stale_for or []:
+        agent, sep, duration = item.partition("=")
+        if not sep or not agent:
+            raise UsageError(f"--stale-for wants AGENT=DURATION, not {item!r}")
+        by_agent[agent] = _duration(duration)
+    try:
+        return _make_watch_config(args, by_agent)
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"monitor settings: {problems}") from None
+
+
+def _make_watch_config(args: argparse.Namespace, by_agent: dict[str, int]) -> WatchConfig:
+    return WatchConfig(
+        stale_ms=_duration(args.stale_after),
+        stale_ms_by_agent=by_agent,
+        timeout_grace_ms=_duration(args.timeout_grace),
+        missed_grace_ms=_duration(args.missed_grace),
+        repeat_ms=_duration(args.repeat) if args.repeat else None,
+        forget_ms=_duration(args.forget_after),
+    )
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    monitor = Monitor(
+        state_path=args.state,
+        rabbit_url=args.rabbit_url,
+        exchange_name=args.exchange,
+        config=_watch_config(args),
+        queue_name=args.queue,
+        check_every_ms=_duration(args.check_every),
+        tls=_tls(args),
+        declare_exchanges=args.declare_exchanges,
+    )
+    asyncio.run(monitor.run(port=args.port, host=args.host))
+    return EXIT_OK
+
+
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     text = render_asyncapi(args.exchange)
     if args.output == "-":
@@ -507,6 +550,7 @@ def _bus_commands(sub: Any) -> None:
     p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
     bus_options(p)
     health_options(p)
+    _monitor_command(sub)
     p = sub.add_parser("tick", help="inject one tick now, to every agent or to one")
     p.add_argument("--agent", metavar="NAME", help="only this agent")
     bus_options(p)
@@ -514,6 +558,51 @@ def _bus_commands(sub: Any) -> None:
     p.add_argument("agent", metavar="AGENT")
     p.add_argument("check", metavar="CHECK")
     p.add_argument("--force", action="store_true", help="run even if not due")
+    bus_options(p)
+
+
+def _monitor_command(sub: Any) -> None:
+    env = os.environ.get
+    p = sub.add_parser(
+        "monitor",
+        help="watch every agent's events: stale, timeout and missed alerts, status API, dashboard",
+    )
+    p.add_argument(
+        "--state",
+        default=env("MONITOR_STATE_PATH", "monitor.state.json"),
+        metavar="PATH",
+        help="where open incidents survive a restart (env MONITOR_STATE_PATH; "
+        "default monitor.state.json)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(env("MONITOR_PORT", "8790")),
+        help="dashboard, /api/heartbeat/status, /health, /metrics (env MONITOR_PORT; 8790)",
+    )
+    p.add_argument(
+        "--host",
+        default=env("MONITOR_HOST") or env("HEALTH_HOST", "127.0.0.1"),
+        metavar="ADDR",
+        help="address to serve on (env MONITOR_HOST or HEALTH_HOST; default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--queue", default=DEFAULT_MONITOR_QUEUE, help="its queue (default heartbeat.monitor)"
+    )
+    p.add_argument("--check-every", default="30s", help="evaluation interval (default 30s)")
+    p.add_argument(
+        "--stale-after", default="5m", help="silence that makes an agent stale (default 5m)"
+    )
+    p.add_argument(
+        "--stale-for",
+        action="append",
+        metavar="AGENT=DURATION",
+        help="another stale threshold for one agent (repeatable)",
+    )
+    p.add_argument("--timeout-grace", default="30s", help="after a run's timeout (default 30s)")
+    p.add_argument("--missed-grace", default="2m", help="after a check's cadence (default 2m)")
+    p.add_argument("--repeat", metavar="DURATION", help="re-send open alerts this often")
+    p.add_argument("--forget-after", default="7d", help="drop agents silent this long (default 7d)")
     bus_options(p)
 
 
@@ -594,7 +683,7 @@ def _run_from_environment(parser: argparse.ArgumentParser) -> int:
 
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
-BROKER_ONLY = frozenset({"schema", "asyncapi", "ticker", "tick", "run-check"})
+BROKER_ONLY = frozenset({"schema", "asyncapi", "ticker", "tick", "run-check", "monitor"})
 """Commands that run no handlers, so load no plugins."""
 
 COMMANDS = {
@@ -610,6 +699,7 @@ COMMANDS = {
     "asyncapi": cmd_asyncapi,
     "tick": cmd_tick,
     "run-check": cmd_run_check,
+    "monitor": cmd_monitor,
 }
 
 

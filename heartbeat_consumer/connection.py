@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from aio_pika.abc import AbstractChannel
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
+from faststream.rabbit.annotations import RabbitMessage
 from faststream.security import BaseSecurity
 
 from .health import Health
 from .topology import DEFAULT_URL, mask_url
 
-__all__ = ["TlsFiles", "make_broker", "publish_json", "topic_exchange", "unreachable"]
+__all__ = [
+    "REASON_HEADER",
+    "TlsFiles",
+    "dead_letter",
+    "make_broker",
+    "publish_json",
+    "queue_health",
+    "topic_exchange",
+    "unreachable",
+]
+
+log = logging.getLogger("heartbeat_consumer.connection")
+
+REASON_HEADER = "x-heartbeat-dead-letter-reason"
 
 
 class TlsError(Exception):
@@ -90,3 +107,56 @@ async def unreachable(broker: RabbitBroker, url: str) -> Health | None:
     if await broker.ping(timeout=2):
         return None
     return Health(False, False, {"error": f"broker {mask_url(url)} unreachable"})
+
+
+async def queue_health(
+    broker: RabbitBroker,
+    queue_name: str,
+    *,
+    consuming: bool,
+    channel: AbstractChannel | None = None,
+) -> Health:
+    """Healthy when our subscriber runs (``consuming``) and the broker counts a consumer
+    on the queue. A passive declare (it needs no permission) on ``channel``, or on a
+    short-lived one: a missing queue closes the channel it was asked on."""
+    detail: dict[str, Any] = {"queue": queue_name, "consuming": consuming}
+    own = channel is None
+    if channel is None:
+        channel = await (await broker.connect()).channel()
+    try:
+        queue = await channel.declare_queue(queue_name, passive=True)
+        consumers = queue.declaration_result.consumer_count or 0
+    except Exception as exc:
+        return Health(False, True, {**detail, "error": f"queue not usable: {exc}"})
+    finally:
+        if own:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    detail["consumers"] = consumers
+    return Health(consuming and consumers > 0, True, detail)
+
+
+async def dead_letter(
+    broker: RabbitBroker,
+    exchange: RabbitExchange,
+    routing_key: str,
+    msg: RabbitMessage,
+    reason: str,
+) -> None:
+    """Send a message that cannot be processed, with its reason in a header, to a
+    dead-letter queue (``routing_key`` on the dead-letter ``exchange``), then ack it.
+    If that publish fails, reject it: the queue's own dead-lettering, without reason."""
+    original = msg.raw_message.routing_key or ""
+    log.warning("dead-lettering %s to %s: %s", original, routing_key, reason)
+    try:
+        await broker.publish(
+            msg.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            persist=True,
+            headers={REASON_HEADER: reason, "x-original-routing-key": original},
+        )
+    except Exception:
+        await msg.reject()
+        return
+    await msg.ack()

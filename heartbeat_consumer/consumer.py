@@ -30,7 +30,15 @@ from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
-from .connection import TlsFiles, make_broker, publish_json, topic_exchange, unreachable
+from .connection import (
+    TlsFiles,
+    dead_letter,
+    make_broker,
+    publish_json,
+    queue_health,
+    topic_exchange,
+    unreachable,
+)
 from .engine import (
     AgentRunner,
     RunResult,
@@ -72,7 +80,6 @@ __all__ = ["AgentConsumer", "HeartbeatConsumer", "TopologyError"]
 log = logging.getLogger("heartbeat_consumer.consumer")
 
 DEFAULT_TICK_INTERVAL_MS = 60_000
-REASON_HEADER = "x-heartbeat-dead-letter-reason"
 QueueKind = Literal["classic", "quorum"]
 
 
@@ -174,26 +181,13 @@ class AgentConsumer:
         return await self._tick(slot, env)
 
     async def health(self, channel: AbstractChannel | None = None) -> Health:
-        """Healthy when our subscriber runs and the broker counts a consumer on the inbox.
-
-        A passive declare (it needs no permission) on ``channel``, or on a short-lived one;
-        a missing queue closes the channel it was asked on."""
-        detail: dict[str, Any] = {"queue": self.queue.name, "consuming": self.subscriber.running}
-        own = channel is None
-        if channel is None:
-            channel = await (await self.broker.connect()).channel()
-        try:
-            queue = await channel.declare_queue(self.queue.name, passive=True)
-            consumers = queue.declaration_result.consumer_count or 0
-        except Exception as exc:
-            return Health(False, True, {**detail, "error": f"inbox not usable: {exc}"})
-        finally:
-            if own:
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        detail["consumers"] = consumers
-        detail["last_slot"] = iso(self.last_slot) if self.last_slot is not None else None
-        return Health(self.subscriber.running and consumers > 0, True, detail)
+        """Healthy when our subscriber runs and the broker counts a consumer on the inbox
+        (asked on ``channel``, or on a short-lived one)."""
+        health = await queue_health(
+            self.broker, self.queue.name, consuming=self.subscriber.running, channel=channel
+        )
+        last = iso(self.last_slot) if self.last_slot is not None else None
+        return Health(health.ok, health.connected, {**health.detail, "last_slot": last})
 
     # --- publishing ------------------------------------------------------------------------
 
@@ -247,7 +241,9 @@ class AgentConsumer:
                 await msg.ack()
         except EnvelopeError as exc:
             self.metrics.dead_letter(self.agent, exc.kind)
-            await self._dead_letter(msg, key, str(exc))
+            await dead_letter(
+                self.broker, self.dead_letters, dead_letter_queue(self.agent), msg, str(exc)
+            )
         except Exception:
             log.exception("%s: %s not processed; returned to the queue", self.agent, key)
             with contextlib.suppress(Exception):
@@ -299,22 +295,6 @@ class AgentConsumer:
             else:
                 self.runner.set_pause(command.check, None)
                 log.info("%s: resumed %s", self.agent, command.check)
-        await msg.ack()
-
-    async def _dead_letter(self, msg: RabbitMessage, key: str, reason: str) -> None:
-        """Send the message with its reason to the agent's dead-letter queue, then ack."""
-        log.warning("%s: dead-lettering %s: %s", self.agent, key, reason)
-        try:
-            await self.broker.publish(
-                msg.body,
-                exchange=self.dead_letters,
-                routing_key=dead_letter_queue(self.agent),
-                persist=True,
-                headers={REASON_HEADER: reason, "x-original-routing-key": key},
-            )
-        except Exception:
-            await msg.reject()  # the queue's own dead-lettering, without the reason
-            return
         await msg.ack()
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from .timeutil import parse_instant_ms
+from .timeutil import format_duration, parse_instant_ms
 
 __all__ = [
     "Alert",
@@ -252,7 +252,7 @@ def _conditions(state: WatchState, config: WatchConfig, now: int) -> dict[str, I
     for agent, view in state.agents.items():
         stale_ms = config.stale_for(agent)
         if view.online and view.last_seen is not None and now - view.last_seen > stale_ms:
-            hold(agent, "stale", None, f"no event for {(now - view.last_seen) // 1000} s")
+            hold(agent, "stale", None, f"no event for {format_duration(now - view.last_seen)}")
         for name, check in view.checks.items():
             if check.started_at is not None and check.timeout_ms is not None:
                 limit = check.timeout_ms + config.timeout_grace_ms
@@ -261,8 +261,8 @@ def _conditions(state: WatchState, config: WatchConfig, now: int) -> dict[str, I
                         agent,
                         "timeout",
                         name,
-                        f"started {(now - check.started_at) // 1000} s ago, "
-                        f"timeout {check.timeout_ms // 1000} s",
+                        f"started {format_duration(now - check.started_at)} ago, "
+                        f"timeout {format_duration(check.timeout_ms)}",
                     )
             if view.online and check.cadence_ms is not None:
                 since = check.last_success_at or check.first_seen_at
@@ -274,8 +274,8 @@ def _conditions(state: WatchState, config: WatchConfig, now: int) -> dict[str, I
                         agent,
                         "missed",
                         name,
-                        f"{what} {(now - since) // 1000} s ago, "
-                        f"cadence {check.cadence_ms // 1000} s",
+                        f"{what} {format_duration(now - since)} ago, "
+                        f"cadence {format_duration(check.cadence_ms)}",
                     )
     return found
 
@@ -306,7 +306,7 @@ def evaluate(state: WatchState, config: WatchConfig, now: int) -> tuple[WatchSta
             alerts.append(_alert(kept, key, now, repeat=True))
     for key, old in state.incidents.items():
         if key not in holding:
-            detail = f"{old.kind} resolved after {(now - old.opened_at) // 1000} s"
+            detail = f"{old.kind} resolved after {format_duration(now - old.opened_at)}"
             alerts.append(
                 Alert(old.agent, "resolved", old.check, "info", detail, key, old.opened_at, now)
             )

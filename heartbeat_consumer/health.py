@@ -1,6 +1,7 @@
 """The health and metrics endpoint: ``GET /health`` and ``GET /metrics`` over HTTP/1.1.
 
-A deliberately small server on asyncio streams (two read-only routes need no framework).
+A deliberately small server on asyncio streams (a few read-only routes need no
+framework; the monitor adds its status API and dashboard as extra routes).
 ``/health`` answers 200 only when the component says it is healthy (for a consumer:
 broker connected **and** its consumer registered on its queue), else 503; the probe's
 answer is cached for ``cache_s`` so a busy scraper cannot flood the broker with probes.
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import orjson
 
 from .metrics import CONTENT_TYPE, Metrics
 
-__all__ = ["Health", "HealthServer"]
+__all__ = ["Health", "HealthServer", "Response", "Route"]
 
 log = logging.getLogger("heartbeat_consumer.health")
 
@@ -45,6 +46,9 @@ class Health:
 
 
 Probe = Callable[[], Awaitable[Health]]
+Response = tuple[int, str, bytes]
+"""Status code, content type, body."""
+Route = Callable[[], Awaitable[Response]]
 
 
 async def probe_with_timeout(probe: Probe, timeout_s: float = PROBE_TIMEOUT_S) -> Health:
@@ -66,8 +70,11 @@ class HealthServer:
         port: int,
         host: str = "127.0.0.1",
         cache_s: float = 1.0,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
+        """``routes``: more GET paths (``/health`` and ``/metrics`` always exist)."""
         self.probe = probe
+        self.routes = dict(routes or {})
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -80,7 +87,12 @@ class HealthServer:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         if self.port == 0:  # an ephemeral port: report the one we got
             self.port = self._server.sockets[0].getsockname()[1]
-        log.info("health and metrics on http://%s:%d/health and /metrics", self.host, self.port)
+        log.info(
+            "serving http://%s:%d: %s",
+            self.host,
+            self.port,
+            ", ".join(["/health", "/metrics", *self.routes]),
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -116,7 +128,7 @@ class HealthServer:
         finally:
             writer.close()
 
-    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def _route(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET and HEAD\n"
         if path == "/health":
@@ -125,7 +137,11 @@ class HealthServer:
             return (200 if health.ok else 503), "application/json", body
         if path == "/metrics":
             return 200, CONTENT_TYPE, self.metrics.render()
-        return 404, "text/plain", b"not found: try /health or /metrics\n"
+        route = self.routes.get(path)
+        if route is not None:
+            return await route()
+        paths = ", ".join(["/health", "/metrics", *self.routes])
+        return 404, "text/plain", f"not found: try {paths}\n".encode()
 
 
 _REASONS = {

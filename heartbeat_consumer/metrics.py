@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from .engine import RunResult
 
-__all__ = ["CONTENT_TYPE", "Metrics", "TickOutcome"]
+__all__ = ["CONTENT_TYPE", "Metrics", "MonitorMetrics", "TickOutcome"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -112,3 +112,41 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class MonitorMetrics(Metrics):
+    """The fleet monitor's series on top of the common ones. Labels: ``event_type`` and
+    ``reason`` from fixed sets, ``kind`` one of stale, timeout, missed, resolved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.events = Counter(
+            "heartbeat_monitor_events",
+            "Events read from the bus, by type (status, started, result, ignored)",
+            ["type"],
+            registry=r,
+        )
+        self.agents = Gauge(
+            "heartbeat_monitor_agents",
+            "Agents tracked, by state (online, offline, stale)",
+            ["state"],
+            registry=r,
+        )
+        self.incidents = Gauge(
+            "heartbeat_monitor_incidents_open", "Open incidents, by kind", ["kind"], registry=r
+        )
+        self.alerts = Counter(
+            "heartbeat_monitor_alerts_published", "Alerts published, by kind", ["kind"], registry=r
+        )
+        self.alert_errors = Counter(
+            "heartbeat_monitor_alert_publish_errors",
+            "Evaluations whose alerts could not all be published (retried next time)",
+            registry=r,
+        )
+        self.monitor_dead_lettered = Counter(
+            "heartbeat_monitor_dead_lettered",
+            "Unreadable events sent to the monitor's dead-letter queue, by reason",
+            ["reason"],
+            registry=r,
+        )

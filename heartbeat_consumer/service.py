@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
-from .health import Health, HealthServer, probe_with_timeout
+from .health import Health, HealthServer, Route, probe_with_timeout
 from .metrics import Metrics
 from .sdnotify import notify, watchdog_interval_s
 
@@ -33,7 +33,8 @@ WATCHDOG_GRACE_S = 60.0
 
 
 class Service(Protocol):
-    metrics: Metrics
+    @property
+    def metrics(self) -> Metrics: ...
 
     async def start(self) -> None: ...
 
@@ -54,14 +55,16 @@ async def run_service(
     health_host: str = "127.0.0.1",
     main: Callable[[], Awaitable[object]] | None = None,
     grace_s: float = WATCHDOG_GRACE_S,
+    routes: Mapping[str, Route] | None = None,
 ) -> None:
-    """Run ``service`` until ``stop`` is set, or, given ``main``, until ``main()`` returns."""
+    """Run ``service`` until ``stop`` is set, or, given ``main``, until ``main()`` returns.
+    ``routes`` adds GET paths to the health port's server."""
     server = None
     await service.start()
     try:
         if health_port is not None:
             server = HealthServer(
-                service.health, service.metrics, port=health_port, host=health_host
+                service.health, service.metrics, port=health_port, host=health_host, routes=routes
             )
             await server.start()
         notify("READY=1", f"STATUS={service.describe()}")

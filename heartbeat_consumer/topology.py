@@ -36,6 +36,9 @@ TICK_BINDING = "system.heartbeat.#"
 COMMANDS = ("tick", "run", "pause", "resume")
 STATUS_EVENTS = ("online", "offline", "config_invalid", "alive")
 """``alive``: a tick was evaluated and ran nothing (the monitor hears from idle agents)."""
+ALERT_KINDS = ("stale", "timeout", "missed", "resolved")
+MONITOR_BINDING = "heartbeat.#"
+"""The monitor's queue hears every result, started, status and alert event."""
 
 
 def inbox_queue(agent: str) -> str:
@@ -67,6 +70,11 @@ def result_key(agent: str, check: str, status: str) -> str:
 
 def status_key(agent: str, status: str) -> str:
     return f"heartbeat.{agent}._status.{status}"
+
+
+def alert_key(agent: str, kind: str) -> str:
+    """The monitor's alerts: ``heartbeat.<agent>._alert.<kind>``."""
+    return f"heartbeat.{agent}._alert.{kind}"
 
 
 def mask_url(url: str) -> str:

@@ -17,7 +17,8 @@ import orjson
 import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
-from heartbeat_consumer.consumer import REASON_HEADER, HeartbeatConsumer, TopologyError
+from heartbeat_consumer.connection import REASON_HEADER
+from heartbeat_consumer.consumer import HeartbeatConsumer, TopologyError
 from heartbeat_consumer.store import StateStore
 
 from .broker import Bus, drain, rabbitmqctl, take

@@ -150,7 +150,7 @@ async def test_health_and_metrics_of_a_consumer(bus: Bus, tmp_path: Path) -> Non
 
         await wait_for(unhealthy)
         report = orjson.loads((await http(port, "/health"))[2])
-        assert report["connected"] is True and "inbox not usable" in report["error"]
+        assert report["connected"] is True and "queue not usable" in report["error"]
 
 
 async def test_config_errors_are_counted(bus: Bus, tmp_path: Path) -> None:

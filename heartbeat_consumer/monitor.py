@@ -1,0 +1,498 @@
+"""The fleet monitor: a dead-man's switch over the bus, a status API and a dashboard.
+
+``heartbeat-consumer monitor`` reads every agent's events from its own durable queue
+(default ``heartbeat.monitor``, bound to ``heartbeat.#``): the ``started`` and result
+events of each check run and the ``_status`` events (online, alive, config_invalid,
+offline). The rules of :mod:`.deadman` turn them into incidents, published as
+``heartbeat.<agent>._alert.<kind>`` and ``heartbeat.<agent>._alert.resolved``.
+
+- Every ``check_every`` the monitor evaluates, publishes the alerts (persistent, with
+  confirms), then saves its state atomically. If a publish fails, the incidents are not
+  recorded, so the next evaluation sends them again: an alert may repeat across a broker
+  outage, it is never lost. Each alert's ``event_id`` is derived from its incident, so a
+  repeat is recognisable.
+- The first evaluation waits one interval after start-up, so the events queued while
+  the monitor was down are read first. Events are dated by their own timestamp (never
+  later than their arrival), so that backlog is dated correctly.
+- Events are acknowledged once folded into the in-memory state; a crash loses at most
+  the observations since the last save, and the next event of each agent repairs them.
+- Its own alerts come back through ``heartbeat.#``; they are acknowledged and ignored.
+  Unreadable events go to ``<queue>.dlq`` with the reason.
+
+The HTTP port serves ``/`` (the dashboard), ``/api/heartbeat/status``, ``/health`` and
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiormq.exceptions import ChannelPreconditionFailed
+from faststream import AckPolicy
+from faststream.rabbit import Channel, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+from pydantic import ValidationError
+
+from .connection import (
+    TlsFiles,
+    dead_letter,
+    make_broker,
+    publish_json,
+    queue_health,
+    topic_exchange,
+    unreachable,
+)
+from .consumer import TopologyError
+from .deadman import (
+    Alert,
+    WatchConfig,
+    WatchState,
+    evaluate,
+    next_due_at,
+    observe,
+)
+from .engine import wall_clock_ms
+from .envelope import EnvelopeError, envelope, parse_envelope
+from .health import Health, Response, Route
+from .local import stop_on_signals
+from .metrics import MonitorMetrics
+from .service import run_service
+from .store import StateError, StateStore, atomic_write
+from .timeutil import iso, parse_instant_ms
+from .topology import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_URL,
+    MONITOR_BINDING,
+    alert_key,
+    dead_letter_exchange,
+    mask_url,
+)
+
+__all__ = [
+    "ALERT_EVENT",
+    "DEFAULT_MONITOR_QUEUE",
+    "Monitor",
+    "status_document",
+]
+
+log = logging.getLogger("heartbeat_consumer.monitor")
+
+DEFAULT_MONITOR_QUEUE = "heartbeat.monitor"
+ALERT_EVENT = "heartbeat.alert"
+ALERT_SEGMENT = "._alert."
+EVENT_KINDS = {
+    "heartbeat.status": "status",
+    "heartbeat.started": "started",
+    "heartbeat.result": "result",
+}
+_ALERT_NAMESPACE = uuid.UUID("0b8f5a52-3f0e-4d59-a3c3-6d2a4a1f9e21")
+
+
+def dashboard_html() -> bytes:
+    return importlib.resources.files(__package__).joinpath("dashboard.html").read_bytes()
+
+
+class Monitor:
+    """Watches the fleet's events; see the module documentation."""
+
+    def __init__(
+        self,
+        *,
+        state_path: str | Path,
+        rabbit_url: str = DEFAULT_URL,
+        exchange_name: str = DEFAULT_EXCHANGE,
+        config: WatchConfig | None = None,
+        queue_name: str = DEFAULT_MONITOR_QUEUE,
+        check_every_ms: int = 30_000,
+        prefetch: int = 200,
+        tls: TlsFiles | None = None,
+        declare_exchanges: bool = True,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.rabbit_url = rabbit_url
+        self.config = config or WatchConfig()
+        self.check_every_ms = check_every_ms
+        self.clock = clock
+        self.path = Path(state_path)
+        self.metrics = MonitorMetrics()
+        self.broker = make_broker(rabbit_url, tls=tls)
+        self.exchange = topic_exchange(exchange_name, declare=declare_exchanges)
+        self.dead_letters = topic_exchange(
+            dead_letter_exchange(exchange_name), declare=declare_exchanges
+        )
+        self.dlq_name = f"{queue_name}.dlq"
+        self.queue = RabbitQueue(
+            queue_name,
+            durable=True,
+            routing_key=MONITOR_BINDING,
+            arguments={
+                "x-dead-letter-exchange": self.dead_letters.name,
+                "x-dead-letter-routing-key": self.dlq_name,
+            },
+        )
+        self.subscriber = self.broker.subscriber(
+            self.queue,
+            self.exchange,
+            ack_policy=AckPolicy.MANUAL,
+            channel=Channel(prefetch_count=prefetch),
+        )
+        self.subscriber(self.on_message)
+        self.state = WatchState()
+        self.events = 0
+        self.last_evaluation: int | None = None
+        self.save_error: str | None = None
+        self.running = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """The saved state, if any; a corrupt file is set aside and reported."""
+        StateStore(self.path).check_writable()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StateError(f"cannot read monitor state {self.path}: {exc.strerror}") from None
+        try:
+            self.state = WatchState.from_json(raw)
+        except ValidationError as exc:
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            with contextlib.suppress(OSError):
+                self.path.replace(aside)
+            reason = str(exc).splitlines()[0]
+            log.error("monitor state %s unreadable (%s); moved to %s", self.path, reason, aside)
+            return
+        log.info(
+            "monitor state: %d agents, %d open incidents from %s",
+            len(self.state.agents),
+            len(self.state.incidents),
+            self.path,
+        )
+
+    async def start(self) -> None:
+        self.load()
+        log.info(
+            "monitor: %s, exchange %s, queue %s",
+            mask_url(self.rabbit_url),
+            self.exchange.name,
+            self.queue.name,
+        )
+        await self.broker.connect()
+        try:
+            await self.broker.declare_exchange(self.exchange)
+            dlx = await self.broker.declare_exchange(self.dead_letters)
+            dlq = await self.broker.declare_queue(RabbitQueue(self.dlq_name, durable=True))
+            await dlq.bind(dlx, routing_key=self.dlq_name)
+        except ChannelPreconditionFailed as exc:
+            raise TopologyError(
+                f"the broker has exchange {self.exchange.name!r} or queue {self.dlq_name!r} "
+                f"with other settings than ours: {exc}"
+            ) from None
+        await self.broker.start()
+        self.running = True
+        self._gauges(self.clock())
+
+    async def stop(self) -> None:
+        self.running = False
+        await self.subscriber.stop()
+        await self._save()
+        await self.broker.stop()
+
+    async def health(self) -> Health:
+        down = await unreachable(self.broker, self.rabbit_url)
+        if down is not None:
+            return down
+        health = await queue_health(self.broker, self.queue.name, consuming=self.subscriber.running)
+        detail = {**health.detail, "agents": len(self.state.agents)}
+        if self.save_error:
+            detail["state_error"] = self.save_error
+        return Health(health.ok, health.connected, detail)
+
+    def describe(self) -> str:
+        return (
+            f"monitoring {len(self.state.agents)} agents on {self.queue.name}; "
+            f"{len(self.state.incidents)} open incidents"
+        )
+
+    def routes(self) -> dict[str, Route]:
+        async def page() -> Response:
+            return 200, "text/html; charset=utf-8", dashboard_html()
+
+        async def status() -> Response:
+            connected = await self.broker.ping(timeout=1)
+            document = self.status(connected=connected)
+            return 200, "application/json", orjson.dumps(document)
+
+        return {"/": page, "/index.html": page, "/api/heartbeat/status": status}
+
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """Run until ``stop`` is set, or SIGINT/SIGTERM; serve HTTP on ``port``."""
+        stop = stop_on_signals(stop)
+        await run_service(
+            self,
+            stop,
+            health_port=port,
+            health_host=host,
+            routes=self.routes(),
+            main=lambda: self.watch_until(stop),
+        )
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def on_message(self, msg: RabbitMessage) -> None:
+        key = msg.raw_message.routing_key or ""
+        if ALERT_SEGMENT in key:  # ours (or another monitor's) coming back
+            self.metrics.events.labels("ignored").inc()
+            await msg.ack()
+            return
+        received = self.clock()
+        try:
+            event = parse_envelope(msg.body)
+        except EnvelopeError as exc:
+            self.metrics.monitor_dead_lettered.labels(exc.kind).inc()
+            await dead_letter(self.broker, self.dead_letters, self.dlq_name, msg, str(exc))
+            return
+        self.state = observe(self.state, event, _dated(event, received))
+        self.events += 1
+        self.metrics.events.labels(EVENT_KINDS.get(event["event_type"], "ignored")).inc()
+        await msg.ack()
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    async def watch_until(self, stop: asyncio.Event) -> None:
+        """Evaluate every ``check_every_ms`` (the first after one interval) until ``stop``."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.check_every_ms / 1000)
+            if stop.is_set():
+                break
+            try:
+                await self.evaluate_once()
+            except Exception:
+                log.exception("monitor evaluation failed; trying again next interval")
+
+    async def evaluate_once(self) -> list[Alert]:
+        """Evaluate now, publish the alerts, save the state; the alerts published."""
+        now = self.clock()
+        before = self.state
+        after, alerts = evaluate(before, self.config, now)
+        try:
+            for alert in alerts:
+                await self._publish(alert)
+        except Exception as exc:
+            self.metrics.alert_errors.inc()
+            log.error("alerts not published (%s); they are sent again next time", exc)
+            self.last_evaluation = now
+            return []
+        # Events folded in while publishing stay: keep every agent evaluate kept, and any
+        # agent that changed meanwhile; take the incidents from the evaluation.
+        current = self.state.agents
+        agents = {
+            name: view
+            for name, view in current.items()
+            if name in after.agents or view is not before.agents.get(name)
+        }
+        self.state = replace(self.state, agents=agents, incidents=after.incidents)
+        for alert in alerts:
+            log.log(
+                logging.INFO if alert.kind == "resolved" else logging.WARNING,
+                "alert %s %s%s: %s",
+                alert.kind,
+                alert.agent,
+                f"/{alert.check}" if alert.check else "",
+                alert.detail,
+                extra={"event": "alert", "agent": alert.agent, "kind": alert.kind},
+            )
+        self._gauges(now)
+        self.last_evaluation = now
+        await self._save()
+        return alerts
+
+    async def _publish(self, alert: Alert) -> None:
+        event = envelope(
+            ALERT_EVENT,
+            alert.to_payload(),
+            timestamp_ms=alert.sent_at,
+            event_id=str(uuid.uuid5(_ALERT_NAMESPACE, alert.key)),
+            source_type="monitor",
+        )
+        await publish_json(self.broker, self.exchange, alert_key(alert.agent, alert.kind), event)
+        self.metrics.alerts.labels(alert.kind).inc()
+
+    async def _save(self) -> None:
+        state = self.state
+        try:
+            await asyncio.to_thread(lambda: atomic_write(self.path, state.to_json()))
+            self.save_error = None
+        except StateError as exc:
+            if self.save_error is None:
+                log.error("monitor state not saved: %s", exc)
+            self.save_error = str(exc)
+
+    def _gauges(self, now: int) -> None:
+        stale = {i.agent for i in self.state.incidents.values() if i.kind == "stale"}
+        counts = {"online": 0, "offline": 0, "stale": 0}
+        for name, view in self.state.agents.items():
+            state = "stale" if name in stale else "online" if view.online else "offline"
+            counts[state] += 1
+        for label, count in counts.items():
+            self.metrics.agents.labels(label).set(count)
+        kinds = {"stale": 0, "timeout": 0, "missed": 0}
+        for incident in self.state.incidents.values():
+            kinds[incident.kind] += 1
+        for label, count in kinds.items():
+            self.metrics.incidents.labels(label).set(count)
+
+    def status(self, *, connected: bool = True, now: int | None = None) -> dict[str, Any]:
+        return status_document(
+            self.state,
+            self.config,
+            self.clock() if now is None else now,
+            running=self.running and connected,
+            monitor={
+                "queue": self.queue.name,
+                "check_interval_ms": self.check_every_ms,
+                "events_received": self.events,
+                "last_evaluation": iso(self.last_evaluation) if self.last_evaluation else None,
+                "state_error": self.save_error,
+            },
+        )
+
+
+def _dated(event: dict[str, Any], received: int) -> int:
+    """The event's own time, never later than its arrival (clocks drift)."""
+    stamp = event.get("timestamp")
+    if isinstance(stamp, str | int) and not isinstance(stamp, bool):
+        try:
+            return min(parse_instant_ms(stamp), received)
+        except ValueError:
+            pass
+    return received
+
+
+def status_document(
+    state: WatchState,
+    config: WatchConfig,
+    now: int,
+    *,
+    running: bool,
+    monitor: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``GET /api/heartbeat/status``: the reference monitor's shape (``success``,
+    ``status``, ``monitor``, ``in_flight_agents``, ``timestamp``) plus ``agents`` (per
+    check detail) and ``incidents``. Pure: a view of ``state`` at ``now``."""
+    by_agent: dict[str, list[dict[str, Any]]] = {}
+    incidents = []
+    for key, incident in sorted(state.incidents.items()):
+        item = {
+            "id": key,
+            "agent": incident.agent,
+            "kind": incident.kind,
+            "check": incident.check,
+            "severity": "warning" if incident.kind == "stale" else "error",
+            "opened_at": iso(incident.opened_at),
+            "open_for_ms": now - incident.opened_at,
+            "detail": incident.detail,
+        }
+        incidents.append(item)
+        by_agent.setdefault(incident.agent, []).append(item)
+
+    agents = []
+    in_flight = []
+    for name in sorted(state.agents):
+        view = state.agents[name]
+        alerts = by_agent.get(name, [])
+        idle = now - view.last_seen if view.last_seen is not None else None
+        stale = any(a["kind"] == "stale" for a in alerts)
+        checks = {}
+        active: tuple[str | None, int] | None = None
+        for check_name in sorted(view.checks):
+            check = view.checks[check_name]
+            due = next_due_at(check)
+            is_running = check.started_at is not None
+            if check.started_at is not None:
+                active = active or (check.running_key or None, check.started_at)
+            checks[check_name] = {
+                "status": "running" if is_running else check.last_status or "unknown",
+                "last_status": check.last_status,
+                "last_result_at": _iso(check.last_result_at),
+                "last_success_at": _iso(check.last_success_at),
+                "since_last_run_ms": _since(now, check.last_result_at),
+                "next_due_at": _iso(due),
+                "due_in_ms": None if due is None else due - now,
+                "cadence_ms": check.cadence_ms,
+                "duration_ms": check.duration_ms,
+                "running_for_ms": _since(now, check.started_at),
+                "error": check.last_error,
+                "alerts": [a["kind"] for a in alerts if a["check"] == check_name],
+            }
+        state_word = (
+            "stale" if stale else "offline" if not view.online else "running" if active else "idle"
+        )
+        agents.append(
+            {
+                "agent_id": name,
+                "state": state_word,
+                "online": view.online,
+                "status": view.status,
+                "last_seen": _iso(view.last_seen),
+                "idle_for_ms": idle,
+                "checks": checks,
+                "alerts": alerts,
+            }
+        )
+        in_flight.append(
+            {
+                "agent_id": name,
+                "task_id": active[0] if active else None,
+                "status": state_word,
+                "running_for_ms": now - active[1] if active else None,
+                "idle_for_ms": idle,
+            }
+        )
+    return {
+        "success": True,
+        "status": "online" if running else "offline",
+        "monitor": {
+            "running": running,
+            "agents_monitoring": len(state.agents),
+            "agents": sorted(state.agents),
+            "config": {
+                "stale_threshold_ms": config.stale_ms,
+                "stale_threshold_ms_by_agent": config.stale_ms_by_agent,
+                "timeout_grace_ms": config.timeout_grace_ms,
+                "missed_grace_ms": config.missed_grace_ms,
+                "repeat_ms": config.repeat_ms,
+                "forget_ms": config.forget_ms,
+            },
+            **(monitor or {}),
+        },
+        "in_flight_agents": in_flight,
+        "agents": agents,
+        "incidents": incidents,
+        "timestamp": iso(now),
+    }
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else iso(ms)
+
+
+def _since(now: int, ms: int | None) -> int | None:
+    return None if ms is None else now - ms

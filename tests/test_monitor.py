@@ -1,0 +1,347 @@
+"""The fleet monitor against the real broker and real consumers: it hears the agents,
+alerts once per incident (published on the bus), remembers across a restart, serves
+the status API, /health and /metrics, and dead-letters what it cannot read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from heartbeat_consumer.connection import REASON_HEADER
+from heartbeat_consumer.deadman import WatchConfig, WatchState, observe
+from heartbeat_consumer.engine import wall_clock_ms
+from heartbeat_consumer.monitor import Monitor, status_document
+
+from .broker import Bus, drain, take
+from .test_bus import running, write
+from .test_observability import free_port, http, sample
+
+MIN = 60_000
+HOUR = 60 * MIN
+
+
+class Clock:
+    """Wall time plus an offset the test moves (the monitor's only clock)."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self) -> int:
+        return wall_clock_ms() + self.offset
+
+
+def new_monitor(bus: Bus, state_path: Path, **kw: Any) -> Monitor:
+    """A monitor on the test's exchange, with a queue of its own that cleanup deletes."""
+    queue = f"test.monitor.{uuid.uuid4().hex[:10]}"
+    bus.queues |= {queue, f"{queue}.dlq"}
+    return Monitor(
+        state_path=state_path,
+        rabbit_url=bus.url,
+        exchange_name=bus.exchange_name,
+        queue_name=queue,
+        **kw,
+    )
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    bus: Bus, state_path: Path, clock: Callable[[], int] = wall_clock_ms, **kw: Any
+) -> AsyncIterator[Monitor]:
+    monitor = new_monitor(bus, state_path, clock=clock, **kw)
+    await monitor.start()
+    try:
+        yield monitor
+    finally:
+        await monitor.stop()
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def last_status(monitor: Monitor, agent: str, check: str) -> str | None:
+    view = monitor.state.agents.get(agent)
+    found = view.checks.get(check) if view else None
+    return found.last_status if found else None
+
+
+def envelope(event_type: str, payload: dict[str, Any], at_ms: int | None = None) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": event_type,
+            "timestamp": at_ms if at_ms is not None else wall_clock_ms(),
+            "payload": payload,
+        }
+    )
+
+
+# --- the status document (pure) -------------------------------------------------------------
+
+
+def test_status_document_has_the_reference_shape_and_per_check_detail() -> None:
+    t0 = 1_800_000_000_000
+    state = WatchState()
+    for event, at in (
+        ({"event_type": "heartbeat.status", "payload": {"agent": "pm", "status": "online"}}, t0),
+        (
+            {
+                "event_type": "heartbeat.result",
+                "payload": {
+                    "agent": "pm",
+                    "check": "inbox",
+                    "status": "success",
+                    "slot": t0,
+                    "cadence_ms": 15 * MIN,
+                    "duration_ms": 40,
+                },
+            },
+            t0 + 1000,
+        ),
+        (
+            {
+                "event_type": "heartbeat.started",
+                "payload": {"agent": "dev", "check": "build", "idempotency_key": "dev:build:1"},
+            },
+            t0 + 2000,
+        ),
+    ):
+        state = observe(state, event, at)
+    doc = status_document(state, WatchConfig(), t0 + 5 * MIN, running=True)
+    assert doc["success"] is True and doc["status"] == "online"
+    assert doc["monitor"]["running"] is True
+    assert doc["monitor"]["agents_monitoring"] == 2 and doc["monitor"]["agents"] == ["dev", "pm"]
+    assert doc["monitor"]["config"]["stale_threshold_ms"] == 300_000
+    assert doc["timestamp"] == "2027-01-15T08:05:00.000Z"
+    flights = {f["agent_id"]: f for f in doc["in_flight_agents"]}
+    assert flights["dev"] == {
+        "agent_id": "dev",
+        "task_id": "dev:build:1",
+        "status": "running",
+        "running_for_ms": 5 * MIN - 2000,
+        "idle_for_ms": 5 * MIN - 2000,
+    }
+    assert flights["pm"]["status"] == "idle" and flights["pm"]["task_id"] is None
+    pm = next(a for a in doc["agents"] if a["agent_id"] == "pm")
+    inbox = pm["checks"]["inbox"]
+    assert inbox["status"] == "success" and inbox["since_last_run_ms"] == 5 * MIN - 1000
+    assert inbox["next_due_at"] == "2027-01-15T08:15:00.000Z"
+    assert inbox["due_in_ms"] == 10 * MIN and inbox["duration_ms"] == 40
+    down = status_document(state, WatchConfig(), t0, running=False)
+    assert down["status"] == "offline" and down["monitor"]["running"] is False
+
+
+# --- against the broker ---------------------------------------------------------------------
+
+
+async def test_monitor_hears_real_consumers_and_alerts_once_per_incident(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A real consumer's online, started and result events reach the monitor; silence
+    raises one stale alert on the bus; a restarted monitor does not send it again; the
+    agent's next event resolves it."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": HOUR, "handler": "default"}})
+    alerts = await bus.collector(f"heartbeat.{agent}._alert.#")
+    clock = Clock()
+    state_path = tmp_path / "monitor.state.json"
+    async with watching(bus, state_path, clock) as monitor:
+        async with running(bus, agent, config):
+            await until(lambda: last_status(monitor, agent, "c") == "success")
+        await until(lambda: monitor.state.agents[agent].status == "offline")
+        assert await monitor.evaluate_once() == []  # offline on purpose: not stale
+
+        # An agent that goes silent without saying goodbye (crash): back online, silent.
+        await bus.publish(
+            f"heartbeat.{agent}._status.online",
+            envelope("heartbeat.status", {"agent": agent, "status": "online"}),
+        )
+        await until(lambda: monitor.state.agents[agent].online)
+        clock.offset = 6 * MIN
+        sent = await monitor.evaluate_once()
+        assert [(a.kind, a.agent) for a in sent] == [("stale", agent)]
+        (published,) = await take(alerts, 1, skip_status=False)
+        assert published.routing_key == f"heartbeat.{agent}._alert.stale"
+        body = orjson.loads(published.body)
+        assert body["event_type"] == "heartbeat.alert" and body["payload"]["severity"] == "warning"
+        assert published.delivery_mode == 2  # persistent
+        assert await monitor.evaluate_once() == []  # not re-sent
+        await until(lambda: monitor.metrics.events.labels("ignored")._value.get() >= 1)
+
+    saved = WatchState.from_json(state_path.read_bytes())
+    assert list(saved.incidents) == [f"{agent}:stale:*"]
+    async with watching(bus, state_path, clock) as monitor:
+        assert await monitor.evaluate_once() == []  # remembered: not sent again
+        async with running(bus, agent, config):
+            clock.offset = 0
+            await until(lambda: monitor.state.agents[agent].status in ("online", "alive"))
+            sent = await monitor.evaluate_once()
+            assert [(a.kind, a.incident) for a in sent] == [("resolved", f"{agent}:stale:*")]
+    kinds = [m.routing_key for m in await take(alerts, 1, skip_status=False)]
+    assert kinds == [f"heartbeat.{agent}._alert.resolved"]
+    assert await drain(alerts) == []
+
+
+async def test_a_run_that_never_finishes_raises_a_timeout_error(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    alerts = await bus.collector(f"heartbeat.{agent}._alert.#")
+    clock = Clock()
+    async with watching(bus, tmp_path / "m.json", clock) as monitor:
+        await bus.publish(
+            f"heartbeat.{agent}.build.started",
+            envelope(
+                "heartbeat.started",
+                {
+                    "agent": agent,
+                    "check": "build",
+                    "idempotency_key": f"{agent}:build:1",
+                    "timeout_ms": MIN,
+                    "cadence_ms": HOUR,
+                },
+            ),
+        )
+        await until(lambda: agent in monitor.state.agents)
+        clock.offset = MIN + 25_000
+        assert await monitor.evaluate_once() == []  # within timeout + 30 s grace
+        clock.offset = MIN + 31_000
+        sent = await monitor.evaluate_once()
+        assert [(a.kind, a.check, a.severity) for a in sent] == [("timeout", "build", "error")]
+        document = monitor.status()
+        (flight,) = document["in_flight_agents"]
+        assert flight["task_id"] == f"{agent}:build:1" and flight["running_for_ms"] >= MIN
+    (message,) = await take(alerts, 1, skip_status=False)
+    assert message.routing_key == f"heartbeat.{agent}._alert.timeout"
+
+
+async def test_unreadable_events_are_dead_lettered_with_the_reason(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    async with watching(bus, tmp_path / "m.json") as monitor:
+        await bus.publish(f"heartbeat.{agent}.c.success", b"{not json")
+        await bus.publish(f"heartbeat.{agent}.c.success", orjson.dumps({"payload": {}}))
+        dlq = monitor.dlq_name
+        await until(lambda: monitor.metrics.monitor_dead_lettered._metrics.__len__() == 2)
+        queue = await bus.channel.declare_queue(dlq, passive=True)
+        dead = await take(queue, 2, skip_status=False)
+        reasons = sorted(m.headers[REASON_HEADER] for m in dead)
+        assert reasons[0].startswith("envelope field 'event_id'")
+        assert reasons[1].startswith("malformed JSON")
+        assert monitor.state.agents == {}
+
+
+async def test_alerts_that_cannot_be_published_are_sent_at_the_next_evaluation(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The exchange disappears: the publish fails, the incident is not recorded; once it
+    is back, the next evaluation sends the alert."""
+    agent = bus.agent()
+    clock = Clock()
+    async with watching(bus, tmp_path / "m.json", clock) as monitor:
+        await bus.publish(
+            f"heartbeat.{agent}._status.online",
+            envelope("heartbeat.status", {"agent": agent, "status": "online"}),
+        )
+        await until(lambda: agent in monitor.state.agents)
+        await bus.channel.exchange_delete(bus.exchange_name)
+        clock.offset = 10 * MIN
+        assert await monitor.evaluate_once() == []
+        assert monitor.state.incidents == {}
+        assert monitor.metrics.alert_errors._value.get() == 1
+        await bus.exchange()  # declared again
+        alerts = await bus.collector(f"heartbeat.{agent}._alert.#")
+        sent: list[Any] = []
+        for _ in range(50):  # the robust channel reopens after the 404
+            sent = await monitor.evaluate_once()
+            if sent:
+                break
+            await asyncio.sleep(0.1)
+        assert [a.kind for a in sent] == ["stale"]
+        assert len(await take(alerts, 1, skip_status=False)) == 1
+
+
+async def test_status_api_health_metrics_and_dashboard_over_http(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": HOUR, "handler": "default"}})
+    port = free_port()
+    monitor = new_monitor(bus, tmp_path / "m.json", check_every_ms=200)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop, port=port))
+    try:
+        await until(lambda: monitor.running)
+        async with running(bus, agent, config):
+            await until(lambda: last_status(monitor, agent, "c") is not None)
+            status, headers, body = await http(port, "/api/heartbeat/status")
+            assert status == 200 and headers["Content-Type"] == "application/json"
+            document = orjson.loads(body)
+            assert document["status"] == "online" and agent in document["monitor"]["agents"]
+            (row,) = document["agents"]
+            assert row["checks"]["c"]["status"] == "success" and row["state"] == "idle"
+            status, _, body = await http(port, "/health")
+            health = orjson.loads(body)
+            assert status == 200 and health["consumers"] == 1
+            assert health["queue"] == monitor.queue.name
+            await until(lambda: monitor.last_evaluation is not None)
+            _, _, metrics = await http(port, "/metrics")
+            assert sample(metrics, "heartbeat_monitor_agents", state="online") == 1
+            assert (sample(metrics, "heartbeat_monitor_events_total", type="result") or 0) >= 1
+            status, headers, page = await http(port, "/")
+            assert status == 200 and headers["Content-Type"].startswith("text/html")
+            assert b"/api/heartbeat/status" in page
+    finally:
+        stop.set()
+        await task
+    assert WatchState.from_json((tmp_path / "m.json").read_bytes()).agents[agent].checks
+
+
+def test_a_corrupt_state_file_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "m.json"
+    path.write_text("{ not a state")
+    monitor = Monitor(state_path=path)
+    monitor.load()
+    assert monitor.state == WatchState()
+    assert (tmp_path / "m.json.corrupt").read_text() == "{ not a state"
+    assert "unreadable" in caplog.text
+
+
+def test_fresh_monitor_has_no_agents(tmp_path: Path) -> None:
+    monitor = Monitor(state_path=tmp_path / "m.json")
+    monitor.load()
+    assert monitor.status(connected=False)["status"] == "offline"
+
+
+async def test_result_events_dated_by_their_timestamp(bus: Bus, tmp_path: Path) -> None:
+    """A backlog read after a restart keeps its own times (never later than arrival)."""
+    agent = bus.agent()
+    old = wall_clock_ms() - 30 * MIN
+    async with watching(bus, tmp_path / "m.json") as monitor:
+        await bus.publish(
+            f"heartbeat.{agent}.c.success",
+            envelope(
+                "heartbeat.result",
+                {"agent": agent, "check": "c", "status": "success", "cadence_ms": HOUR},
+                at_ms=old,
+            ),
+        )
+        future = wall_clock_ms() + HOUR
+        await bus.publish(
+            f"heartbeat.{agent}._status.alive",
+            envelope("heartbeat.status", {"agent": agent, "status": "alive"}, at_ms=future),
+        )
+        await until(lambda: monitor.state.agents.get(agent, None) is not None)
+        await until(lambda: monitor.state.agents[agent].status == "alive")
+        view = monitor.state.agents[agent]
+        assert view.checks["c"].last_result_at == old
+        assert view.last_seen is not None and view.last_seen <= wall_clock_ms()
