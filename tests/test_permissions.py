@@ -15,10 +15,12 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 from heartbeat_consumer.consumer import HeartbeatConsumer
+from heartbeat_consumer.monitor import Monitor
 
 from .broker import Bus, rabbitmqctl, take
 from .conftest import ROOT
 from .test_bus import write
+from .test_monitor import Clock, envelope, until
 
 SCRIPT = ROOT / "deploy" / "rabbitmq" / "permissions.sh"
 HOUR = 3_600_000
@@ -169,3 +171,68 @@ async def test_ticker_user_and_bad_names(bus: Bus) -> None:
     assert code == 2 and "agent names are letters" in err
     code, _, err = await script(bus)
     assert code == 2 and "usage:" in err
+
+
+async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(
+    bus: Bus, tmp_path: Path
+) -> None:
+    user = f"hbm{uuid.uuid4().hex[:8]}"
+    queue = f"test.monitor.{uuid.uuid4().hex[:8]}"
+    bus.queues |= {queue, f"{queue}.dlq"}
+    await bus.exchange()  # made by the ticker (or an admin) in a deployment
+    await bus.channel.declare_exchange(
+        f"{bus.exchange_name}.dlx", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    os.environ["MONITOR_QUEUE"] = queue
+    try:
+        code, out, err = await script(bus, "--monitor", user)
+    finally:
+        del os.environ["MONITOR_QUEUE"]
+    assert code == 0, err
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    assert env["DECLARE_EXCHANGES"] == "false"
+    clock = Clock()
+    try:
+        monitor = Monitor(
+            state_path=tmp_path / "m.json",
+            rabbit_url=env["RABBIT_URL"],
+            exchange_name=bus.exchange_name,
+            queue_name=queue,
+            declare_exchanges=False,
+            clock=clock,
+        )
+        alerts = await bus.collector("heartbeat.*._alert.#")
+        await monitor.start()
+        try:
+            await bus.publish(
+                "heartbeat.x._status.online",
+                envelope("heartbeat.status", {"agent": "x", "status": "online"}),
+            )
+            await until(lambda: "x" in monitor.state.agents)
+            await bus.publish("heartbeat.x.c.success", b"not json")  # to its DLQ
+            await until(lambda: len(monitor.metrics.monitor_dead_lettered._metrics) == 1)
+            clock.offset = 10 * 60_000
+            assert [a.kind for a in await monitor.evaluate_once()] == ["stale"]
+            (alert,) = await take(alerts, 1, skip_status=False)
+            assert alert.routing_key == "heartbeat.x._alert.stale"
+        finally:
+            await monitor.stop()
+        connection = await aio_pika.connect(env["RABBIT_URL"])
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(bus.exchange_name, ensure=True)
+            with pytest.raises(ChannelAccessRefused):
+                await exchange.publish(aio_pika.Message(b"{}"), routing_key="heartbeat.x.c.success")
+        finally:
+            await connection.close()
+        connection = await aio_pika.connect(env["RABBIT_URL"])
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(bus.exchange_name, ensure=True)
+            mine = await channel.get_queue(queue, ensure=True)
+            with pytest.raises(ChannelAccessRefused):
+                await mine.bind(exchange, routing_key="agent.#")  # nobody's inbox traffic
+        finally:
+            await connection.close()
+    finally:
+        await rabbitmqctl("delete_user", user)
