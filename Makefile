@@ -39,3 +39,4 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/bench_evaluate.py
 	$(BIN)/python bench/bench_fleet_memory.py
+	$(BIN)/python bench/bench_monitor_memory.py

@@ -15,6 +15,7 @@ from .config import (
     parse_config,
 )
 from .consumer import HeartbeatConsumer, TopologyError
+from .deadman import Alert, WatchConfig, WatchState
 from .engine import AgentRunner, RunResult, TickReport
 from .fleet import Fleet
 from .handlers import (
@@ -25,6 +26,7 @@ from .handlers import (
 )
 from .health import Health
 from .metrics import Metrics
+from .monitor import Monitor
 from .schedule import Evaluation, Plan, evaluate, overdue_ratio, plan, select
 from .simulate import simulate
 from .state import AgentState, CheckState
@@ -35,6 +37,7 @@ del _builtin_handlers
 
 __all__ = [
     "AgentRunner",
+    "Alert",
     "AgentState",
     "CheckConfig",
     "CheckState",
@@ -47,6 +50,7 @@ __all__ = [
     "HeartbeatConsumer",
     "LoadedConfig",
     "Metrics",
+    "Monitor",
     "Plan",
     "Problem",
     "RunContext",
@@ -55,6 +59,8 @@ __all__ = [
     "TickReport",
     "Ticker",
     "TopologyError",
+    "WatchConfig",
+    "WatchState",
     "__version__",
     "current_run",
     "evaluate",

@@ -22,6 +22,7 @@ check of the fleet (see bench/bench_monitor_memory.py). No clock reads, no I/O.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ __all__ = [
     "incident_id",
     "next_due_at",
     "observe",
+    "observe_agent",
 ]
 
 Kind = Literal["stale", "timeout", "missed"]
@@ -178,12 +180,25 @@ def next_due_at(check: CheckView) -> int | None:
 def observe(state: WatchState, event: dict[str, Any], at_ms: int) -> WatchState:
     """Fold one event (a status, started or result envelope) into the state. ``at_ms`` is
     when it happened (the envelope's timestamp, at most when it was received)."""
+    folded = observe_agent(state.agents, event, at_ms)
+    if folded is None:
+        return state
+    agent, view = folded
+    return replace(state, agents={**state.agents, agent: view})
+
+
+def observe_agent(
+    agents: Mapping[str, AgentView], event: dict[str, Any], at_ms: int
+) -> tuple[str, AgentView] | None:
+    """The agent an event is about and its new view, or None when the event says nothing
+    about an agent. :func:`observe` without copying the fleet: a monitor stores the view
+    in its own mapping (O(1) per event however large the fleet)."""
     payload = event.get("payload") or {}
     agent = payload.get("agent")
     kind = event.get("event_type")
     if not isinstance(agent, str) or not agent or kind not in WATCHED_EVENTS:
-        return state
-    view = state.agents.get(agent) or AgentView()
+        return None
+    view = agents.get(agent) or AgentView()
     last_seen = max(at_ms, view.last_seen or at_ms)
     check_name = payload.get("check")
     if kind == "heartbeat.status":
@@ -195,7 +210,7 @@ def observe(state: WatchState, event: dict[str, Any], at_ms: int) -> WatchState:
         view = replace(view, last_seen=last_seen, online=True, checks={**view.checks, name: check})
     else:
         view = replace(view, last_seen=last_seen)
-    return replace(state, agents={**state.agents, sys.intern(agent): view})
+    return sys.intern(agent), view
 
 
 def _fold_check(

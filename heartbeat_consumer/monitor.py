@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -58,7 +59,7 @@ from .deadman import (
     WatchState,
     evaluate,
     next_due_at,
-    observe,
+    observe_agent,
 )
 from .engine import wall_clock_ms
 from .envelope import EnvelopeError, envelope, parse_envelope
@@ -94,6 +95,7 @@ EVENT_KINDS = {
     "heartbeat.started": "started",
     "heartbeat.result": "result",
 }
+STATUS_CACHE_S = 1.0
 _ALERT_NAMESPACE = uuid.UUID("0b8f5a52-3f0e-4d59-a3c3-6d2a4a1f9e21")
 
 
@@ -151,6 +153,7 @@ class Monitor:
         self.last_evaluation: int | None = None
         self.save_error: str | None = None
         self.running = False
+        self._status_cache: tuple[float, bytes] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -229,9 +232,14 @@ class Monitor:
             return 200, "text/html; charset=utf-8", dashboard_html()
 
         async def status() -> Response:
-            connected = await self.broker.ping(timeout=1)
-            document = self.status(connected=connected)
-            return 200, "application/json", orjson.dumps(document)
+            # Cached for a second: a 10,000-agent document takes about half a second to
+            # build (bench/bench_monitor_memory.py), and every open dashboard polls it.
+            cached = self._status_cache
+            if cached is None or time.monotonic() - cached[0] >= STATUS_CACHE_S:
+                connected = await self.broker.ping(timeout=1)
+                body = orjson.dumps(self.status(connected=connected))
+                self._status_cache = cached = (time.monotonic(), body)
+            return 200, "application/json", cached[1]
 
         return {"/": page, "/index.html": page, "/api/heartbeat/status": status}
 
@@ -268,7 +276,9 @@ class Monitor:
             self.metrics.monitor_dead_lettered.labels(exc.kind).inc()
             await dead_letter(self.broker, self.dead_letters, self.dlq_name, msg, str(exc))
             return
-        self.state = observe(self.state, event, _dated(event, received))
+        folded = observe_agent(self.state.agents, event, _dated(event, received))
+        if folded is not None:  # in place: copying the fleet per event would be O(agents)
+            self.state.agents[folded[0]] = folded[1]
         self.events += 1
         self.metrics.events.labels(EVENT_KINDS.get(event["event_type"], "ignored")).inc()
         await msg.ack()
@@ -290,8 +300,10 @@ class Monitor:
     async def evaluate_once(self) -> list[Alert]:
         """Evaluate now, publish the alerts, save the state; the alerts published."""
         now = self.clock()
-        before = self.state
-        after, alerts = evaluate(before, self.config, now)
+        after, alerts = evaluate(self.state, self.config, now)
+        # The views evaluate forgot; events that arrive while the alerts are published
+        # update self.state.agents in place, and an agent heard from again is kept.
+        gone = {n: v for n, v in self.state.agents.items() if n not in after.agents}
         try:
             for alert in alerts:
                 await self._publish(alert)
@@ -300,15 +312,10 @@ class Monitor:
             log.error("alerts not published (%s); they are sent again next time", exc)
             self.last_evaluation = now
             return []
-        # Events folded in while publishing stay: keep every agent evaluate kept, and any
-        # agent that changed meanwhile; take the incidents from the evaluation.
-        current = self.state.agents
-        agents = {
-            name: view
-            for name, view in current.items()
-            if name in after.agents or view is not before.agents.get(name)
-        }
-        self.state = replace(self.state, agents=agents, incidents=after.incidents)
+        for name, view in gone.items():
+            if self.state.agents.get(name) is view:
+                del self.state.agents[name]
+        self.state = replace(self.state, incidents=after.incidents)
         for alert in alerts:
             log.log(
                 logging.INFO if alert.kind == "resolved" else logging.WARNING,
@@ -336,7 +343,8 @@ class Monitor:
         self.metrics.alerts.labels(alert.kind).inc()
 
     async def _save(self) -> None:
-        state = self.state
+        # A shallow copy (the views are immutable): events may arrive while it is written.
+        state = replace(self.state, agents=dict(self.state.agents))
         try:
             await asyncio.to_thread(lambda: atomic_write(self.path, state.to_json()))
             self.save_error = None
