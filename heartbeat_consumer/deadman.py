@@ -49,6 +49,7 @@ Severity = Literal["warning", "error"]
 SEVERITY: dict[str, Severity] = {"stale": "warning", "timeout": "error", "missed": "error"}
 SUCCEEDED = frozenset({"success", "alert", "skipped"})
 """Result statuses after which the agent records the slot as lastRun (the check ran)."""
+FAILED = frozenset({"failed", "timeout"})
 WATCHED_EVENTS = frozenset({"heartbeat.status", "heartbeat.started", "heartbeat.result"})
 """What an agent says about itself; anything else (the monitor's own alerts) is not a
 sign of life."""
@@ -82,6 +83,8 @@ class CheckView:
     last_slot: int | None = None
     """The slot of the last success: the agent's lastRun for this check."""
     last_error: str | None = None
+    failures: int = 0
+    """Results in a row that were failed or timeout."""
     duration_ms: int | None = None
     cadence_ms: int | None = None
     """Learnt from the check's events; without it, ``missed`` cannot be judged."""
@@ -237,6 +240,7 @@ def _fold_check(
         "last_error": str(error)[:MAX_ERROR_CHARS] if error else None,
         "duration_ms": duration if isinstance(duration, int) else None,
     }
+    changes["failures"] = check.failures + 1 if status in FAILED else 0
     if status in SUCCEEDED:
         changes["last_success_at"] = at_ms
         changes["last_slot"] = _instant(payload.get("slot")) or at_ms

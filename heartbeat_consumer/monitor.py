@@ -448,6 +448,7 @@ def status_document(
                 "duration_ms": check.duration_ms,
                 "running_for_ms": _since(now, check.started_at),
                 "error": check.last_error,
+                "failures": check.failures,
                 "alerts": [a["kind"] for a in alerts if a["check"] == check_name],
             }
         state_word = (

@@ -171,7 +171,10 @@ def test_next_due_is_the_last_successful_slot_plus_the_cadence() -> None:
     failed["payload"]["error"] = "x" * 5000
     check = observe(state, failed, T0 + 1).agents["a"].checks["c"]
     assert check.last_slot == state.agents["a"].checks["c"].last_slot  # failures keep lastRun
-    assert check.last_error == "x" * 200
+    assert check.last_error == "x" * 200 and check.failures == 1
+    again = observe(observe(state, failed, T0 + 1), failed, T0 + 2)
+    assert again.agents["a"].checks["c"].failures == 2
+    assert observe(again, result("a", "c"), T0 + 3).agents["a"].checks["c"].failures == 0
 
 
 def test_agents_silent_for_the_forget_period_are_dropped() -> None:
