@@ -228,9 +228,9 @@ class AgentRunner:
             [ev.check for ev in report.plan.selected] or "nothing",
         )
         for evaluation in report.plan.selected:
-            result = await self._run(loaded.config, evaluation, slot_ms, envelope)
+            result, after = await self._run(loaded.config, evaluation, slot_ms, envelope)
             report.results.append(result)
-            report.state_error = await self._complete(result) or report.state_error
+            report.state_error = await self._complete(result, after) or report.state_error
         return report
 
     async def run_check(
@@ -258,8 +258,8 @@ class AgentRunner:
         blocking = [c for c in evaluation.causes if not force or c in _DISABLING]
         if blocking:
             return evaluation.explain(blocking[0])
-        result = await self._run(loaded.config, evaluation, slot_ms, envelope)
-        await self._complete(result)
+        result, after = await self._run(loaded.config, evaluation, slot_ms, envelope)
+        await self._complete(result, after)
         return result
 
     def set_pause(self, name: str, pause: Pause | None) -> None:
@@ -272,10 +272,13 @@ class AgentRunner:
         self.state = self.state.model_copy(update={"pauses": pauses})
         self.store.save(self.state)
 
-    async def _complete(self, result: RunResult) -> StateError | None:
-        """Hand the result on, then save the state (in that order: at-least-once)."""
+    async def _complete(self, result: RunResult, after: AgentState) -> StateError | None:
+        """Hand the result on, then adopt and save the state ``after`` the run (in that
+        order: at-least-once). If handing on fails, the state stays as it was, so the run
+        (and whatever its handler recorded, such as an alert's fingerprint) happens again."""
         if self.on_result is not None:
             await self.on_result(result)
+        self.state = after
         try:
             self.store.save(self.state)
         except StateError as exc:
@@ -289,7 +292,8 @@ class AgentRunner:
         evaluation: Evaluation,
         slot_ms: int,
         envelope: dict[str, Any] | None,
-    ) -> RunResult:
+    ) -> tuple[RunResult, AgentState]:
+        """Run one check; its result and the state after it (not yet adopted)."""
         check = config.checks[evaluation.check]
         agent = self.agent or config.agent
         key = idempotency_key(agent, check.name, slot_ms)
@@ -330,7 +334,7 @@ class AgentRunner:
             outcome = await invoke(handler, payload, check, context)
             outcome_status, result, error = outcome.status, outcome.result, outcome.error
         finished = self.clock()
-        self.state = record_run(
+        after = record_run(
             context.state,
             check=check.name,
             cadence_ms=check.cadence_ms,
@@ -371,4 +375,4 @@ class AgentRunner:
                 "slot": iso(slot_ms),
             },
         )
-        return run
+        return run, after

@@ -81,9 +81,14 @@ async def test_failed_emit_leaves_state_unsaved_so_the_tick_can_be_redelivered(
     async def emit(result: RunResult) -> None:
         raise ConnectionError("broker gone")
 
+    runner = AgentRunner(path, state_path=state_path, on_result=emit)
     with pytest.raises(ConnectionError):
-        await AgentRunner(path, state_path=state_path, on_result=emit).tick(T0)
+        await runner.tick(T0)
     assert not state_path.exists()
+    # Nor adopted in memory: the redelivered tick runs the check again.
+    assert runner.state.check("ping").last_run is None
+    runner.on_result = None
+    assert [r.check for r in (await runner.tick(T0)).results] == ["ping"]
 
 
 async def test_same_slot_twice_runs_once(write_config: WriteConfig) -> None:
