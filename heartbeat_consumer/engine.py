@@ -23,7 +23,7 @@ from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Pa
 from .envelope import envelope as make_envelope
 from .handlers import RunContext, get_handler, handler_names, invoke
 from .schedule import Blocker, Evaluation, Plan, plan
-from .state import AgentState, Status, idempotency_key, record_run
+from .state import AgentState, Status, add_avoided, idempotency_key, record_run
 from .store import StateError, StateStore, default_state_path
 from .timeutil import iso
 
@@ -157,6 +157,9 @@ class AgentRunner:
         self.clock = clock
         self.started_ms = clock()
         self.state = AgentState()
+        self._not_due: dict[str, int] = {}
+        """Ticks each check was not due since the last save (the state file is written
+        with runs, not with every tick)."""
         self._reported_generation = 0
         self._started = False
 
@@ -227,6 +230,9 @@ class AgentRunner:
             sum(ev.due for ev in report.plan.evaluations),
             [ev.check for ev in report.plan.selected] or "nothing",
         )
+        for ev in report.plan.evaluations:  # counted in the state with the next run
+            if ev.causes == (Blocker.NOT_DUE,):
+                self._not_due[ev.check] = self._not_due.get(ev.check, 0) + 1
         for evaluation in report.plan.selected:
             result, after = await self._run(loaded.config, evaluation, slot_ms, envelope)
             report.results.append(result)
@@ -278,7 +284,7 @@ class AgentRunner:
         (and whatever its handler recorded, such as an alert's fingerprint) happens again."""
         if self.on_result is not None:
             await self.on_result(result)
-        self.state = after
+        self.state, self._not_due = add_avoided(after, self._not_due, "not-due")
         try:
             self.store.save(self.state)
         except StateError as exc:

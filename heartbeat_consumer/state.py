@@ -20,6 +20,8 @@ __all__ = [
     "CheckState",
     "HistoryEntry",
     "Status",
+    "AVOIDED_REASONS",
+    "add_avoided",
     "backoff_ms",
     "compact_history",
     "idempotency_key",
@@ -31,6 +33,7 @@ STATUSES: tuple[Status, ...] = ("success", "alert", "failed", "skipped", "timeou
 OK_STATUSES = frozenset({"success", "alert", "skipped"})
 FAILED_STATUSES = frozenset({"failed", "timeout"})
 
+AVOIDED_REASONS = frozenset({"not-due", "empty-checklist", "duplicate"})
 BACKOFF_BASE_MS = MS_PER_MINUTE
 HISTORY_LIMIT = 1000
 """Hard cap on history entries; ``quarterly_compaction`` trims far below it."""
@@ -52,6 +55,16 @@ class CheckState(_Model):
     last_result: dict[str, Any] | None = Field(default=None, alias="lastResult")
     last_error: str | None = Field(default=None, alias="lastError")
     runs: int = 0
+    wall_ms: int = Field(default=0, alias="wallMs")
+    """Total wall time of its runs (the cost of an agent turn is mostly time)."""
+    avoided: dict[str, int] = Field(default_factory=dict)
+    """Runs not made, by reason (:data:`AVOIDED_REASONS`): ticks when it was not due,
+    and skipped runs that said why (an empty checklist, a duplicate alert)."""
+    recent_alerts: dict[str, int] = Field(default_factory=dict, alias="recentAlerts")
+    """Fingerprints of the alerts it raised, with the slot of each (``agent_turn``
+    suppresses the same alert for 24 h)."""
+    auth_failures: int = Field(default=0, alias="authFailures")
+    """Consecutive runs that failed on authentication or quota (``agent_turn``)."""
 
 
 class HistoryEntry(_Model):
@@ -116,7 +129,11 @@ def record_run(
         "last_result": summary,
         "last_error": error,
         "runs": before.runs + 1,
+        "wall_ms": before.wall_ms + max(duration_ms, 0),
     }
+    reason = (summary or {}).get("reason")
+    if status == "skipped" and reason in AVOIDED_REASONS:
+        common["avoided"] = {**before.avoided, reason: before.avoided.get(reason, 0) + 1}
     if status in OK_STATUSES:
         after = before.model_copy(
             update={
@@ -139,6 +156,24 @@ def record_run(
     entry = HistoryEntry(check=check, slot=slot_ms, status=status, duration_ms=duration_ms)
     history = (*state.history, entry)[-HISTORY_LIMIT:]
     return state.model_copy(update={"checks": {**state.checks, check: after}, "history": history})
+
+
+def add_avoided(
+    state: AgentState, counts: dict[str, int], reason: str
+) -> tuple[AgentState, dict[str, int]]:
+    """Add ``counts`` (runs avoided per check) under ``reason`` to the tallies of checks
+    that have a state; the counts of those that have none yet are returned, to be added
+    once they have (creating one here would lose the config's ``lastRun``)."""
+    checks = dict(state.checks)
+    left: dict[str, int] = {}
+    for name, n in counts.items():
+        before = state.checks.get(name)
+        if before is None:
+            left[name] = n
+            continue
+        avoided = {**before.avoided, reason: before.avoided.get(reason, 0) + n}
+        checks[name] = before.model_copy(update={"avoided": avoided})
+    return state.model_copy(update={"checks": checks}), left
 
 
 def compact_history(state: AgentState, keep_per_check: int) -> tuple[AgentState, int]:

@@ -328,3 +328,20 @@ async def test_agent_name_given_by_the_transport_wins_over_the_file(
     assert result.agent == "queue-name"
     assert result.idempotency_key == f"queue-name:c:{T0}"
     assert any("says agent 'bot'; running it as 'queue-name'" in r.message for r in caplog.records)
+
+
+async def test_cost_accounting_counts_wall_time_and_ticks_not_due(
+    write_config: WriteConfig,
+) -> None:
+    """A 15-minute check on one-minute ticks: 3 runs in 31 ticks, 28 ticks avoided as not
+    due (added to the state with the runs), and the runs' wall time."""
+    path = write_config(config({"c": {"cadenceMs": 15 * MIN, "handler": "default"}}))
+    clock = itertools.count(T0, 7)  # every reading 7 ms later: each run lasts 7 ms
+    runner = AgentRunner(path, clock=lambda: next(clock))
+    for minute in range(31):
+        await runner.tick(T0 + minute * MIN)
+    state = runner.state.check("c")
+    assert state.runs == 3 and state.avoided == {"not-due": 28}
+    assert state.wall_ms == 3 * 7
+    saved, _ = StateStore(path.with_name(path.name + ".state.json")).load()
+    assert saved.check("c").avoided == {"not-due": 28}
