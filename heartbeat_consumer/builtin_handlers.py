@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import platform
-import signal
 import socket
 import time
 from typing import Any
 
 from .config import CheckConfig
 from .handlers import current_run, register_handler
+from .process import run_process
 from .state import compact_history
 from .timeutil import iso
 
@@ -76,27 +74,6 @@ async def quarterly_compaction(
     return {"status": "success", "removed": removed, "kept": len(ctx.state.history)}
 
 
-async def _drain(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, int]:
-    """Read a stream to its end, keeping the last ``limit`` bytes; return (tail, total)."""
-    if stream is None:
-        return b"", 0
-    tail = bytearray()
-    total = 0
-    while chunk := await stream.read(65536):
-        total += len(chunk)
-        tail += chunk
-        if len(tail) > limit:
-            del tail[: len(tail) - limit]
-    return bytes(tail), total
-
-
-def _text(tail: bytes, total: int) -> str:
-    text = tail.decode("utf-8", errors="replace")
-    if total > len(tail):
-        return f"[... {total - len(tail)} bytes cut ...]" + text
-    return text
-
-
 def _argv(meta: dict[str, Any]) -> list[str] | str:
     argv = meta.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -127,33 +104,11 @@ async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> di
         HEARTBEAT_IDEMPOTENCY_KEY=str(tick_payload.get("idempotency_key", "")),
     )
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=meta.get("cwd"),
-            env=env,
-            start_new_session=True,
-        )
+        done = await run_process(argv, cwd=meta.get("cwd"), env=env, limit=limit)
     except OSError as exc:
         return {"status": "failed", "error": f"cannot start {argv[0]!r}: {exc.strerror or exc}"}
-    try:
-        (out, out_total), (err, err_total) = await asyncio.gather(
-            _drain(proc.stdout, limit), _drain(proc.stderr, limit)
-        )
-        code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                await asyncio.shield(proc.wait())
-    result: dict[str, Any] = {
-        "exit_code": code,
-        "stdout": _text(out, out_total),
-        "stderr": _text(err, err_total),
-    }
+    code = done.exit_code
+    result: dict[str, Any] = {"exit_code": code, "stdout": done.stdout, "stderr": done.stderr}
     if code == 0:
         return {"status": "success", **result}
     return {"status": "failed", "error": f"exit code {code}", **result}

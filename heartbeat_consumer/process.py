@@ -1,0 +1,86 @@
+"""Running a child process for a handler: no shell, its own process group, bounded output.
+
+The handler's timeout cancels the awaiting task; the whole process group is then killed
+(an agent CLI's own children included), so nothing outlives the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Finished", "run_process", "tail_text"]
+
+
+@dataclass(frozen=True)
+class Finished:
+    exit_code: int
+    stdout: str
+    """The last ``limit`` bytes, prefixed with how many were cut."""
+    stderr: str
+    stdout_bytes: int
+    """How many bytes it wrote in all."""
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    stdin: bytes | None = None,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    limit: int = 4096,
+) -> Finished:
+    """Run ``argv`` to its end, keeping the last ``limit`` bytes of stdout and stderr.
+
+    Raises ``OSError`` when it cannot start; on cancellation kills its process group."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
+    )
+    try:
+        if stdin is not None and proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            proc.stdin.close()
+        (out, out_total), (err, err_total) = await asyncio.gather(
+            _drain(proc.stdout, limit), _drain(proc.stderr, limit)
+        )
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.shield(proc.wait())
+    return Finished(code, tail_text(out, out_total), tail_text(err, err_total), out_total)
+
+
+async def _drain(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, int]:
+    """Read a stream to its end, keeping the last ``limit`` bytes; return (tail, total)."""
+    if stream is None:
+        return b"", 0
+    tail = bytearray()
+    total = 0
+    while chunk := await stream.read(65536):
+        total += len(chunk)
+        tail += chunk
+        if len(tail) > limit:
+            del tail[: len(tail) - limit]
+    return bytes(tail), total
+
+
+def tail_text(tail: bytes, total: int) -> str:
+    text = tail.decode("utf-8", errors="replace")
+    if total > len(tail):
+        return f"[... {total - len(tail)} bytes cut ...]" + text
+    return text
