@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import agent_turn as _agent_turn
 from . import builtin_handlers as _builtin_handlers
 from .config import (
     CheckConfig,
@@ -33,7 +34,7 @@ from .state import AgentState, CheckState
 from .store import StateError
 from .ticker import Ticker
 
-del _builtin_handlers
+del _agent_turn, _builtin_handlers
 
 __all__ = [
     "AgentRunner",

@@ -271,6 +271,7 @@ class AgentConsumer:
             report = await self.runner.tick(slot_ms, env)
             self.last_slot = max(slot_ms, self.last_slot or slot_ms)
         self.metrics.config(self.agent, valid=report.config_error is None)
+        self.metrics.not_due(self.agent, report.plan)
         if report.config_error is not None:
             await self.publish_status("config_invalid", error=str(report.config_error))
         elif not report.results:  # the monitor's dead-man's switch hears from us anyway

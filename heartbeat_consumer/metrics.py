@@ -12,8 +12,12 @@ from typing import TYPE_CHECKING, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .schedule import Blocker
+from .state import AVOIDED_REASONS
+
 if TYPE_CHECKING:
     from .engine import RunResult
+    from .schedule import Plan
 
 __all__ = ["CONTENT_TYPE", "Metrics", "MonitorMetrics", "TickOutcome"]
 
@@ -73,6 +77,13 @@ class Metrics:
             ["agent", "reason"],
             registry=r,
         )
+        self.avoided = Counter(
+            "heartbeat_runs_avoided",
+            "Runs not made, by reason: not-due (a tick found it not due), empty-checklist, "
+            "duplicate (agent_turn)",
+            ["agent", "check", "reason"],
+            registry=r,
+        )
         self.ticks_published = Counter(
             "heartbeat_ticks_published", "Ticks published by this ticker", registry=r
         )
@@ -93,6 +104,15 @@ class Metrics:
         self.duration.labels(result.agent, result.check).observe(result.duration_ms / 1000)
         if result.status in ("success", "alert", "skipped"):
             self.last_success.labels(result.agent, result.check).set(result.finished_at / 1000)
+        reason = result.result.get("reason")
+        if result.status == "skipped" and reason in AVOIDED_REASONS:
+            self.avoided.labels(result.agent, result.check, reason).inc()
+
+    def not_due(self, agent: str, plan: Plan | None) -> None:
+        """Count the checks a tick found not due (and nothing else in the way)."""
+        for ev in plan.evaluations if plan else ():
+            if ev.causes == (Blocker.NOT_DUE,):
+                self.avoided.labels(agent, ev.check, "not-due").inc()
 
     def dead_letter(self, agent: str, reason: str) -> None:
         self.dead_lettered.labels(agent, reason).inc()
@@ -107,6 +127,7 @@ class Metrics:
             self.config_errors,
             self.config_valid,
             self.dead_lettered,
+            self.avoided,
         ):
             metric.remove_by_labels({"agent": agent})
 

@@ -130,6 +130,11 @@ async def test_health_and_metrics_of_a_consumer(bus: Bus, tmp_path: Path) -> Non
             )
 
         await wait_for(counted)
+        text = (await http(port, "/metrics"))[2]
+        avoided = sample(
+            text, "heartbeat_runs_avoided_total", agent=agent, check="c", reason="not-due"
+        )
+        assert avoided == 1  # the later tick found it not due
         status, headers, text = await http(port, "/metrics")
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
         assert sample(text, "heartbeat_checks_run_total", agent=agent, check="c", status="success")
