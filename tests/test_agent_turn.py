@@ -17,6 +17,8 @@ from heartbeat_consumer.heartbeat_md import DEFAULT_PROMPT
 from heartbeat_consumer.metrics import Metrics
 from heartbeat_consumer.schedule import plan
 
+from .conftest import ROOT
+
 FAKE = str(Path(__file__).with_name("fake_agent.py"))
 MIN = 60_000
 DAY = 24 * 60 * MIN
@@ -252,3 +254,19 @@ async def test_metrics_count_turns_avoided_by_reason(tmp_path: Path, agent: Agen
     text = metrics.render().decode()
     line = 'heartbeat_runs_avoided_total{agent="pm",check="wake",reason="empty-checklist"} 1.0'
     assert line in text.splitlines()
+
+
+async def test_the_shipped_example_runs_with_its_checklist(tmp_path: Path, agent: Agent) -> None:
+    """examples/agent.heartbeat.json and examples/HEARTBEAT.md, with the fake agent in
+    place of claude: the checklist is not empty, so the turn happens."""
+    example = orjson.loads((ROOT / "examples/agent.heartbeat.json").read_bytes())
+    meta = example["checks"]["wake"]["meta"]
+    assert meta["checklist"] == "HEARTBEAT.md" and meta["argv"][0] == "claude"
+    (agent.workdir / "HEARTBEAT.md").write_bytes((ROOT / "examples/HEARTBEAT.md").read_bytes())
+    meta.update(argv=[sys.executable, FAKE], workdir=str(agent.workdir))
+    config = tmp_path / "pm.heartbeat.json"
+    config.write_bytes(orjson.dumps(example))
+    run = AgentRunner(config, clock=lambda: T0)
+    report = await run.tick(T0)  # 09:00 in Berlin: inside the window
+    assert [(r.check, r.status) for r in report.results] == [("wake", "success")]
+    assert agent.calls[0]["prompt"] == DEFAULT_PROMPT
