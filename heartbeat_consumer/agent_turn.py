@@ -41,7 +41,7 @@ from .heartbeat_md import (
     parse_reply,
     remember_alert,
 )
-from .process import run_process
+from .process import heartbeat_env, meta_argv, run_process
 from .state import CheckState
 from .timeutil import iso
 
@@ -56,10 +56,7 @@ STDERR_TAIL_CHARS = 2000
 
 class _Settings:
     def __init__(self, meta: dict[str, Any]) -> None:
-        argv = meta.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ValueError('meta.argv must be a non-empty list of strings, e.g. ["claude", "-p"]')
-        self.argv: list[str] = argv
+        self.argv = meta_argv(meta)
         self.prompt = str(meta.get("prompt") or DEFAULT_PROMPT)
         self.via = meta.get("promptVia", "argument")
         if self.via not in ("argument", "stdin"):
@@ -86,13 +83,7 @@ class _Settings:
 
     def environment(self, tick_payload: dict[str, Any]) -> dict[str, str]:
         env = {n: os.environ[n] for n in (*BASE_ENV, *self.allowed) if n in os.environ}
-        env.update(
-            HEARTBEAT_AGENT=str(tick_payload.get("agent", "")),
-            HEARTBEAT_CHECK=str(tick_payload.get("check_name", "")),
-            HEARTBEAT_SLOT=str(tick_payload.get("timestamp", "")),
-            HEARTBEAT_IDEMPOTENCY_KEY=str(tick_payload.get("idempotency_key", "")),
-        )
-        return env
+        return {**env, **heartbeat_env(tick_payload)}
 
 
 @register_handler("agent_turn")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import CheckConfig
 from .handlers import current_run, register_handler
-from .process import run_process
+from .process import heartbeat_env, meta_argv, run_process
 from .state import compact_history
 from .timeutil import iso
 
@@ -74,13 +74,6 @@ async def quarterly_compaction(
     return {"status": "success", "removed": removed, "kept": len(ctx.state.history)}
 
 
-def _argv(meta: dict[str, Any]) -> list[str] | str:
-    argv = meta.get("argv")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        return 'meta.argv must be a non-empty list of strings, e.g. ["/usr/bin/true"]'
-    return list(argv)
-
-
 @register_handler("command")
 async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
     """Run ``meta.argv`` without a shell. Exit 0 = success, else failed.
@@ -91,18 +84,14 @@ async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> di
     HEARTBEAT_IDEMPOTENCY_KEY.
     """
     meta = check_config.meta
-    argv = _argv(meta)
-    if isinstance(argv, str):
-        return {"status": "failed", "error": argv}
+    try:
+        argv = meta_argv(meta)
+    except ValueError as exc:
+        return {"status": "failed", "error": str(exc)}
     limit = int(meta.get("maxOutputBytes", DEFAULT_MAX_OUTPUT_BYTES))
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (meta.get("env") or {}).items()})
-    env.update(
-        HEARTBEAT_AGENT=str(tick_payload.get("agent", "")),
-        HEARTBEAT_CHECK=str(tick_payload.get("check_name", "")),
-        HEARTBEAT_SLOT=str(tick_payload.get("timestamp", "")),
-        HEARTBEAT_IDEMPOTENCY_KEY=str(tick_payload.get("idempotency_key", "")),
-    )
+    env.update(heartbeat_env(tick_payload))
     try:
         done = await run_process(argv, cwd=meta.get("cwd"), env=env, limit=limit)
     except OSError as exc:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aio_pika.abc import AbstractChannel
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
+from aio_pika.abc import AbstractChannel, AbstractRobustExchange
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from faststream.security import BaseSecurity
 
@@ -21,6 +21,7 @@ __all__ = [
     "REASON_HEADER",
     "TlsFiles",
     "dead_letter",
+    "declare_with_dead_letters",
     "make_broker",
     "publish_json",
     "queue_health",
@@ -99,6 +100,18 @@ async def publish_json(
         message_type=event["event_type"],
         expiration=None if expiration_ms is None else expiration_ms / 1000,
     )
+
+
+async def declare_with_dead_letters(
+    broker: RabbitBroker, exchange: RabbitExchange, dead_letters: RabbitExchange, dlq: str
+) -> AbstractRobustExchange:
+    """Declare the exchange, its dead-letter exchange and the queue ``dlq`` bound to it
+    under its own name (every consumer's first steps); the declared exchange."""
+    declared = await broker.declare_exchange(exchange)
+    dlx = await broker.declare_exchange(dead_letters)
+    queue = await broker.declare_queue(RabbitQueue(dlq, durable=True))
+    await queue.bind(dlx, routing_key=dlq)
+    return declared
 
 
 async def unreachable(broker: RabbitBroker, url: str) -> Health | None:

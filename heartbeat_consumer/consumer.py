@@ -33,6 +33,7 @@ from .config import Pause
 from .connection import (
     TlsFiles,
     dead_letter,
+    declare_with_dead_letters,
     make_broker,
     publish_json,
     queue_health,
@@ -157,12 +158,9 @@ class AgentConsumer:
         Needs a connected broker; raises :class:`TopologyError` on a settings mismatch.
         """
         try:
-            exchange = await self.broker.declare_exchange(self.exchange)
-            dlx = await self.broker.declare_exchange(self.dead_letters)
-            dlq = await self.broker.declare_queue(
-                RabbitQueue(dead_letter_queue(self.agent), durable=True)
+            exchange = await declare_with_dead_letters(
+                self.broker, self.exchange, self.dead_letters, dead_letter_queue(self.agent)
             )
-            await dlq.bind(dlx, routing_key=dead_letter_queue(self.agent))
             inbox = await self.broker.declare_queue(self.queue)
             await inbox.bind(exchange, routing_key=inbox_bindings(self.agent)[1])
         except ChannelPreconditionFailed as exc:

@@ -46,6 +46,7 @@ from pydantic import ValidationError
 from .connection import (
     TlsFiles,
     dead_letter,
+    declare_with_dead_letters,
     make_broker,
     publish_json,
     queue_health,
@@ -192,10 +193,9 @@ class Monitor:
         )
         await self.broker.connect()
         try:
-            await self.broker.declare_exchange(self.exchange)
-            dlx = await self.broker.declare_exchange(self.dead_letters)
-            dlq = await self.broker.declare_queue(RabbitQueue(self.dlq_name, durable=True))
-            await dlq.bind(dlx, routing_key=self.dlq_name)
+            await declare_with_dead_letters(
+                self.broker, self.exchange, self.dead_letters, self.dlq_name
+            )
         except ChannelPreconditionFailed as exc:
             raise TopologyError(
                 f"the broker has exchange {self.exchange.name!r} or queue {self.dlq_name!r} "

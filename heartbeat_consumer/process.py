@@ -12,8 +12,28 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Finished", "run_process", "tail_text"]
+__all__ = ["Finished", "heartbeat_env", "meta_argv", "run_process", "tail_text"]
+
+
+def meta_argv(meta: dict[str, Any]) -> list[str]:
+    """``meta.argv`` of a handler that runs a program; ValueError when it is not a
+    non-empty list of strings (no shell: a string is refused, not split)."""
+    argv = meta.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ValueError('meta.argv must be a non-empty list of strings, e.g. ["/usr/bin/true"]')
+    return list(argv)
+
+
+def heartbeat_env(tick_payload: dict[str, Any]) -> dict[str, str]:
+    """The variables that tell a child which run it is part of."""
+    return {
+        "HEARTBEAT_AGENT": str(tick_payload.get("agent", "")),
+        "HEARTBEAT_CHECK": str(tick_payload.get("check_name", "")),
+        "HEARTBEAT_SLOT": str(tick_payload.get("timestamp", "")),
+        "HEARTBEAT_IDEMPOTENCY_KEY": str(tick_payload.get("idempotency_key", "")),
+    }
 
 
 @dataclass(frozen=True)
