@@ -340,21 +340,17 @@ def _watch_config(args: argparse.Namespace) -> WatchConfig:
             raise UsageError(f"--stale-for wants AGENT=DURATION, not {item!r}")
         by_agent[agent] = _duration(duration)
     try:
-        return _make_watch_config(args, by_agent)
+        return WatchConfig(
+            stale_ms=_duration(args.stale_after),
+            stale_ms_by_agent=by_agent,
+            timeout_grace_ms=_duration(args.timeout_grace),
+            missed_grace_ms=_duration(args.missed_grace),
+            repeat_ms=_duration(args.repeat) if args.repeat else None,
+            forget_ms=_duration(args.forget_after),
+        )
     except ValidationError as exc:
         problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"monitor settings: {problems}") from None
-
-
-def _make_watch_config(args: argparse.Namespace, by_agent: dict[str, int]) -> WatchConfig:
-    return WatchConfig(
-        stale_ms=_duration(args.stale_after),
-        stale_ms_by_agent=by_agent,
-        timeout_grace_ms=_duration(args.timeout_grace),
-        missed_grace_ms=_duration(args.missed_grace),
-        repeat_ms=_duration(args.repeat) if args.repeat else None,
-        forget_ms=_duration(args.forget_after),
-    )
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

@@ -28,9 +28,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from .timeutil import format_duration, parse_instant_ms
+from .state import FAILED_STATUSES, OK_STATUSES
+from .timeutil import format_duration, instant_or_none
 
 __all__ = [
+    "SEVERITY",
     "Alert",
     "AgentView",
     "CheckView",
@@ -47,9 +49,6 @@ __all__ = [
 Kind = Literal["stale", "timeout", "missed"]
 Severity = Literal["warning", "error"]
 SEVERITY: dict[str, Severity] = {"stale": "warning", "timeout": "error", "missed": "error"}
-SUCCEEDED = frozenset({"success", "alert", "skipped"})
-"""Result statuses after which the agent records the slot as lastRun (the check ran)."""
-FAILED = frozenset({"failed", "timeout"})
 WATCHED_EVENTS = frozenset({"heartbeat.status", "heartbeat.started", "heartbeat.result"})
 """What an agent says about itself; anything else (the monitor's own alerts) is not a
 sign of life."""
@@ -240,22 +239,13 @@ def _fold_check(
         "last_error": str(error)[:MAX_ERROR_CHARS] if error else None,
         "duration_ms": duration if isinstance(duration, int) else None,
     }
-    changes["failures"] = check.failures + 1 if status in FAILED else 0
-    if status in SUCCEEDED:
+    changes["failures"] = check.failures + 1 if status in FAILED_STATUSES else 0
+    if status in OK_STATUSES:  # the agent records the slot as lastRun: the check ran
         changes["last_success_at"] = at_ms
-        changes["last_slot"] = _instant(payload.get("slot")) or at_ms
+        changes["last_slot"] = instant_or_none(payload.get("slot")) or at_ms
     if check.running_key in (None, "", payload.get("idempotency_key")):
         changes["running_key"], changes["started_at"] = None, None
     return replace(check, **changes)
-
-
-def _instant(value: object) -> int | None:
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        return None
-    try:
-        return parse_instant_ms(value)
-    except ValueError:
-        return None
 
 
 # --- which alerts that makes ---------------------------------------------------------------

@@ -230,9 +230,8 @@ class AgentRunner:
             sum(ev.due for ev in report.plan.evaluations),
             [ev.check for ev in report.plan.selected] or "nothing",
         )
-        for ev in report.plan.evaluations:  # counted in the state with the next run
-            if ev.causes == (Blocker.NOT_DUE,):
-                self._not_due[ev.check] = self._not_due.get(ev.check, 0) + 1
+        for name in report.plan.not_due():  # counted in the state with the next run
+            self._not_due[name] = self._not_due.get(name, 0) + 1
         for evaluation in report.plan.selected:
             result, after = await self._run(loaded.config, evaluation, slot_ms, envelope)
             report.results.append(result)

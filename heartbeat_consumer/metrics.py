@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .schedule import Blocker
 from .state import AVOIDED_REASONS
 
 if TYPE_CHECKING:
@@ -110,9 +109,8 @@ class Metrics:
 
     def not_due(self, agent: str, plan: Plan | None) -> None:
         """Count the checks a tick found not due (and nothing else in the way)."""
-        for ev in plan.evaluations if plan else ():
-            if ev.causes == (Blocker.NOT_DUE,):
-                self.avoided.labels(agent, ev.check, "not-due").inc()
+        for name in plan.not_due() if plan else ():
+            self.avoided.labels(agent, name, "not-due").inc()
 
     def dead_letter(self, agent: str, reason: str) -> None:
         self.dead_lettered.labels(agent, reason).inc()

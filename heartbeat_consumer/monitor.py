@@ -41,7 +41,6 @@ from aiormq.exceptions import ChannelPreconditionFailed
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
-from pydantic import ValidationError
 
 from .connection import (
     TlsFiles,
@@ -55,6 +54,7 @@ from .connection import (
 )
 from .consumer import TopologyError
 from .deadman import (
+    SEVERITY,
     Alert,
     WatchConfig,
     WatchState,
@@ -68,8 +68,8 @@ from .health import Health, Response, Route
 from .local import stop_on_signals
 from .metrics import MonitorMetrics
 from .service import run_service
-from .store import StateError, StateStore, atomic_write
-from .timeutil import iso, parse_instant_ms
+from .store import StateError, StateStore, atomic_write, corrupt_path, load_file
+from .timeutil import instant_or_none, iso
 from .topology import (
     DEFAULT_EXCHANGE,
     DEFAULT_URL,
@@ -161,21 +161,13 @@ class Monitor:
     def load(self) -> None:
         """The saved state, if any; a corrupt file is set aside and reported."""
         StateStore(self.path).check_writable()
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise StateError(f"cannot read monitor state {self.path}: {exc.strerror}") from None
-        try:
-            self.state = WatchState.from_json(raw)
-        except ValidationError as exc:
-            aside = self.path.with_name(self.path.name + ".corrupt")
-            with contextlib.suppress(OSError):
-                self.path.replace(aside)
-            reason = str(exc).splitlines()[0]
+        state, reason = load_file(self.path, WatchState.from_json)
+        if reason is not None:
+            aside = corrupt_path(self.path)
             log.error("monitor state %s unreadable (%s); moved to %s", self.path, reason, aside)
+        if state is None:
             return
+        self.state = state
         log.info(
             "monitor state: %d agents, %d open incidents from %s",
             len(self.state.agents),
@@ -203,7 +195,7 @@ class Monitor:
             ) from None
         await self.broker.start()
         self.running = True
-        self._gauges(self.clock())
+        self._gauges()
 
     async def stop(self) -> None:
         self.running = False
@@ -326,7 +318,7 @@ class Monitor:
                 alert.detail,
                 extra={"event": "alert", "agent": alert.agent, "kind": alert.kind},
             )
-        self._gauges(now)
+        self._gauges()
         self.last_evaluation = now
         await self._save()
         return alerts
@@ -353,7 +345,7 @@ class Monitor:
                 log.error("monitor state not saved: %s", exc)
             self.save_error = str(exc)
 
-    def _gauges(self, now: int) -> None:
+    def _gauges(self) -> None:
         stale = {i.agent for i in self.state.incidents.values() if i.kind == "stale"}
         counts = {"online": 0, "offline": 0, "stale": 0}
         for name, view in self.state.agents.items():
@@ -361,7 +353,7 @@ class Monitor:
             counts[state] += 1
         for label, count in counts.items():
             self.metrics.agents.labels(label).set(count)
-        kinds = {"stale": 0, "timeout": 0, "missed": 0}
+        kinds = dict.fromkeys(SEVERITY, 0)
         for incident in self.state.incidents.values():
             kinds[incident.kind] += 1
         for label, count in kinds.items():
@@ -385,13 +377,8 @@ class Monitor:
 
 def _dated(event: dict[str, Any], received: int) -> int:
     """The event's own time, never later than its arrival (clocks drift)."""
-    stamp = event.get("timestamp")
-    if isinstance(stamp, str | int) and not isinstance(stamp, bool):
-        try:
-            return min(parse_instant_ms(stamp), received)
-        except ValueError:
-            pass
-    return received
+    stamp = instant_or_none(event.get("timestamp"))
+    return received if stamp is None else min(stamp, received)
 
 
 def status_document(
@@ -413,7 +400,7 @@ def status_document(
             "agent": incident.agent,
             "kind": incident.kind,
             "check": incident.check,
-            "severity": "warning" if incident.kind == "stale" else "error",
+            "severity": SEVERITY[incident.kind],
             "opened_at": iso(incident.opened_at),
             "open_for_ms": now - incident.opened_at,
             "detail": incident.detail,
@@ -426,18 +413,20 @@ def status_document(
     for name in sorted(state.agents):
         view = state.agents[name]
         alerts = by_agent.get(name, [])
-        idle = now - view.last_seen if view.last_seen is not None else None
+        idle = _since(now, view.last_seen)
         stale = any(a["kind"] == "stale" for a in alerts)
         checks = {}
         active: tuple[str | None, int] | None = None
         for check_name in sorted(view.checks):
             check = view.checks[check_name]
             due = next_due_at(check)
-            is_running = check.started_at is not None
-            if check.started_at is not None:
-                active = active or (check.running_key or None, check.started_at)
+            running_since = check.started_at
+            status = check.last_status or "unknown"
+            if running_since is not None:
+                status = "running"
+                active = active or (check.running_key or None, running_since)
             checks[check_name] = {
-                "status": "running" if is_running else check.last_status or "unknown",
+                "status": status,
                 "last_status": check.last_status,
                 "last_result_at": _iso(check.last_result_at),
                 "last_success_at": _iso(check.last_success_at),
@@ -446,7 +435,7 @@ def status_document(
                 "due_in_ms": None if due is None else due - now,
                 "cadence_ms": check.cadence_ms,
                 "duration_ms": check.duration_ms,
-                "running_for_ms": _since(now, check.started_at),
+                "running_for_ms": _since(now, running_since),
                 "error": check.last_error,
                 "failures": check.failures,
                 "alerts": [a["kind"] for a in alerts if a["check"] == check_name],

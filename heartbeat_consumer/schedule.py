@@ -97,6 +97,10 @@ class Plan:
     evaluations: tuple[Evaluation, ...]
     selected: tuple[Evaluation, ...]
 
+    def not_due(self) -> list[str]:
+        """The checks held back only because they are not due yet (a run avoided)."""
+        return [ev.check for ev in self.evaluations if ev.causes == (Blocker.NOT_DUE,)]
+
 
 def overdue_ratio(now_ms: int, last_run_ms: int | None, cadence_ms: int) -> float:
     """``(now - lastRun) / cadence``; infinite when the check never ran."""

@@ -11,15 +11,25 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
-from pydantic import ValidationError
 
 from .state import AgentState
 from .timeutil import iso
 
-__all__ = ["StateError", "StateStore", "atomic_write", "default_state_path"]
+__all__ = [
+    "StateError",
+    "StateStore",
+    "atomic_write",
+    "corrupt_path",
+    "default_state_path",
+    "load_file",
+]
+
+T = TypeVar("T")
 
 log = logging.getLogger("heartbeat_consumer.store")
 
@@ -70,21 +80,14 @@ class StateStore:
         A corrupt file is renamed to ``<file>.corrupt`` and the state is rebuilt
         (with ``repair=False``, for read-only commands, it is only reported).
         """
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return AgentState(), None
-        except OSError as exc:
-            raise StateError(f"cannot read state file {self.path}: {exc.strerror}") from None
-        try:
-            return AgentState.model_validate(orjson.loads(raw)), None
-        except (orjson.JSONDecodeError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
+        state, reason = load_file(
+            self.path, lambda raw: AgentState.model_validate(orjson.loads(raw)), repair=repair
+        )
+        if reason is None:
+            return state or AgentState(), None
         if not repair:
             return AgentState(), f"state file {self.path} is corrupt ({reason})"
-        aside = self.path.with_name(self.path.name + ".corrupt")
-        with contextlib.suppress(OSError):
-            self.path.replace(aside)
+        aside = corrupt_path(self.path)
         when = f" at {iso(now_ms)}" if now_ms is not None else ""
         warning = (
             f"state file {self.path} was corrupt ({reason}); "
@@ -96,6 +99,34 @@ class StateStore:
     def save(self, state: AgentState) -> None:
         data = orjson.dumps(state.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
         atomic_write(self.path, data + b"\n")
+
+
+def corrupt_path(path: Path) -> Path:
+    """Where :func:`load_file` sets an unreadable file aside."""
+    return path.with_name(path.name + ".corrupt")
+
+
+def load_file(
+    path: Path, parse: Callable[[bytes], T], *, repair: bool = True
+) -> tuple[T | None, str | None]:
+    """The file parsed; ``(None, None)`` when there is none; ``(None, reason)`` when
+    ``parse`` rejects it (ValueError: bad JSON or invalid content), and with ``repair``
+    it is moved to :func:`corrupt_path` so that a fresh state can be written. Raises
+    :class:`StateError` when the file exists but cannot be read."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        raise StateError(f"cannot read state file {path}: {exc.strerror}") from None
+    try:
+        return parse(raw), None
+    except ValueError as exc:  # orjson.JSONDecodeError and ValidationError are ValueErrors
+        reason = str(exc).splitlines()[0]
+    if repair:
+        with contextlib.suppress(OSError):
+            path.replace(corrupt_path(path))
+    return None, reason
 
 
 def atomic_write(path: Path, data: bytes) -> None:

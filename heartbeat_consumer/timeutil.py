@@ -104,6 +104,16 @@ def parse_instant_ms(value: str | int | float) -> int:
     return to_ms(moment)
 
 
+def instant_or_none(value: object) -> int | None:
+    """:func:`parse_instant_ms` of a value from the wire, or None when it is not a time."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        return None
+    try:
+        return parse_instant_ms(value)
+    except ValueError:
+        return None
+
+
 @lru_cache(maxsize=512)
 def zone(name: str) -> ZoneInfo:
     """ZoneInfo for an IANA name; ValueError with a clear message when unknown."""
