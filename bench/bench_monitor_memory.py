@@ -43,41 +43,36 @@ def events(agents: int, checks: int, at: int) -> Iterator[tuple[str, dict[str, A
     shaped like the consumer's (payload fields included)."""
     for i in range(agents):
         agent = f"agent-{i:06d}"
-        yield (
-            f"heartbeat.{agent}._status.online",
-            {
-                "event_id": str(uuid.uuid4()),
-                "event_type": "heartbeat.status",
-                "timestamp": at,
-                "payload": {"agent": agent, "status": "online", "pid": 4242},
-            },
-        )
+        online = {"agent": agent, "status": "online", "pid": 4242}
+        yield f"heartbeat.{agent}._status.online", _event("heartbeat.status", at, online)
         for c in range(checks):
             check = f"check-{c}"
-            yield (
-                f"heartbeat.{agent}.{check}.success",
-                {
-                    "event_id": str(uuid.uuid4()),
-                    "event_type": "heartbeat.result",
-                    "timestamp": at,
-                    "payload": {
-                        "agent": agent,
-                        "check": check,
-                        "handler": "default",
-                        "slot": "2027-01-15T08:00:00.000Z",
-                        "started_at": "2027-01-15T08:00:00.010Z",
-                        "idempotency_key": f"{agent}:{check}:2027-01-15T08:00:00.000Z",
-                        "cadence_ms": 900_000,
-                        "timeout_ms": 60_000,
-                        "status": "success",
-                        "finished_at": "2027-01-15T08:00:00.050Z",
-                        "duration_ms": 40,
-                        "overdue_ratio": 1.0,
-                        "result": {"ok": True},
-                        "error": None,
-                    },
-                },
-            )
+            result = {
+                "agent": agent,
+                "check": check,
+                "handler": "default",
+                "slot": "2027-01-15T08:00:00.000Z",
+                "started_at": "2027-01-15T08:00:00.010Z",
+                "idempotency_key": f"{agent}:{check}:2027-01-15T08:00:00.000Z",
+                "cadence_ms": 900_000,
+                "timeout_ms": 60_000,
+                "status": "success",
+                "finished_at": "2027-01-15T08:00:00.050Z",
+                "duration_ms": 40,
+                "overdue_ratio": 1.0,
+                "result": {"ok": True},
+                "error": None,
+            }
+            yield f"heartbeat.{agent}.{check}.success", _event("heartbeat.result", at, result)
+
+
+def _event(event_type: str, at: int, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "timestamp": at,
+        "payload": payload,
+    }
 
 
 def rules(agents: int, checks: int) -> None:

@@ -26,11 +26,11 @@ SCRIPT = ROOT / "deploy" / "rabbitmq" / "permissions.sh"
 HOUR = 3_600_000
 
 
-async def script(bus: Bus, *args: str) -> tuple[int, str, str]:
+async def script(bus: Bus, *args: str, **env: str) -> tuple[int, str, str]:
     await rabbitmqctl("status")  # skips where there is no rabbitmqctl
     proc = await asyncio.create_subprocess_exec(
         "sh", str(SCRIPT), *args,
-        env={**os.environ, "EXCHANGE_NAME": bus.exchange_name},
+        env={**os.environ, "EXCHANGE_NAME": bus.exchange_name, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
@@ -183,11 +183,7 @@ async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(
     await bus.channel.declare_exchange(
         f"{bus.exchange_name}.dlx", aio_pika.ExchangeType.TOPIC, durable=True
     )
-    os.environ["MONITOR_QUEUE"] = queue
-    try:
-        code, out, err = await script(bus, "--monitor", user)
-    finally:
-        del os.environ["MONITOR_QUEUE"]
+    code, out, err = await script(bus, "--monitor", user, MONITOR_QUEUE=queue)
     assert code == 0, err
     env = dict(line.split("=", 1) for line in out.splitlines())
     assert env["DECLARE_EXCHANGES"] == "false"
@@ -217,14 +213,7 @@ async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(
             assert alert.routing_key == "heartbeat.x._alert.stale"
         finally:
             await monitor.stop()
-        connection = await aio_pika.connect(env["RABBIT_URL"])
-        try:
-            channel = await connection.channel()
-            exchange = await channel.get_exchange(bus.exchange_name, ensure=True)
-            with pytest.raises(ChannelAccessRefused):
-                await exchange.publish(aio_pika.Message(b"{}"), routing_key="heartbeat.x.c.success")
-        finally:
-            await connection.close()
+        await refused(env["RABBIT_URL"], "publish B's result", bus, "x")  # a forged result
         connection = await aio_pika.connect(env["RABBIT_URL"])
         try:
             channel = await connection.channel()
