@@ -573,7 +573,7 @@ def _monitor_command(sub: Any) -> None:
     p.add_argument(
         "--port",
         type=int,
-        default=int(env("MONITOR_PORT", "8790")),
+        default=env("MONITOR_PORT", "8790"),
         help="dashboard, /api/heartbeat/status, /health, /metrics (env MONITOR_PORT; 8790)",
     )
     p.add_argument(

@@ -305,3 +305,18 @@ def test_read_only_commands_leave_a_corrupt_state_file_alone(
     assert state.read_text() == "{broken"
     assert main(["run-once", str(path)]) == 0, "a run rebuilds it"
     assert Path(str(state) + ".corrupt").read_text() == "{broken"
+
+
+def test_a_bad_monitor_setting_in_the_environment_is_a_clear_monitor_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MONITOR_PORT is read only by `monitor`, and a bad value is its usage error."""
+    monkeypatch.setenv("MONITOR_PORT", "abc")
+    assert main(["validate", str(ROOT / "examples/cack.heartbeat.json")]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["monitor"])
+    assert exit_.value.code == 2
+    assert "argument --port: invalid int value: 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("MONITOR_PORT")
+    assert main(["monitor", "--stale-for", "x"]) == 2
+    assert "--stale-for wants AGENT=DURATION, not 'x'" in capsys.readouterr().err
