@@ -1,22 +1,30 @@
 """Handler plugins: the registry, plugin loading, and running one handler safely.
 
 A handler is ``async def h(tick_payload: dict, check_config: CheckConfig) -> dict``
-(a plain ``def`` runs in a worker thread). It returns a dict whose ``status`` is one of
-success | alert | failed | skipped, plus free fields. An exception becomes status
-``failed`` with the error text; exceeding the check's timeout becomes ``timeout``.
+(a plain ``def`` runs in a thread of its own). It returns a dict whose ``status`` is one
+of success | alert | failed | skipped, plus free fields. An exception becomes status
+``failed`` with the error text; exceeding the check's timeout becomes ``timeout``; a
+result over :data:`MAX_RESULT_BYTES` of JSON is replaced by a preview.
+
+A thread cannot be stopped: a plain ``def`` that outlives its timeout is left running
+(as a daemon thread, so it does not hold up shutdown), and the check fails without
+starting another until it ends. An ``async def`` must not block the event loop: blocking
+or CPU-heavy work belongs in a plain ``def`` or in a ``command`` handler's process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import logging
 import os
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterable
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -48,6 +56,9 @@ log = logging.getLogger("heartbeat_consumer.handlers")
 ENTRY_POINT_GROUP = "heartbeat_consumer.handlers"
 HANDLER_STATUSES = frozenset({"success", "alert", "failed", "skipped"})
 MAX_ERROR_CHARS = 2000
+MAX_RESULT_BYTES = 64 * 1024
+"""A result bigger than this (as JSON) is sent and stored as a preview."""
+RESULT_PREVIEW_CHARS = 1000
 
 Handler = Callable[[dict[str, Any], CheckConfig], Awaitable[dict[str, Any]] | dict[str, Any]]
 H = TypeVar("H", bound=Handler)
@@ -198,14 +209,6 @@ def _truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
 
 
-def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
-    """The result as plain JSON data (unknown objects become strings)."""
-    data: dict[str, Any] = orjson.loads(
-        orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
-    )
-    return data
-
-
 def _check_result(value: object) -> Outcome:
     if not isinstance(value, dict):
         return Outcome(
@@ -216,21 +219,70 @@ def _check_result(value: object) -> Outcome:
         allowed = " | ".join(sorted(HANDLER_STATUSES))
         return Outcome("failed", {}, f"handler returned status {status!r}; expected {allowed}")
     try:
-        result = _jsonable(value)
+        encoded = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         return Outcome("failed", {}, f"handler result is not JSON-serialisable: {exc}")
+    if len(encoded) > MAX_RESULT_BYTES:
+        result: dict[str, Any] = {
+            "status": status,
+            "truncated": True,
+            "bytes": len(encoded),
+            "preview": encoded[:RESULT_PREVIEW_CHARS].decode(errors="replace"),
+        }
+    else:
+        result = orjson.loads(encoded)
     error = value.get("error")
     return Outcome(
         cast(Status, status), result, _truncate(str(error)) if error is not None else None
     )
 
 
-async def _call(handler: Handler, payload: dict[str, Any], check: CheckConfig) -> object:
+_threads: dict[tuple[str, str], threading.Thread] = {}
+"""The thread of each (agent, check)'s plain-``def`` run while it runs."""
+
+
+def _in_thread(
+    key: tuple[str, str], handler: Handler, payload: dict[str, Any], check: CheckConfig
+) -> asyncio.Future[object]:
+    """Run a plain ``def`` in a daemon thread (with the caller's context variables)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[object] = loop.create_future()
+    context = copy_context()
+
+    def settle(value: object, error: BaseException | None) -> None:
+        if future.done():  # timed out meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        value: object = None
+        error: BaseException | None = None
+        try:
+            value = context.run(handler, payload, check)
+        except BaseException as exc:
+            error = exc
+        if _threads.get(key) is threading.current_thread():
+            del _threads[key]
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, value, error)
+
+    thread = threading.Thread(target=target, name=f"handler {key[0]}:{key[1]}", daemon=True)
+    _threads[key] = thread
+    thread.start()
+    return future
+
+
+async def _call(
+    key: tuple[str, str], handler: Handler, payload: dict[str, Any], check: CheckConfig
+) -> object:
     if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004
     ):
         return await cast(Awaitable[object], handler(payload, check))
-    value = await asyncio.to_thread(handler, payload, check)
+    value = await _in_thread(key, handler, payload, check)
     if inspect.isawaitable(value):
         return await value
     return value
@@ -243,12 +295,21 @@ async def invoke(
     context: RunContext | None = None,
 ) -> Outcome:
     """Run a handler with the check's timeout; never raises (except cancellation)."""
+    key = (context.agent if context else "", check.name)
+    previous = _threads.get(key)
+    if previous is not None and previous.is_alive():
+        return Outcome(
+            "failed",
+            {},
+            "the previous run timed out and is still running in its thread; "
+            "not starting another until it ends",
+        )
     timeout_s = check.effective_timeout_ms / 1000
     token = _current.set(context)
     deadline = asyncio.timeout(timeout_s)
     try:
         async with deadline:
-            value = await _call(handler, payload, check)
+            value = await _call(key, handler, payload, check)
     except TimeoutError as exc:
         if deadline.expired():
             return Outcome("timeout", {}, f"handler timed out after {timeout_s:g}s")

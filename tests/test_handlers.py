@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import textwrap
 import time
@@ -255,3 +256,62 @@ def test_entry_point_plugins_load_and_a_broken_one_is_skipped(
     assert {"ep_decorated", "ep_bare"} <= handler_names()
     assert any("ep_broken" in r.message and "failed to load" in r.message for r in caplog.records)
     sys.modules.pop("ep_plugin_mod", None)
+
+
+async def test_an_oversized_result_is_sent_as_a_preview() -> None:
+    async def big(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        return {"status": "success", "blob": "x" * 10_000_000}
+
+    outcome = await invoke(big, dict(PAYLOAD), check())
+    assert outcome.status == "success"
+    assert outcome.result["truncated"] is True and outcome.result["bytes"] > 10_000_000
+    assert len(orjson.dumps(outcome.result)) < 2000
+
+
+async def test_a_hung_sync_handler_times_out_and_blocks_only_its_own_check() -> None:
+    release = __import__("threading").Event()
+
+    def hang(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        release.wait(30)
+        return {"status": "success"}
+
+    def quick(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+        return {"status": "success"}
+
+    hung_check = check(timeoutMs=200)
+    first = await invoke(hang, dict(PAYLOAD), hung_check)
+    assert first.status == "timeout"
+    second = await invoke(hang, dict(PAYLOAD), hung_check)
+    assert second.status == "failed" and "still running in its thread" in (second.error or "")
+    other = await invoke(
+        quick, dict(PAYLOAD), check(timeoutMs=200).model_copy(update={"name": "d"})
+    )
+    assert other.status == "success", "other checks keep their threads"
+    release.set()
+    for _ in range(100):
+        third = await invoke(quick, dict(PAYLOAD), hung_check)
+        if third.status == "success":
+            break
+        await asyncio.sleep(0.01)
+    assert third.status == "success", "runs again once the hung thread ended"
+
+
+def test_a_hung_sync_handler_does_not_hold_up_exit(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, time
+        from heartbeat_consumer.handlers import invoke
+        from heartbeat_consumer.config import parse_config
+        cfg = parse_config(b'{"agent":"a","checks":{"c":{"cadenceMs":60000,"handler":"h",'
+                           b'"timeoutMs":100}}}').config.checks["c"]
+        def hang(payload, check):
+            time.sleep(3600)
+        print(asyncio.run(invoke(hang, {}, cfg)).status)
+        """
+    )
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=30
+    )
+    assert out.stdout.strip() == "timeout", out.stderr
+    assert time.monotonic() - started < 20, "exit waited for the thread"
