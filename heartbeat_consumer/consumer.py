@@ -139,6 +139,7 @@ class AgentConsumer:
         self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
         self.last_slot: int | None = None
+        self._state_problem: str | None = None
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []
         self.subscriber = broker.subscriber(
@@ -172,6 +173,28 @@ class AgentConsumer:
                 f"): {exc}"
             ) from None
 
+    async def open(self) -> None:
+        """Load the state, declare the topology, say ``online`` and evaluate once.
+
+        An unusable state file does not stop the agent: it is reported (a
+        ``state_error`` status event) and the state is kept in memory meanwhile."""
+        problem = self.runner.start(require_writable=False)
+        await self.declare()
+        await self.publish_status("online", pid=os.getpid())
+        if problem is not None:
+            log.error("%s: %s; running with the state in memory", self.agent, problem)
+            await self._report_state(problem)
+        await self.evaluate_now()
+
+    async def _report_state(self, problem: Exception | None) -> None:
+        """``state_error`` while saving fails; ``state_ok`` once it works again."""
+        if problem is not None:
+            self._state_problem = str(problem)
+            await self.publish_status("state_error", error=self._state_problem)
+        elif self._state_problem is not None:
+            self._state_problem = None
+            await self.publish_status("state_ok")
+
     async def evaluate_now(self) -> TickReport:
         """Evaluate once at start-up, for the slot containing now, without a tick."""
         slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
@@ -185,7 +208,10 @@ class AgentConsumer:
             self.broker, self.queue.name, consuming=self.subscriber.running, channel=channel
         )
         last = iso(self.last_slot) if self.last_slot is not None else None
-        return Health(health.ok, health.connected, {**health.detail, "last_slot": last})
+        detail = {**health.detail, "last_slot": last}
+        if self._state_problem is not None:  # reported, not a reason to restart
+            detail["state_error"] = self._state_problem
+        return Health(health.ok, health.connected, detail)
 
     # --- publishing ------------------------------------------------------------------------
 
@@ -270,6 +296,8 @@ class AgentConsumer:
             self.last_slot = max(slot_ms, self.last_slot or slot_ms)
         self.metrics.config(self.agent, valid=report.config_error is None)
         self.metrics.not_due(self.agent, report.plan)
+        if report.results:
+            await self._report_state(report.state_error)
         if report.config_error is not None:
             await self.publish_status("config_invalid", error=str(report.config_error))
         elif not report.results:  # the monitor's dead-man's switch hears from us anyway
@@ -289,10 +317,10 @@ class AgentConsumer:
                     log.warning("%s: run %s not done: %s", self.agent, command.check, outcome)
             elif name == "pause":
                 pause = Pause(until=command.until_ms, reason=command.reason)
-                self.runner.set_pause(command.check, pause)
+                await self._report_state(self.runner.set_pause(command.check, pause))
                 log.info("%s: paused %s", self.agent, command.check)
             else:
-                self.runner.set_pause(command.check, None)
+                await self._report_state(self.runner.set_pause(command.check, None))
                 log.info("%s: resumed %s", self.agent, command.check)
         await msg.ack()
 
@@ -341,12 +369,9 @@ class HeartbeatConsumer:
         )
 
     async def start(self) -> None:
-        self.agent.runner.start()
         log.info("connecting to %s", mask_url(self.rabbit_url))
         await self.broker.connect()
-        await self.agent.declare()
-        await self.agent.publish_status("online", pid=os.getpid())
-        await self.agent.evaluate_now()
+        await self.agent.open()
         await self.broker.start()
         log.info("%s: consuming %s", self.agent.agent, self.agent.queue.name)
 

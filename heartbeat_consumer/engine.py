@@ -23,7 +23,14 @@ from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Pa
 from .envelope import envelope as make_envelope
 from .handlers import RunContext, get_handler, handler_names, invoke
 from .schedule import Blocker, Evaluation, Plan, plan
-from .state import AgentState, Status, add_avoided, idempotency_key, record_run
+from .state import (
+    HISTORY_LIMIT,
+    AgentState,
+    Status,
+    add_avoided,
+    idempotency_key,
+    record_run,
+)
 from .store import StateError, StateStore, default_state_path
 from .timeutil import iso
 
@@ -162,14 +169,30 @@ class AgentRunner:
         with runs, not with every tick)."""
         self._reported_generation = 0
         self._started = False
+        self._unsent: dict[str, tuple[RunResult, AgentState, AgentState]] = {}
+        """Runs whose result could not be handed on, by idempotency key, with the state
+        before and after them: re-sent (not re-run) before the next tick's work."""
 
-    def start(self) -> None:
-        """Check the state file can be written and load it. Raises StateError."""
-        self.store.check_writable()
-        self.state, warning = self.store.load(self.clock())
+    def start(self, *, require_writable: bool = True) -> StateError | None:
+        """Check the state file can be written and load it. Raises StateError, unless
+        ``require_writable`` is False: then the problem is returned and the agent runs
+        with the state it could read, kept in memory (a service reports it rather than
+        exit into a restart loop; every later save tries again)."""
+        problem: StateError | None = None
+        warning: str | None = None
+        try:
+            self.store.check_writable()
+            self.state, warning = self.store.load(self.clock())
+        except StateError as exc:
+            if require_writable:
+                raise
+            problem = exc
+            with contextlib.suppress(StateError):
+                self.state, warning = self.store.load(self.clock(), repair=False)
         if warning:
             log.warning("%s", warning)
         self._started = True
+        return problem
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[bool]:
@@ -207,6 +230,7 @@ class AgentRunner:
         if not self._started:
             self.start()
         report = TickReport(slot=slot_ms)
+        report.results, report.state_error = await self._send_unsent()
         loaded, report.config_error = self._config()
         if loaded is None:
             return report
@@ -253,6 +277,7 @@ class AgentRunner:
         """
         if not self._started:
             self.start()
+        await self._send_unsent()
         loaded, _ = self._config()
         if loaded is None:
             return "no usable config"
@@ -267,22 +292,60 @@ class AgentRunner:
         await self._complete(result, after)
         return result
 
-    def set_pause(self, name: str, pause: Pause | None) -> None:
-        """Pause a check (or ``*``, the agent) in the state file; None resumes it."""
+    def set_pause(self, name: str, pause: Pause | None) -> StateError | None:
+        """Pause a check (or ``*``, the agent) in the state; None resumes it. Saved at
+        once; if saving fails, the error is returned and the pause holds in memory."""
         pauses = dict(self.state.pauses)
         if pause is None:
             pauses.pop(name, None)
         else:
             pauses[name] = pause
         self.state = self.state.model_copy(update={"pauses": pauses})
-        self.store.save(self.state)
+        try:
+            self.store.save(self.state)
+        except StateError as exc:
+            log.error("state not saved (kept in memory, retried next run): %s", exc)
+            return exc
+        return None
 
     async def _complete(self, result: RunResult, after: AgentState) -> StateError | None:
         """Hand the result on, then adopt and save the state ``after`` the run (in that
-        order: at-least-once). If handing on fails, the state stays as it was, so the run
-        (and whatever its handler recorded, such as an alert's fingerprint) happens again."""
+        order: at-least-once). If handing on fails, the state stays as it was (so what the
+        handler recorded, such as an alert's fingerprint, is not yet remembered) and the
+        result is kept to be re-sent before the next tick runs anything: a redelivered
+        tick then finds the check done instead of running its handler a second time."""
+        before = self.state
         if self.on_result is not None:
-            await self.on_result(result)
+            try:
+                await self.on_result(result)
+            except BaseException:
+                self._unsent[result.idempotency_key] = (result, before, after)
+                raise
+        return self._adopt(before, after, result.check)
+
+    async def _send_unsent(self) -> tuple[list[RunResult], StateError | None]:
+        """Re-send the results whose hand-on failed, oldest first; raises if it fails again."""
+        sent: list[RunResult] = []
+        error: StateError | None = None
+        for key, (result, before, after) in list(self._unsent.items()):
+            log.warning("re-sending the result of %s (its handler is not run again)", key)
+            if self.on_result is not None:
+                await self.on_result(result)
+            del self._unsent[key]
+            sent.append(result)
+            error = self._adopt(before, after, result.check) or error
+        return sent, error
+
+    def _adopt(self, before: AgentState, after: AgentState, check: str) -> StateError | None:
+        """Make ``after`` the state (only ``check``'s part and its history entry if the
+        state changed meanwhile, by a pause command) and save it."""
+        if self.state is not before:
+            after = self.state.model_copy(
+                update={
+                    "checks": {**self.state.checks, check: after.checks[check]},
+                    "history": (*self.state.history, after.history[-1])[-HISTORY_LIMIT:],
+                }
+            )
         self.state, self._not_due = add_avoided(after, self._not_due, "not-due")
         try:
             self.store.save(self.state)

@@ -93,10 +93,7 @@ class Fleet:
 
     async def _add(self, agent: str, path: Path) -> None:
         consumer = self._consumer(agent, path)
-        consumer.runner.start()
-        await consumer.declare()
-        await consumer.publish_status("online", pid=os.getpid())
-        await consumer.evaluate_now()
+        await consumer.open()
         if self._started:
             await consumer.subscriber.start()
         self.agents[agent] = consumer

@@ -4,8 +4,8 @@
 - Commands: ``agent.<name>.heartbeat.run|pause|resume``.
 - Results: ``heartbeat.<agent>.<check>.<status>``, run announcements
   ``heartbeat.<agent>.<check>.started`` and status events
-  ``heartbeat.<agent>._status.<online|offline|config_invalid|alive>``. None matches an
-  inbox binding, so results never flow back into any agent's inbox.
+  ``heartbeat.<agent>._status.<word>`` (:data:`STATUS_EVENTS`). None matches an inbox
+  binding, so results never flow back into any agent's inbox.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DEFAULT_EXCHANGE = "bloodbank.events.v1"
 TICK_KEY = "system.heartbeat.tick"
 TICK_BINDING = "system.heartbeat.#"
 COMMANDS = ("tick", "run", "pause", "resume")
-STATUS_EVENTS = ("online", "offline", "config_invalid", "alive")
+STATUS_EVENTS = ("online", "offline", "config_invalid", "state_error", "state_ok", "alive")
 """``alive``: a tick was evaluated and ran nothing (the monitor hears from idle agents)."""
 ALERT_KINDS = ("stale", "timeout", "missed", "resolved")
 MONITOR_BINDING = "heartbeat.#"

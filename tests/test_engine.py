@@ -72,11 +72,17 @@ async def test_result_is_emitted_before_state_is_saved(write_config: WriteConfig
     assert StateStore(state_path).load()[0].check("ping").last_run == T0
 
 
-async def test_failed_emit_leaves_state_unsaved_so_the_tick_can_be_redelivered(
+async def test_failed_emit_leaves_state_unsaved_and_the_redelivered_tick_resends_not_reruns(
     write_config: WriteConfig,
 ) -> None:
-    path = write_config(config({"ping": {"cadenceMs": MIN, "handler": "default"}}))
+    path = write_config(config({"ping": {"cadenceMs": MIN, "handler": "counted"}}))
     state_path = path.parent / "state.json"
+    calls: list[str] = []
+
+    @register_handler("counted")
+    async def counted(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        calls.append(payload["idempotency_key"])
+        return {"status": "success", "n": len(calls)}
 
     async def emit(result: RunResult) -> None:
         raise ConnectionError("broker gone")
@@ -85,10 +91,38 @@ async def test_failed_emit_leaves_state_unsaved_so_the_tick_can_be_redelivered(
     with pytest.raises(ConnectionError):
         await runner.tick(T0)
     assert not state_path.exists()
-    # Nor adopted in memory: the redelivered tick runs the check again.
-    assert runner.state.check("ping").last_run is None
-    runner.on_result = None
-    assert [r.check for r in (await runner.tick(T0)).results] == ["ping"]
+    assert runner.state.check("ping").last_run is None, "not adopted in memory either"
+    with pytest.raises(ConnectionError):  # the broker is still gone at the redelivery
+        await runner.tick(T0)
+    assert calls == [f"bot:ping:{T0}"], "the handler ran once"
+    rec = Recorder()
+    runner.on_result = rec
+    report = await runner.tick(T0)  # redelivered again, the broker is back
+    assert [r.result for r in report.results] == [{"status": "success", "n": 1}]
+    assert rec.results == report.results, "the kept result, re-sent"
+    assert calls == [f"bot:ping:{T0}"], "not run a second time"
+    assert StateStore(state_path).load()[0].check("ping").last_run == T0
+    assert (await runner.tick(T0)).results == [], "done, and nothing left to re-send"
+
+
+async def test_a_pause_between_failure_and_resend_is_kept(write_config: WriteConfig) -> None:
+    from heartbeat_consumer.config import Pause
+
+    path = write_config(config({"ping": {"cadenceMs": MIN, "handler": "default"}}))
+    runner, rec = runner_for(path)
+
+    async def down(result: RunResult) -> None:
+        raise ConnectionError("broker gone")
+
+    runner.on_result = down
+    with pytest.raises(ConnectionError):
+        await runner.tick(T0)
+    runner.set_pause("*", Pause(until=T0 + 60 * MIN, reason="maintenance"))
+    runner.on_result = rec
+    await runner.tick(T0)
+    assert [r.check for r in rec.results] == ["ping"]
+    assert runner.state.check("ping").last_run == T0 and "*" in runner.state.pauses
+    assert len(runner.state.history) == 1
 
 
 async def test_same_slot_twice_runs_once(write_config: WriteConfig) -> None:
