@@ -81,6 +81,10 @@ __all__ = ["AgentConsumer", "HeartbeatConsumer", "TopologyError"]
 log = logging.getLogger("heartbeat_consumer.consumer")
 
 DEFAULT_TICK_INTERVAL_MS = 60_000
+FUTURE_TOLERANCE_MS = 60_000
+"""A tick up to this far (or one interval, if longer) ahead of our clock is taken as
+clock skew; further ahead it is dead-lettered: run at its slot, it would record a run
+in the future and hold the check (and every earlier tick) back until then."""
 QueueKind = Literal["classic", "quorum"]
 
 
@@ -140,13 +144,15 @@ class AgentConsumer:
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
         self.last_slot: int | None = None
         self._state_problem: str | None = None
+        self._inflight: set[asyncio.Future[None]] = set()
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []
+        self._channel = channel or Channel(prefetch_count=1)
         self.subscriber = broker.subscriber(
             self.queue,
             self.exchange,
             ack_policy=AckPolicy.MANUAL,
-            channel=channel or Channel(prefetch_count=1),
+            channel=self._channel,
             persistent=False,  # held here, so a fleet can drop a removed agent
         )
         self.subscriber(self.on_message)
@@ -162,7 +168,12 @@ class AgentConsumer:
             exchange = await declare_with_dead_letters(
                 self.broker, self.exchange, self.dead_letters, dead_letter_queue(self.agent)
             )
-            inbox = await self.broker.declare_queue(self.queue)
+            # On the subscriber's channel: FastStream keeps the first declared queue
+            # object and consumes through it, so declaring it on the broker's default
+            # channel would consume there, without our prefetch.
+            inbox = await self.broker.config.declarer.declare_queue(
+                self.queue, channel=self._channel
+            )
             await inbox.bind(exchange, routing_key=inbox_bindings(self.agent)[1])
         except ChannelPreconditionFailed as exc:
             raise TopologyError(
@@ -253,6 +264,25 @@ class AgentConsumer:
     # --- deliveries ------------------------------------------------------------------------
 
     async def on_message(self, msg: RabbitMessage) -> None:
+        """Handle one delivery to its end even if the connection drops meanwhile (the
+        delivery's task is then cancelled): a run half done would run again on the
+        redelivery; finished, its result is published or kept to be re-sent."""
+        task = asyncio.ensure_future(self._handle(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                log.warning("%s: connection lost mid-delivery; finishing the run", self.agent)
+            raise
+
+    async def finish_inflight(self, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) for deliveries still being handled."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout_s)
+
+    async def _handle(self, msg: RabbitMessage) -> None:
         key = msg.raw_message.routing_key or ""
         kind = self._routes.get(key)
         try:
@@ -276,6 +306,14 @@ class AgentConsumer:
     async def _on_tick(self, msg: RabbitMessage) -> None:
         tick = parse_tick(msg.body, interval_ms=self.tick_interval_ms)
         now = wall_clock_ms()
+        tolerance = max(self.tick_interval_ms, FUTURE_TOLERANCE_MS)
+        if tick.slot_ms > now + tolerance:
+            raise EnvelopeError(
+                f"tick for {iso(tick.slot_ms)} is {(tick.slot_ms - now) / 1000:.0f} s ahead of "
+                f"this host's clock (at most {tolerance / 1000:g} s is taken as clock skew); "
+                "check the clocks of the ticker and this host",
+                "from_future",
+            )
         if tick.slot_ms < now - 2 * self.tick_interval_ms:
             log.debug(
                 "%s: stale tick %s (%s) ignored", self.agent, tick.event_id, iso(tick.slot_ms)
@@ -353,6 +391,7 @@ class HeartbeatConsumer:
         self.rabbit_url = rabbit_url
         self.health_port = health_port
         self.health_host = health_host
+        self.graceful_timeout_s = graceful_timeout_s
         self.metrics = Metrics()
         self.broker = make_broker(rabbit_url, tls=tls, graceful_timeout_s=graceful_timeout_s)
         self.agent = AgentConsumer(
@@ -379,6 +418,7 @@ class HeartbeatConsumer:
         """Stop taking deliveries, let the running handler finish (up to the graceful
         timeout; it acks and saves state), publish ``offline``, close."""
         await self.agent.subscriber.stop()
+        await self.agent.finish_inflight(self.graceful_timeout_s)
         try:
             await self.agent.publish_status("offline", pid=os.getpid())
         except Exception as exc:

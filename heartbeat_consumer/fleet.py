@@ -67,6 +67,7 @@ class Fleet:
         self.single_active_consumer = single_active_consumer
         self.declare_exchanges = declare_exchanges
         self.rescan_s = rescan_s
+        self.graceful_timeout_s = graceful_timeout_s
         self.health_port = health_port
         self.health_host = health_host
         self.metrics = Metrics()
@@ -128,6 +129,8 @@ class Fleet:
     async def stop(self) -> None:
         for consumer in self.agents.values():
             await consumer.subscriber.stop()
+        for consumer in self.agents.values():
+            await consumer.finish_inflight(self.graceful_timeout_s)
         for consumer in self.agents.values():
             with contextlib.suppress(Exception):
                 await consumer.publish_status("offline", pid=os.getpid())

@@ -572,3 +572,26 @@ async def test_started_announces_each_run_and_alive_reports_idle_ticks(
         (alive,) = await take(events, 1, skip_status=False)
         assert alive.routing_key == f"heartbeat.{agent}._status.alive"
         assert orjson.loads(alive.body)["payload"]["slot"].endswith("Z")
+
+
+async def test_the_inbox_is_consumed_with_prefetch_one_also_after_a_reconnect(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """FastStream consumes through the queue object declared first: the inbox must be
+    declared on the subscriber's channel, or it is consumed without a prefetch limit
+    (every queued tick delivered at once, one task each)."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+
+    async def prefetch() -> list[str]:
+        listing = await rabbitmqctl("list_consumers", "queue_name", "prefetch_count")
+        return [line.split("\t")[1] for line in listing.splitlines() if agent in line]
+
+    async with running(bus, agent, config) as consumer:
+        assert await prefetch() == ["1"]
+        await rabbitmqctl("close_all_connections", "test: reconnect")
+        for _ in range(100):
+            if (await consumer.health()).ok:
+                break
+            await asyncio.sleep(0.1)
+        assert await prefetch() == ["1"]
