@@ -74,11 +74,12 @@ class Bus:
         exchange = await self.exchange()
         await exchange.publish(aio_pika.Message(data, **kw), routing_key=routing_key)
 
-    async def collector(self, binding: str) -> aio_pika.abc.AbstractQueue:
-        """A queue of our own bound to ``binding`` (results, status events)."""
+    async def collector(self, binding: str, durable: bool = False) -> aio_pika.abc.AbstractQueue:
+        """A queue of our own bound to ``binding`` (results, status events); ``durable``
+        to keep what it holds through a broker restart."""
         name = f"test.collect.{uuid.uuid4().hex[:10]}"
         self.queues.add(name)
-        queue = await self.channel.declare_queue(name, durable=False, auto_delete=False)
+        queue = await self.channel.declare_queue(name, durable=durable, auto_delete=False)
         await queue.bind(await self.exchange(), routing_key=binding)
         return queue
 

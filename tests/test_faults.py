@@ -1,0 +1,471 @@
+"""The fault suite: a real RabbitMQ, real consumers, and things going wrong on purpose.
+
+Every test is bounded in time. Ticks in the stream tests are stamped a little ahead of
+the clock (within the consumer's clock-skew tolerance) and each one makes the check
+due, so that a tick held up by the fault is not dropped as stale: every tick the broker
+confirmed must give exactly one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from heartbeat_consumer import CheckConfig, register_handler
+from heartbeat_consumer.fleet import Fleet
+from heartbeat_consumer.handlers import unregister_handler
+from heartbeat_consumer.state import AgentState, CheckState
+from heartbeat_consumer.store import StateStore
+from heartbeat_consumer.timeutil import floor_to
+
+from .broker import Bus, rabbitmqctl, take
+from .test_bus import BIN, running, write
+
+INTERVAL = 100
+"""Tick interval and cadence of the stream tests (ms): each tick a new, due slot."""
+
+
+def now_ms() -> int:
+    return int(__import__("time").time() * 1000)
+
+
+def slot_tick(slot_ms: int, event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "event_id": event_id or f"tick-{slot_ms}",
+        "event_type": "system.heartbeat.tick",
+        "timestamp": slot_ms,
+        "payload": {"epoch_ms": slot_ms},
+    }
+
+
+@contextlib.contextmanager
+def counting_handler(agent: str) -> Iterator[tuple[str, list[str]]]:
+    """A handler registered for this test (30 ms long, so that a run is usually under
+    way when the fault strikes); yields its name and the keys it ran."""
+    name = f"count_{agent}"
+    calls: list[str] = []
+
+    @register_handler(name)
+    async def count(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        calls.append(payload["idempotency_key"])
+        await asyncio.sleep(0.03)
+        return {"status": "success"}
+
+    try:
+        yield name, calls
+    finally:
+        unregister_handler(name)
+
+
+async def read_all(queue: aio_pika.abc.AbstractQueue) -> list[dict[str, Any]]:
+    found = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        found.append(orjson.loads(message.body))
+    return found
+
+
+FAULTS = {
+    "broker restart": [("stop_app",), ("start_app",), ("await_startup",)],
+    "killed connections": [("close_all_connections", "test: fault injection")],
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_fault_mid_stream_loses_no_acked_tick_and_runs_no_slot_twice(
+    bus: Bus, tmp_path: Path, fault: str
+) -> None:
+    agent = bus.agent()
+    with counting_handler(agent) as (handler, calls):
+        config = write(tmp_path, agent, {"c": {"cadenceMs": INTERVAL, "handler": handler}})
+        results = await bus.collector(f"heartbeat.{agent}.c.success", durable=True)
+        state = tmp_path / "state.json"
+        async with running(bus, agent, config, tick_interval_ms=INTERVAL, state_path=state):
+            await take(results, 1)  # the start-up run
+            first = floor_to(now_ms(), INTERVAL) + 30_000
+            confirmed: set[int] = set()
+            attempted: set[int] = set()
+
+            async def inject() -> None:
+                for args in FAULTS[fault]:
+                    await rabbitmqctl(*args)
+
+            injector: asyncio.Task[None] | None = None
+            after_fault = 0
+            for i in range(600):
+                slot = first + i * INTERVAL
+                attempted.add(slot)
+                with contextlib.suppress(Exception):
+                    tick = slot_tick(slot)
+                    persistent = aio_pika.DeliveryMode.PERSISTENT
+                    await asyncio.wait_for(
+                        bus.publish("system.heartbeat.tick", tick, delivery_mode=persistent), 2
+                    )
+                    confirmed.add(slot)
+                if i == 20:
+                    injector = asyncio.create_task(inject())
+                if injector is not None and injector.done():
+                    after_fault += 1
+                    if after_fault == 20:
+                        break
+                await asyncio.sleep(0.02)  # faster than the handler: a backlog builds
+            assert injector is not None and injector.done(), "the fault did not end"
+            await injector
+
+            seen: list[dict[str, Any]] = []
+            for _ in range(600):  # up to a minute for the backlog
+                with contextlib.suppress(Exception):
+                    seen += await read_all(results)
+                slots = {int(e["payload"]["idempotency_key"].rsplit(":", 1)[1]) for e in seen}
+                if confirmed <= slots and not await inbox_busy(bus, agent):
+                    break
+                await asyncio.sleep(0.1)
+    assert len(confirmed) >= 30 and len(attempted) - len(confirmed) <= len(attempted) // 2
+    by_slot = Counter(e["payload"]["idempotency_key"] for e in seen)
+    missing = sorted(confirmed - slots)
+    assert not missing, f"{len(missing)} confirmed tick(s) without a result: {missing[:5]}"
+    assert slots <= attempted, "a result for a slot nobody ticked"
+    ran_twice = [key for key, n in Counter(calls).items() if n > 1]
+    assert not ran_twice, f"handler ran twice for {ran_twice}"
+    for key, n in by_slot.items():  # a re-sent result is the same event, not a new run
+        if n > 1:
+            ids = {e["event_id"] for e in seen if e["payload"]["idempotency_key"] == key}
+            assert len(ids) == 1, f"{key}: {n} different results"
+    saved, warning = StateStore(state).load()
+    assert warning is None and saved.check("c").last_run == max(confirmed | slots)
+
+
+async def inbox_busy(bus: Bus, agent: str) -> bool:
+    try:
+        return await bus.count(f"agent.{agent}.inbox") > 0
+    except Exception:
+        return True
+
+
+KILL_PLUGIN = """
+import asyncio, pathlib
+from heartbeat_consumer import register_handler
+
+@register_handler("kill_me")
+async def kill_me(tick_payload, check_config):
+    calls = pathlib.Path(check_config.meta["calls"])
+    with calls.open("a") as out:
+        out.write(tick_payload["idempotency_key"] + "\\n")
+    if pathlib.Path(check_config.meta["block"]).exists():
+        await asyncio.sleep(3600)
+    return {"status": "success"}
+"""
+
+
+async def test_sigkill_during_a_handler_keeps_the_state_and_reruns_the_slot_once(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    calls, block = tmp_path / "calls", tmp_path / "block"
+    (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
+    meta = {"calls": str(calls), "block": str(block)}
+    check = {"cadenceMs": 60_000, "handler": "kill_me", "timeoutMs": 600_000, "meta": meta}
+    config = write(tmp_path, agent, {"c": check})
+    state = tmp_path / "state.json"
+    current = floor_to(now_ms(), 60_000)
+    StateStore(state).save(AgentState(checks={"c": CheckState(last_run=current, runs=7)}))
+    before = state.read_bytes()
+    events = await bus.collector(f"heartbeat.{agent}.#")
+    argv = [BIN, "run", str(config), "--rabbit-url", bus.url, "--exchange", bus.exchange_name]
+    argv += ["--handlers", str(tmp_path / "kill_plugin.py"), "--state", str(state)]
+    argv += ["--every", "60s"]
+    block.touch()
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await take(events, 1, within=20, skip_status=False)  # online
+        slot = current + 60_000  # the next slot, due then (at most a minute ahead)
+        await bus.publish("system.heartbeat.tick", slot_tick(slot))
+        for _ in range(200):
+            if calls.exists() and calls.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert calls.read_text() == f"{agent}:c:{slot}\n", "the handler is running"
+        proc.kill()
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert state.read_bytes() == before, "the killed run left the state file as it was"
+    assert StateStore(state).load()[1] is None, "and valid"
+    await asyncio.sleep(0.5)
+    assert await bus.count(f"agent.{agent}.inbox") == 1, "the unacked tick is back"
+
+    block.unlink()
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        found: list[str] = []
+        for _ in range(200):
+            found += [m.routing_key or "" for m in await drain_all(events)]
+            if f"heartbeat.{agent}.c.success" in found and not await inbox_busy(bus, agent):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # nothing more comes
+        found += [m.routing_key or "" for m in await drain_all(events)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert calls.read_text() == f"{agent}:c:{slot}\n" * 2, "re-run once, with the same key"
+    assert found.count(f"heartbeat.{agent}.c.success") == 1
+    saved, _ = StateStore(state).load()
+    assert saved.check("c").last_run == slot and saved.check("c").runs == 8
+
+
+async def drain_all(
+    queue: aio_pika.abc.AbstractQueue,
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    found = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        found.append(message)
+    return found
+
+
+FLOOD = "import sys; sys.stdout.write('x' * 100_000_000); sys.stderr.write('e' * 10_000_000)"
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_bad_handlers_are_bounded_and_reported_while_others_keep_running(
+    bus: Bus, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:6]
+
+    async def hangs(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"status": "success"}
+
+    async def raises(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    async def garbage(payload: dict[str, Any], check: CheckConfig) -> Any:
+        return ["not", "a", "dict"]
+
+    async def huge(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        return {"status": "success", "blob": "y" * 20_000_000}
+
+    handlers = {"hangs": hangs, "raises": raises, "garbage": garbage, "huge": huge}
+    for name, func in handlers.items():
+        register_handler(f"{name}_{suffix}")(func)
+    checks: dict[str, dict[str, Any]] = {
+        name: {"cadenceMs": 1, "handler": f"{name}_{suffix}", "timeoutMs": 4000}
+        for name in handlers
+    }
+    checks["floods"] = {
+        "cadenceMs": 1,
+        "handler": "command",
+        "timeoutMs": 30_000,
+        "meta": {"argv": [sys.executable, "-c", FLOOD]},
+    }
+    checks["good"] = {"cadenceMs": 1, "handler": "default"}
+    agents = {kind: bus.agent(kind[:2]) for kind in checks}
+    for kind, agent in agents.items():
+        write(tmp_path, agent, {kind: checks[kind]})
+    results = await bus.collector("heartbeat.*.*.*")
+    Path("/proc/self/clear_refs").write_text("5")  # noqa: ASYNC240 (reset the peak RSS)
+    baseline = rss_mb()
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    try:
+        await fleet.start()  # each agent's start-up run, one after another
+        startup = {orjson.loads(m.body)["payload"]["agent"]: m for m in await take(results, 6)}
+        peak = peak_rss_mb() - baseline
+        payloads = {kind: orjson.loads(startup[a].body)["payload"] for kind, a in agents.items()}
+        assert payloads["hangs"]["status"] == "timeout"
+        assert payloads["raises"]["status"] == "failed"
+        assert payloads["raises"]["error"] == "RuntimeError: boom"
+        assert payloads["garbage"]["status"] == "failed"
+        assert "handler returned list" in payloads["garbage"]["error"]
+        assert payloads["huge"]["result"]["truncated"] is True
+        assert len(startup[agents["huge"]].body) < 10_000, "a preview, not 20 MB"
+        assert payloads["floods"]["status"] == "success"
+        assert len(startup[agents["floods"]].body) < 100_000, "output tail only"
+        assert payloads["good"]["status"] == "success"
+        assert peak < 120, f"peak RSS grew {peak:.0f} MB (100 MB of output, 20 MB result)"
+
+        await asyncio.sleep(1.05)  # the next slot: everything is due again
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        await bus.publish("system.heartbeat.tick", slot_tick(floor_to(now_ms(), 1000)))
+        arrived: dict[str, float] = {}
+        deadline = sent + 20
+        while len(arrived) < 6 and loop.time() < deadline:
+            for m in await drain_all(results):
+                payload = orjson.loads(m.body)["payload"]
+                if "check" in payload and m.routing_key and not m.routing_key.endswith("started"):
+                    arrived[payload["check"]] = loop.time() - sent
+            await asyncio.sleep(0.02)
+        assert set(arrived) == set(checks), arrived
+        assert arrived["good"] < 2.0, f"the good agent waited {arrived['good']:.1f} s"
+        assert arrived["hangs"] >= 3.9, "the hung one ran to its timeout"
+    finally:
+        await fleet.stop()
+        for name in handlers:
+            unregister_handler(f"{name}_{suffix}")
+
+
+async def statuses(queue: aio_pika.abc.AbstractQueue) -> list[tuple[str, dict[str, Any]]]:
+    """(status word or check name, payload) of everything on ``queue`` now."""
+    found = []
+    for m in await drain_all(queue):
+        key = m.routing_key or ""
+        payload = orjson.loads(m.body)["payload"]
+        if "._status." in key:
+            found.append((key.rsplit(".", 1)[1], payload))
+        elif not key.endswith(".started"):
+            found.append((payload["check"], payload))
+    return found
+
+
+async def tick_and_see(
+    bus: Bus, queue: aio_pika.abc.AbstractQueue, want: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Wait for the next 1 s slot, tick, and return the next ``want`` events (alive
+    left out)."""
+    await asyncio.sleep(1.05 - (now_ms() % 1000) / 1000)
+    await bus.publish("system.heartbeat.tick", slot_tick(floor_to(now_ms(), 1000)))
+    got: list[tuple[str, dict[str, Any]]] = []
+    for _ in range(200):
+        got += [e for e in await statuses(queue) if e[0] != "alive"]
+        if len(got) >= want:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    return got + [e for e in await statuses(queue) if e[0] != "alive"]
+
+
+async def test_config_edited_while_running_keeps_the_last_good_and_recovers(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"a": {"cadenceMs": 1, "handler": "default"}})
+    events = await bus.collector(f"heartbeat.{agent}.#")
+
+    def body(check: str) -> bytes:
+        checks = {check: {"cadenceMs": 1, "handler": "default"}}
+        return orjson.dumps({"agent": agent, "checks": checks})
+
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        assert [e[0] for e in await tick_and_see(bus, events, 3)] == ["online", "a", "a"]
+
+        new = body("b")
+        with config.open("r+b") as handle:  # a non-atomic write, seen half done
+            handle.truncate(0)
+            handle.write(new[: len(new) // 2])
+            handle.flush()
+            seen = dict(await tick_and_see(bus, events, 2))
+            assert sorted(seen) == ["a", "config_invalid"], "the last good one runs"
+            assert "JSON" in seen["config_invalid"]["error"], seen
+            handle.write(new[len(new) // 2 :])
+        assert [e[0] for e in await tick_and_see(bus, events, 1)] == ["b"], "recovered"
+
+        for broken, why in [
+            (new[:7], "JSON"),  # truncated
+            (b'{"agent": "x", "checks": ["c"]}', "checks"),  # valid JSON, not a config
+            (None, "No such file"),  # deleted
+        ]:
+            if broken is None:
+                config.unlink()
+            else:
+                config.write_bytes(broken)
+            seen = dict(await tick_and_see(bus, events, 2))
+            assert sorted(seen) == ["b", "config_invalid"], "the last good one runs"
+            assert why in seen["config_invalid"]["error"], seen
+
+        staged = tmp_path / "staged.json"  # the atomic way: write aside, rename over
+        staged.write_bytes(body("c"))
+        staged.replace(config)
+        assert [e[0] for e in await tick_and_see(bus, events, 1)] == ["c"], "recovered"
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs at ``tmp_path/disk`` (root only), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def remount(mount: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], check=True)
+
+
+def fill(mount: Path) -> Path:
+    filler = mount / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as out:
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+            os.fsync(out.fileno())
+    return filler
+
+
+async def test_full_or_read_only_state_disk_is_reported_and_the_agent_keeps_running(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    events = await bus.collector(f"heartbeat.{agent}.#")
+    with small_disk(tmp_path) as disk:
+        state = disk / "state.json"
+        remount(disk, "ro")  # read-only from the start: no exit, reported
+        async with running(bus, agent, config, tick_interval_ms=1000, state_path=state) as c:
+            seen = await statuses(events)
+            assert [e[0] for e in seen] == ["online", "state_error", "c", "state_error"], seen
+            assert "Read-only file system" in seen[1][1]["error"]
+            health = await c.health()
+            assert health.ok and "Read-only" in health.detail["state_error"]
+
+            remount(disk, "rw")
+            assert [e[0] for e in await tick_and_see(bus, events, 2)] == ["c", "state_ok"]
+            assert StateStore(state).load()[0].check("c").runs == 2
+
+            filler = fill(disk)
+            seen = await tick_and_see(bus, events, 2)
+            assert [e[0] for e in seen] == ["c", "state_error"], seen
+            assert "No space left on device" in seen[1][1]["error"]
+            seen = await tick_and_see(bus, events, 2)
+            assert [e[0] for e in seen] == ["c", "state_error"], "still running, still told"
+
+            filler.unlink()
+            assert [e[0] for e in await tick_and_see(bus, events, 2)] == ["c", "state_ok"]
+            saved, warning = StateStore(state).load()
+            assert warning is None and saved.check("c").runs == 5, "memory kept the count"
+            assert not list(disk.glob(".*.tmp")), "no temporary files left behind"
