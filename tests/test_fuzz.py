@@ -1,0 +1,246 @@
+"""Fuzzed envelopes and configs: every input gets a clean result, a rejection or a
+validation error, and no exception escapes (hypothesis; the last test on a real broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from heartbeat_consumer.config import ConfigError, parse_config
+from heartbeat_consumer.connection import REASON_HEADER
+from heartbeat_consumer.engine import AgentRunner
+from heartbeat_consumer.envelope import EnvelopeError, parse_command, parse_tick
+
+from .broker import Bus, take
+from .test_bus import running, write
+
+NOW = 1_795_000_000_000
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=30),
+    st.sampled_from(["", "*", "2026-03-29T02:30:00", "2026-11-23T10:00:00Z", "1e309", "nan"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+times = st.one_of(
+    values,
+    st.integers(min_value=0, max_value=2**63),
+    st.datetimes().map(lambda d: d.isoformat()),
+)
+payloads = st.one_of(
+    values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "epoch_ms": times,
+            "check": st.one_of(st.sampled_from(["c", "*", ""]), values),
+            "force": values,
+            "until": times,
+            "reason": values,
+        },
+    ),
+)
+envelopes = st.fixed_dictionaries(
+    {},
+    optional={
+        "event_id": st.one_of(st.text(min_size=1, max_size=20), values),
+        "event_type": st.one_of(st.just("system.heartbeat.tick"), values),
+        "timestamp": times,
+        "payload": payloads,
+        "correlation_ids": values,
+    },
+)
+bodies = st.one_of(
+    st.binary(max_size=300),
+    values.map(lambda v: json.dumps(v).encode()),
+    envelopes.map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=400)
+@given(bodies, st.sampled_from(["run", "pause", "resume"]))
+def test_any_body_is_a_tick_or_command_or_an_envelope_error(body: bytes, command: str) -> None:
+    for parse in (
+        lambda: parse_tick(body, interval_ms=60_000),
+        lambda: parse_command(body, command),
+    ):
+        try:
+            parse()
+        except EnvelopeError as exc:
+            assert str(exc) and exc.kind
+
+
+config_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+checks = st.dictionaries(
+    st.sampled_from(["c", "d", "", "a b", "x" * 70]),
+    st.one_of(
+        config_values,
+        st.fixed_dictionaries(
+            {"cadenceMs": st.one_of(st.integers(-5, 10**13), config_values)},
+            optional={
+                "handler": st.one_of(st.sampled_from(["default", "command", "nope"]), values),
+                "priority": config_values,
+                "timeoutMs": config_values,
+                "window": st.one_of(
+                    config_values,
+                    st.fixed_dictionaries(
+                        {
+                            "start": st.sampled_from(["08:00", "25:00", "02:30", "x"]),
+                            "end": st.sampled_from(["20:00", "00:00", "08:00"]),
+                            "tz": st.sampled_from(["Europe/Berlin", "Mars/Base", "", "UTC"]),
+                        }
+                    ),
+                ),
+                "triggerOnQuarters": config_values,
+                "lastRun": times,
+                "meta": config_values,
+            },
+        ),
+    ),
+    max_size=3,
+)
+configs = st.one_of(
+    st.binary(max_size=200),
+    config_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "agent": st.one_of(st.just("bot"), config_values),
+            "checks": st.one_of(checks, config_values),
+            "maxChecksPerTick": config_values,
+            "paused": config_values,
+        },
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_any_config_is_loaded_or_a_validation_error(text: bytes) -> None:
+    try:
+        loaded = parse_config(text)
+    except ConfigError as exc:
+        assert exc.problems and all(p.path.startswith("$") for p in exc.problems)
+        return
+    assert set(loaded.invalid_checks) <= set(loaded.config.checks) | set(loaded.invalid_checks)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_the_engine_ticks_on_any_config_without_raising(text: bytes) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "bot.heartbeat.json")
+        path.write_bytes(text)
+        runner = AgentRunner(path, clock=lambda: NOW)
+        report = asyncio.run(runner.tick(NOW))
+        assert (report.config_error is None) == (report.plan is not None)
+        for result in report.results:
+            assert result.status in ("success", "failed", "timeout", "alert", "skipped")
+
+
+def corpus(n: int) -> list[tuple[str, bytes]]:
+    """``n`` (routing suffix, body) pairs drawn by hypothesis, to send to a real consumer."""
+    drawn: list[tuple[str, bytes]] = []
+
+    @settings(max_examples=n, database=None, derandomize=True)
+    @given(st.sampled_from(["system", "tick", "run", "pause", "resume", "other"]), bodies)
+    def draw(where: str, body: bytes) -> None:
+        drawn.append((where, body))
+
+    draw()
+    return drawn
+
+
+async def test_fuzzed_messages_on_a_real_inbox_are_handled_or_dead_lettered(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    keys = {
+        "system": "system.heartbeat.tick",
+        "tick": f"agent.{agent}.heartbeat.tick",
+        "other": f"agent.{agent}.heartbeat.other",
+        **{c: f"agent.{agent}.heartbeat.{c}" for c in ("run", "pause", "resume")},
+    }
+    sent = corpus(150)
+    async with running(bus, agent, config, tick_interval_ms=1000) as consumer:
+        await take(results, 1)
+        for where, body in sent:
+            await bus.publish(keys[where], body)
+        for _ in range(300):
+            if await bus.count(f"agent.{agent}.inbox") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await bus.count(f"agent.{agent}.inbox") == 0, "a message stuck or looping"
+        await bus.publish(keys["resume"], resume_all())  # a fuzzed pause may have hit '*'
+        await asyncio.sleep(1.05)
+        await bus.publish(keys["system"], {"event_id": "final", "event_type": "t", "timestamp": 0})
+        await bus.publish(keys["run"], run_now())
+        assert (await take(results, 1, within=15))[0].routing_key == f"heartbeat.{agent}.c.success"
+        assert (await consumer.health()).ok, "still consuming"
+    dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", durable=True, passive=True)
+    reasons = []
+    while (message := await dlq.get(no_ack=True, fail=False)) is not None:
+        reasons.append(str((message.headers or {}).get(REASON_HEADER)))
+    assert reasons and all(r and r != "None" for r in reasons), reasons[:5]
+    escaped = [r for r in caplog.records if "not processed" in r.getMessage()]
+    assert not escaped, escaped[0].getMessage()
+
+
+def resume_all() -> dict[str, Any]:
+    return {"event_id": "resume", "event_type": "resume", "timestamp": 0, "payload": {}}
+
+
+def run_now() -> dict[str, Any]:
+    payload = {"check": "c", "force": True}
+    return {"event_id": "run", "event_type": "run", "timestamp": 0, "payload": payload}
+
+
+async def test_a_tick_far_ahead_of_the_clock_is_dead_lettered_and_holds_nothing_back(
+    bus: Bus, tmp_path: Path
+) -> None:
+    import time
+
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.success")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)
+        future = int(time.time() * 1000) + 3_600_000
+        await bus.publish("system.heartbeat.tick", orjson.dumps(tick_at(future, "ahead")))
+        await asyncio.sleep(1.05)
+        await bus.publish("system.heartbeat.tick", orjson.dumps(tick_at(None, "now")))
+        assert len(await take(results, 1)) == 1, "the next real tick still runs"
+    dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", durable=True, passive=True)
+    message = await dlq.get(no_ack=True, fail=False)
+    assert message is not None
+    reason = str((message.headers or {})[REASON_HEADER])
+    assert "ahead of this host's clock" in reason, reason
+
+
+def tick_at(ms: int | None, event_id: str) -> dict[str, Any]:
+    import time
+
+    at = ms if ms is not None else int(time.time() * 1000)
+    return {"event_id": event_id, "event_type": "system.heartbeat.tick", "timestamp": at}
