@@ -8,6 +8,7 @@ Transports (local clock, cron, RabbitMQ) call :meth:`AgentRunner.tick`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -321,7 +322,7 @@ class AgentRunner:
             except BaseException:
                 self._unsent[result.idempotency_key] = (result, before, after)
                 raise
-        return self._adopt(before, after, result.check)
+        return await self._adopt(before, after, result.check)
 
     async def _send_unsent(self) -> tuple[list[RunResult], StateError | None]:
         """Re-send the results whose hand-on failed, oldest first; raises if it fails again."""
@@ -333,12 +334,13 @@ class AgentRunner:
                 await self.on_result(result)
             del self._unsent[key]
             sent.append(result)
-            error = self._adopt(before, after, result.check) or error
+            error = await self._adopt(before, after, result.check) or error
         return sent, error
 
-    def _adopt(self, before: AgentState, after: AgentState, check: str) -> StateError | None:
+    async def _adopt(self, before: AgentState, after: AgentState, check: str) -> StateError | None:
         """Make ``after`` the state (only ``check``'s part and its history entry if the
-        state changed meanwhile, by a pause command) and save it."""
+        state changed meanwhile, by a pause command) and save it, in a worker thread so
+        that the fsyncs do not stall the other agents of a fleet."""
         if self.state is not before:
             after = self.state.model_copy(
                 update={
@@ -348,7 +350,7 @@ class AgentRunner:
             )
         self.state, self._not_due = add_avoided(after, self._not_due, "not-due")
         try:
-            self.store.save(self.state)
+            await asyncio.to_thread(self.store.save, self.state)
         except StateError as exc:
             log.error("state not saved (kept in memory, retried next run): %s", exc)
             return exc
