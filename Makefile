@@ -36,7 +36,10 @@ demo: $(STAMP)
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
+# Benchmarks against the RabbitMQ of `make test` (RABBIT_URL or localhost); about 10 minutes.
+# They print tables; bench/results.md records a run. Not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_evaluate.py
+	$(BIN)/python bench/bench_bus.py
 	$(BIN)/python bench/bench_fleet_memory.py
 	$(BIN)/python bench/bench_monitor_memory.py

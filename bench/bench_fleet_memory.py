@@ -1,7 +1,11 @@
-"""Process RSS of a fleet of N agents on a real RabbitMQ (default: 1, 100, 1000).
+"""Process RSS of a fleet of N agents on a real RabbitMQ (default: 1, 100, 1000, 10000),
+and what one process per agent would cost instead.
 
 Run: .venv/bin/python bench/bench_fleet_memory.py [N ...]   (RABBIT_URL or localhost)
 Each size runs in a fresh process; the queues and exchanges it declares are deleted.
+For one process per agent, 10 ``heartbeat-consumer run`` processes are started side by
+side and measured once connected: RSS each, and PSS (shared pages divided among the
+processes that share them), which is what N of them would add up to.
 """
 
 from __future__ import annotations
@@ -53,6 +57,58 @@ async def measure(n: int) -> None:
         await asyncio.sleep(1)
         after = rss_mb()
         await fleet.stop()
+    await delete(exchange, agents)
+    per_agent = (after - before) / n * 1024
+    print(
+        f"{n:>6} agents  RSS {after:7.1f} MB  (+{per_agent:6.1f} KB/agent)  start-up {took:5.1f} s"
+    )
+
+
+def pss_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of a process in MB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if parts[0] in ("Rss:", "Pss:"):
+            values[parts[0]] = int(parts[1]) / 1024
+    return values["Rss:"], values["Pss:"]
+
+
+def one_process_per_agent(count: int = 10) -> None:
+    exchange = f"bench.hb.{uuid.uuid4().hex[:8]}"
+    agents = [f"p{uuid.uuid4().hex[:10]}" for _ in range(count)]
+    binary = str(Path(sys.executable).with_name("heartbeat-consumer"))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_configs(tmp, agents)
+        procs = []
+        for agent in agents:
+            config = str(Path(tmp, f"{agent}.heartbeat.json"))
+            argv = [binary, "run", config, "--rabbit-url", URL, "--exchange", exchange]
+            argv += ["--state", str(Path(tmp, f"{agent}.state.json"))]
+            procs.append(subprocess.Popen(argv, stderr=subprocess.DEVNULL))
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if all(Path(tmp, f"{a}.state.json").exists() for a in agents):
+                    break
+                time.sleep(0.2)
+            time.sleep(2)
+            sizes = [pss_mb(p.pid) for p in procs]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
+    asyncio.run(delete(exchange, agents))
+    rss = sum(r for r, _ in sizes) / count
+    pss = sum(p for _, p in sizes) / count
+    print(
+        f"one process per agent ({count} running): RSS {rss:.1f} MB each, PSS {pss:.1f} MB each;"
+        f" 1,000 agents would take about {pss * 1000 / 1024:.1f} GB"
+    )
+
+
+async def delete(exchange: str, agents: list[str]) -> None:
     connection = await aio_pika.connect(URL)
     channel = await connection.channel()
     for agent in agents:
@@ -61,14 +117,10 @@ async def measure(n: int) -> None:
     await channel.exchange_delete(exchange)
     await channel.exchange_delete(f"{exchange}.dlx")
     await connection.close()
-    per_agent = (after - before) / n * 1024
-    print(
-        f"{n:>6} agents  RSS {after:7.1f} MB  (+{per_agent:6.1f} KB/agent)  start-up {took:5.1f} s"
-    )
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [1, 100, 1000]
+    sizes = [int(a) for a in sys.argv[1:]] or [1, 100, 1000, 10000]
     if os.environ.get("BENCH_CHILD"):
         asyncio.run(measure(sizes[0]))
         return
@@ -77,6 +129,7 @@ def main() -> None:
     for n in sizes:
         env = {**os.environ, "BENCH_CHILD": "1"}
         subprocess.run([sys.executable, __file__, str(n)], env=env, check=True)
+    one_process_per_agent()
 
 
 if __name__ == "__main__":
