@@ -302,6 +302,11 @@ class AgentRunner:
         else:
             pauses[name] = pause
         self.state = self.state.model_copy(update={"pauses": pauses})
+        return self._save()
+
+    def _save(self) -> StateError | None:
+        """Save the state; on failure log and return the error (the state stays in
+        memory and the next save tries again)."""
         try:
             self.store.save(self.state)
         except StateError as exc:
@@ -349,12 +354,7 @@ class AgentRunner:
                 }
             )
         self.state, self._not_due = add_avoided(after, self._not_due, "not-due")
-        try:
-            await asyncio.to_thread(self.store.save, self.state)
-        except StateError as exc:
-            log.error("state not saved (kept in memory, retried next run): %s", exc)
-            return exc
-        return None
+        return await asyncio.to_thread(self._save)
 
     async def _run(
         self,
