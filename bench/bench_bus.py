@@ -103,6 +103,11 @@ async def serve_echo(n: int, exchange_name: str, same_work: bool = False) -> Non
     await asyncio.get_running_loop().create_future()
 
 
+def fleet_agent(exchange_name: str, i: int) -> str:
+    """The name of the fleet's i-th agent (unique per run: the exchange's suffix)."""
+    return f"{exchange_name.rsplit('.', 1)[1]}f{i}"
+
+
 def write_fleet(directory: Path, n: int, exchange_name: str) -> tuple[Path, Path]:
     """N agent configs with one check due on every tick; the configs and state dirs."""
     configs, states = directory / "configs", directory / "state"
@@ -110,7 +115,7 @@ def write_fleet(directory: Path, n: int, exchange_name: str) -> tuple[Path, Path
     states.mkdir()
     checks = {"c": {"cadenceMs": INTERVAL_MS, "handler": "default"}}
     for i in range(n):
-        agent = f"{exchange_name.rsplit('.', 1)[1]}f{i}"
+        agent = fleet_agent(exchange_name, i)
         Path(configs, f"{agent}.heartbeat.json").write_bytes(
             orjson.dumps({"agent": agent, "checks": checks})
         )
@@ -178,7 +183,7 @@ class Bench:
             if kind.startswith("echo"):
                 await channel.queue_delete(f"{self.exchange_name}.echo.{i}")
             else:
-                agent = f"{self.exchange_name.rsplit('.', 1)[1]}f{i}"
+                agent = fleet_agent(self.exchange_name, i)
                 await channel.queue_delete(f"agent.{agent}.inbox")
                 await channel.queue_delete(f"agent.{agent}.dlq")
         await channel.exchange_delete(self.exchange_name)

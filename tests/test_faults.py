@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ INTERVAL = 100
 
 
 def now_ms() -> int:
-    return int(__import__("time").time() * 1000)
+    return int(time.time() * 1000)
 
 
 def slot_tick(slot_ms: int, event_id: str | None = None) -> dict[str, Any]:
@@ -71,10 +72,7 @@ def counting_handler(agent: str) -> Iterator[tuple[str, list[str]]]:
 
 
 async def read_all(queue: aio_pika.abc.AbstractQueue) -> list[dict[str, Any]]:
-    found = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        found.append(orjson.loads(message.body))
-    return found
+    return [orjson.loads(message.body) for message in await drain_all(queue)]
 
 
 FAULTS = {
@@ -239,18 +237,12 @@ async def drain_all(
 FLOOD = "import sys; sys.stdout.write('x' * 100_000_000); sys.stderr.write('e' * 10_000_000)"
 
 
-def peak_rss_mb() -> float:
+def memory_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak) of this process, in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 async def test_bad_handlers_are_bounded_and_reported_while_others_keep_running(
@@ -290,12 +282,12 @@ async def test_bad_handlers_are_bounded_and_reported_while_others_keep_running(
         write(tmp_path, agent, {kind: checks[kind]})
     results = await bus.collector("heartbeat.*.*.*")
     Path("/proc/self/clear_refs").write_text("5")  # noqa: ASYNC240 (reset the peak RSS)
-    baseline = rss_mb()
+    baseline = memory_mb("VmRSS")
     fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
     try:
         await fleet.start()  # each agent's start-up run, one after another
         startup = {orjson.loads(m.body)["payload"]["agent"]: m for m in await take(results, 6)}
-        peak = peak_rss_mb() - baseline
+        peak = memory_mb("VmHWM") - baseline
         payloads = {kind: orjson.loads(startup[a].body)["payload"] for kind, a in agents.items()}
         assert payloads["hangs"]["status"] == "timeout"
         assert payloads["raises"]["status"] == "failed"

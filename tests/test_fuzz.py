@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from heartbeat_consumer.envelope import EnvelopeError, parse_command, parse_tick
 
 from .broker import Bus, take
 from .test_bus import running, write
+from .test_faults import now_ms, slot_tick
 
 NOW = 1_795_000_000_000
 
@@ -195,7 +195,7 @@ async def test_fuzzed_messages_on_a_real_inbox_are_handled_or_dead_lettered(
         assert await bus.count(f"agent.{agent}.inbox") == 0, "a message stuck or looping"
         await bus.publish(keys["resume"], resume_all())  # a fuzzed pause may have hit '*'
         await asyncio.sleep(1.05)
-        await bus.publish(keys["system"], {"event_id": "final", "event_type": "t", "timestamp": 0})
+        await bus.publish(keys["system"], slot_tick(now_ms(), "final"))
         await bus.publish(keys["run"], run_now())
         assert (await take(results, 1, within=15))[0].routing_key == f"heartbeat.{agent}.c.success"
         assert (await consumer.health()).ok, "still consuming"
@@ -220,27 +220,17 @@ def run_now() -> dict[str, Any]:
 async def test_a_tick_far_ahead_of_the_clock_is_dead_lettered_and_holds_nothing_back(
     bus: Bus, tmp_path: Path
 ) -> None:
-    import time
-
     agent = bus.agent()
     config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
     results = await bus.collector(f"heartbeat.{agent}.c.success")
     async with running(bus, agent, config, tick_interval_ms=1000):
         await take(results, 1)
-        future = int(time.time() * 1000) + 3_600_000
-        await bus.publish("system.heartbeat.tick", orjson.dumps(tick_at(future, "ahead")))
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms() + 3_600_000, "ahead"))
         await asyncio.sleep(1.05)
-        await bus.publish("system.heartbeat.tick", orjson.dumps(tick_at(None, "now")))
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms(), "now"))
         assert len(await take(results, 1)) == 1, "the next real tick still runs"
     dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", durable=True, passive=True)
     message = await dlq.get(no_ack=True, fail=False)
     assert message is not None
     reason = str((message.headers or {})[REASON_HEADER])
     assert "ahead of this host's clock" in reason, reason
-
-
-def tick_at(ms: int | None, event_id: str) -> dict[str, Any]:
-    import time
-
-    at = ms if ms is not None else int(time.time() * 1000)
-    return {"event_id": event_id, "event_type": "system.heartbeat.tick", "timestamp": at}
