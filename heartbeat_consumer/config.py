@@ -3,16 +3,23 @@
 Validation runs in two layers, and every problem carries the JSON path it is about:
 
 1. the JSON Schema in ``schemas/heartbeat.v1.json`` (the single source of truth);
-2. what a schema cannot say: IANA time zones, ISO pause times.
+2. what a schema cannot say: IANA time zones, ISO pause times and their range.
 
 A problem inside one check disables only that check (it lands in ``invalid_checks``);
 a problem anywhere else makes the whole file unusable (:class:`ConfigError`).
+
+Integers: JSON Schema counts ``6000.0`` as the integer 6000, and so does this module
+(the integer fields are normalised before the typed models see them); ``6000.5`` is a
+problem with its path. Files: regular files of at most :data:`MAX_CONFIG_BYTES`, opened
+without blocking (a FIFO or a device is a problem, never a hang).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -25,11 +32,13 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as ModelError
 
 from .timeutil import MS_PER_MINUTE, parse_instant_ms, zone
 
 __all__ = [
     "DEFAULT_PRIORITY",
+    "MAX_CONFIG_BYTES",
     "MAX_TIMEOUT_MS",
     "CheckConfig",
     "ConfigError",
@@ -41,12 +50,16 @@ __all__ = [
     "Window",
     "load_config",
     "parse_config",
+    "read_bounded",
     "schema",
 ]
 
 DEFAULT_PRIORITY = 100
 DEFAULT_TIMEOUT_CAP_MS = 5 * MS_PER_MINUTE
 MAX_TIMEOUT_MS = 25 * MS_PER_MINUTE
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""A heartbeat.json larger than this is refused (10,000 checks take about 2 MB)."""
+_INTEGER_FIELDS = ("cadenceMs", "priority", "timeoutMs", "lastRun")
 
 Quarter = Literal["Q1", "Q2", "Q3", "Q4"]
 
@@ -204,6 +217,11 @@ def _describe(error: ValidationError) -> str:
         return f"invalid name {error.instance!r}: must match {error.validator_value}"
     if error.validator == "anyOf" and isinstance(error.instance, str) and "end" in error.path:
         return f"{error.instance!r} is not a time HH:MM (00:00-23:59) or 24:00"
+    if error.validator == "anyOf" and "until" in error.path:
+        return (
+            f"{error.instance!r} is not a pause end: epoch ms (1970 to 9999), "
+            "an ISO 8601 time or null"
+        )
     if error.validator == "pattern" and "(^|/)heartbeat" in str(error.validator_value):
         return f"{error.instance!r} is not this schema: use 'heartbeat.v1'"
     if error.validator == "pattern" and str(error.validator_value).startswith("^([01]"):
@@ -259,6 +277,13 @@ def _semantic_problems(data: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _integer(value: Any) -> Any:
+    """A float without a fraction as the int it is (JSON Schema's view); else as it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _build(data: dict[str, Any], invalid: set[str]) -> HeartbeatConfig:
     agent_tz = data.get("tz", "UTC")
     checks = {}
@@ -269,6 +294,9 @@ def _build(data: dict[str, Any], invalid: set[str]) -> HeartbeatConfig:
         tz = (window or {}).get("tz") or agent_tz
         quarters = raw.get("triggerOnQuarters")
         fields = {**raw, "name": name, "tz": tz}
+        for key in _INTEGER_FIELDS:
+            if key in fields:
+                fields[key] = _integer(fields[key])
         if quarters is not None:
             fields["triggerOnQuarters"] = tuple(quarters)
         if window is not None:
@@ -276,7 +304,7 @@ def _build(data: dict[str, Any], invalid: set[str]) -> HeartbeatConfig:
         checks[name] = CheckConfig(**fields)
     paused = {
         name: Pause(
-            until=None if p.get("until") is None else parse_instant_ms(p["until"]),
+            until=None if p.get("until") is None else parse_instant_ms(_integer(p["until"])),
             reason=p.get("reason"),
         )
         for name, p in data.get("paused", {}).items()
@@ -285,7 +313,7 @@ def _build(data: dict[str, Any], invalid: set[str]) -> HeartbeatConfig:
     return HeartbeatConfig(
         agent=data["agent"],
         tz=agent_tz,
-        max_checks_per_tick=data.get("maxChecksPerTick", 1),
+        max_checks_per_tick=_integer(data.get("maxChecksPerTick", 1)),
         selection=data.get("selection", "priority"),
         checks=checks,
         paused=paused,
@@ -307,17 +335,73 @@ def parse_config(text: str | bytes, *, source: str = "<config>") -> LoadedConfig
     invalid: dict[str, list[Problem]] = {}
     for problem in problems:
         invalid.setdefault(problem.check or "", []).append(problem)
-    config = _build(data, set(invalid))
+    try:
+        config = _build(data, set(invalid))
+    except (ModelError, ValueError, TypeError) as exc:
+        # The schema and the models should agree; if they ever do not, the file is
+        # still refused with a path, never with a traceback.
+        raise ConfigError(source, _model_problems(exc)) from None
     return LoadedConfig(config, {name: tuple(ps) for name, ps in invalid.items()})
+
+
+def _model_problems(exc: Exception) -> list[Problem]:
+    if not isinstance(exc, ModelError):
+        return [Problem("$", str(exc).splitlines()[0])]
+    return [
+        Problem(_json_path([p for p in e["loc"] if isinstance(p, str | int)]), e["msg"])
+        for e in exc.errors()
+    ]
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file (symlinks followed) of at most ``limit`` bytes, opened
+    without blocking (a FIFO is refused, not waited on). Raises ``OSError`` when it cannot
+    be read and ``ValueError`` (with the reason) when it is not such a file."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"not a regular file ({_file_kind(info.st_mode)})")
+        if info.st_size > limit:
+            raise ValueError(f"file of {info.st_size} bytes is over the {limit} byte limit")
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"file is over the {limit} byte limit")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((text for test, text in kinds if test(mode)), "a special file")
+
+
+def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
+    """:func:`read_bounded` with :data:`MAX_CONFIG_BYTES`; raises :class:`ConfigError`."""
+    try:
+        return read_bounded(path, MAX_CONFIG_BYTES)
+    except OSError as exc:
+        text = f"cannot read file: {exc.strerror or exc}"
+    except ValueError as exc:
+        text = f"{exc}; use a JSON file"
+    raise ConfigError(str(path), [Problem("$", text)])
 
 
 def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     """Read and validate a heartbeat.json file. Raises :class:`ConfigError`."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(str(path), [Problem("$", f"cannot read file: {exc.strerror}")]) from None
-    return parse_config(text, source=str(path))
+    return parse_config(read_config_bytes(path), source=str(path))
 
 
 class ConfigSource:
@@ -344,14 +428,30 @@ class ConfigSource:
 
     def current(self) -> tuple[LoadedConfig | None, ConfigError | None]:
         signature = self._stat()
-        if signature is not None and signature == self._signature:
-            return self._good, self._error
-        self._signature = signature
-        try:
-            loaded = load_config(self.path)
-        except ConfigError as exc:
-            self._error = exc
-        else:
-            self._good, self._error = loaded, None
-            self.generation += 1
+        if signature is None or signature != self._signature:
+            self._adopt(signature, self._load())
         return self._good, self._error
+
+    async def current_async(self) -> tuple[LoadedConfig | None, ConfigError | None]:
+        """:meth:`current`, reading and validating a changed file in a worker thread, so
+        that a slow disk or a big file does not stall the other agents of a fleet."""
+        signature = self._stat()
+        if signature is None or signature != self._signature:
+            self._adopt(signature, await asyncio.to_thread(self._load))
+        return self._good, self._error
+
+    def _load(self) -> LoadedConfig | ConfigError:
+        try:
+            return load_config(self.path)
+        except ConfigError as exc:
+            return exc
+
+    def _adopt(
+        self, signature: tuple[int, int, int, int] | None, outcome: LoadedConfig | ConfigError
+    ) -> None:
+        self._signature = signature
+        if isinstance(outcome, ConfigError):
+            self._error = outcome
+        else:
+            self._good, self._error = outcome, None
+            self.generation += 1

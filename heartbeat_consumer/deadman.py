@@ -21,6 +21,7 @@ check of the fleet (see bench/bench_monitor_memory.py). No clock reads, no I/O.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .state import FAILED_STATUSES, OK_STATUSES
-from .timeutil import format_duration, instant_or_none
+from .timeutil import MAX_DURATION_MS, format_duration, in_instant_range, instant_or_none
+from .topology import NAME_PATTERN
 
 __all__ = [
     "SEVERITY",
@@ -40,10 +42,12 @@ __all__ = [
     "WatchConfig",
     "WatchState",
     "evaluate",
+    "event_source",
     "incident_id",
     "next_due_at",
     "observe",
     "observe_agent",
+    "repair",
 ]
 
 Kind = Literal["stale", "timeout", "missed"]
@@ -53,6 +57,18 @@ WATCHED_EVENTS = frozenset({"heartbeat.status", "heartbeat.started", "heartbeat.
 """What an agent says about itself; anything else (the monitor's own alerts) is not a
 sign of life."""
 MAX_ERROR_CHARS = 200
+MAX_KEY_CHARS = 300
+_NAME = re.compile(NAME_PATTERN)
+DROP_REASONS = (
+    "unexpected_key",
+    "kind_mismatch",
+    "agent_mismatch",
+    "check_mismatch",
+    "status_mismatch",
+    "too_many_agents",
+    "too_many_checks",
+)
+"""Why the monitor drops an event it could read (a bounded metrics label)."""
 
 
 class WatchConfig(BaseModel):
@@ -189,14 +205,50 @@ def observe(state: WatchState, event: dict[str, Any], at_ms: int) -> WatchState:
     return replace(state, agents={**state.agents, agent: view})
 
 
+def event_source(routing_key: str, event: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Whose event this is, by its routing key: ``(agent, None)``; or ``(None, reason)``
+    when it is to be dropped (a payload that claims another agent, check or status than
+    its key, a key of another shape); ``(None, None)`` for keys that are not agent events.
+
+    Topic permissions confine each agent's user to ``heartbeat.<agent>.*``, so the key is
+    what the broker vouches for; the payload is only what the publisher says."""
+    parts = routing_key.split(".")
+    if len(parts) != 4 or parts[0] != "heartbeat" or not _NAME.fullmatch(parts[1]):
+        return None, "unexpected_key"
+    agent, second, word = parts[1], parts[2], parts[3]
+    if second == "_status":
+        expected, check = "heartbeat.status", None
+    elif second.startswith("_"):
+        return None, None  # another family of events (alerts, ...): not an agent's word
+    elif _NAME.fullmatch(second):
+        expected, check = ("heartbeat.started" if word == "started" else "heartbeat.result"), second
+    else:
+        return None, "unexpected_key"
+    payload = event.get("payload") or {}
+    if event.get("event_type") != expected:
+        return None, "kind_mismatch"
+    if payload.get("agent", agent) != agent:
+        return None, "agent_mismatch"
+    if check is not None and payload.get("check", check) != check:
+        return None, "check_mismatch"
+    if expected != "heartbeat.started" and payload.get("status", word) != word:
+        return None, "status_mismatch"
+    return agent, None
+
+
 def observe_agent(
-    agents: Mapping[str, AgentView], event: dict[str, Any], at_ms: int
+    agents: Mapping[str, AgentView],
+    event: dict[str, Any],
+    at_ms: int,
+    agent: str | None = None,
 ) -> tuple[str, AgentView] | None:
     """The agent an event is about and its new view, or None when the event says nothing
     about an agent. :func:`observe` without copying the fleet: a monitor stores the view
-    in its own mapping (O(1) per event however large the fleet)."""
+    in its own mapping (O(1) per event however large the fleet). ``agent`` is whose
+    event it is (see :func:`event_source`); without it, the payload's ``agent``."""
     payload = event.get("payload") or {}
-    agent = payload.get("agent")
+    if agent is None:
+        agent = payload.get("agent")
     kind = event.get("event_type")
     if not isinstance(agent, str) or not agent or kind not in WATCHED_EVENTS:
         return None
@@ -219,25 +271,23 @@ def _fold_check(
     check: CheckView | None, kind: str, payload: dict[str, Any], at_ms: int
 ) -> CheckView:
     check = check or CheckView(first_seen_at=at_ms)
-    cadence = payload.get("cadence_ms")
-    if isinstance(cadence, int) and cadence > 0:
+    cadence = _duration(payload.get("cadence_ms"))
+    if cadence:
         check = replace(check, cadence_ms=cadence)
     if kind == "heartbeat.started":
-        timeout = payload.get("timeout_ms")
         return replace(
             check,
-            running_key=str(payload.get("idempotency_key") or ""),
+            running_key=str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS],
             started_at=at_ms,
-            timeout_ms=timeout if isinstance(timeout, int) and timeout > 0 else None,
+            timeout_ms=_duration(payload.get("timeout_ms")) or None,
         )
-    status = sys.intern(str(payload.get("status")))
+    status = sys.intern(str(payload.get("status"))[:MAX_KEY_CHARS])
     error = payload.get("error")
-    duration = payload.get("duration_ms")
     changes: dict[str, Any] = {
         "last_status": status,
         "last_result_at": at_ms,
         "last_error": str(error)[:MAX_ERROR_CHARS] if error else None,
-        "duration_ms": duration if isinstance(duration, int) else None,
+        "duration_ms": _duration(payload.get("duration_ms"), minimum=0),
     }
     changes["failures"] = check.failures + 1 if status in FAILED_STATUSES else 0
     if status in OK_STATUSES:  # the agent records the slot as lastRun: the check ran
@@ -246,6 +296,52 @@ def _fold_check(
     if check.running_key in (None, "", payload.get("idempotency_key")):
         changes["running_key"], changes["started_at"] = None, None
     return replace(check, **changes)
+
+
+def _duration(value: object, *, minimum: int = 1) -> int | None:
+    """An integer number of ms within ``minimum``..five years, else None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if minimum <= value <= MAX_DURATION_MS else None
+
+
+def _instant(value: int | None) -> int | None:
+    return value if value is None or in_instant_range(value) else None
+
+
+def repair(state: WatchState) -> tuple[WatchState, int]:
+    """The state with every instant outside 1970..9999 and every duration outside its
+    range dropped (incidents with such times are dropped whole); how many values went.
+    For a state file written by another version or by hand: never a crash at start."""
+    fixed = 0
+    agents: dict[str, AgentView] = {}
+    for name, view in state.agents.items():
+        checks = {}
+        for check_name, check in view.checks.items():
+            changes: dict[str, Any] = {}
+            for field_name in ("first_seen_at", "last_result_at", "last_success_at",
+                               "last_slot", "started_at"):  # fmt: skip
+                value = getattr(check, field_name)
+                if _instant(value) != value:
+                    changes[field_name] = None
+            for field_name, minimum in (("cadence_ms", 1), ("timeout_ms", 1), ("duration_ms", 0)):
+                value = getattr(check, field_name)
+                if value is not None and _duration(value, minimum=minimum) is None:
+                    changes[field_name] = None
+            fixed += len(changes)
+            checks[check_name] = replace(check, **changes) if changes else check
+        last_seen = _instant(view.last_seen)
+        fixed += last_seen != view.last_seen
+        agents[name] = replace(view, last_seen=last_seen, checks=checks)
+    incidents = {
+        key: incident
+        for key, incident in state.incidents.items()
+        if in_instant_range(incident.opened_at) and in_instant_range(incident.last_sent_at)
+    }
+    fixed += len(state.incidents) - len(incidents)
+    if not fixed:
+        return state, 0
+    return replace(state, agents=agents, incidents=incidents), fixed
 
 
 # --- which alerts that makes ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,11 @@ from .handlers import RunContext, get_handler, handler_names, invoke
 from .schedule import Blocker, Evaluation, Plan, plan
 from .state import (
     HISTORY_LIMIT,
+    MAX_PAUSES,
     AgentState,
     Status,
     add_avoided,
+    clamp_future_runs,
     idempotency_key,
     record_run,
 )
@@ -135,6 +137,25 @@ ResultSink = Callable[[RunResult], Awaitable[None]]
 StartSink = Callable[[StartedRun], Awaitable[None]]
 
 
+def _pause_refusal(
+    name: str,
+    pause: Pause | None,
+    known: Collection[str],
+    pauses: dict[str, Pause],
+    agent: str,
+) -> str | None:
+    """Why this pause (or resume, ``pause=None``) is refused, or None."""
+    if name != "*" and name not in known and not (pause is None and name in pauses):
+        verb = "pause" if pause is not None else "resume"
+        return (
+            f"no check named {name!r} in the config of {agent} "
+            f"({verb} takes a check of the config, or '*')"
+        )
+    if pause is not None and name not in pauses and len(pauses) >= MAX_PAUSES:
+        return f"already {len(pauses)} pauses (at most {MAX_PAUSES}); resume some or pause '*'"
+    return None
+
+
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     text = str(result)
     if len(text) <= SUMMARY_LIMIT:
@@ -210,8 +231,8 @@ class AgentRunner:
         finally:
             os.close(fd)
 
-    def _config(self) -> tuple[LoadedConfig | None, ConfigError | None]:
-        loaded, error = self.source.current()
+    async def _config(self) -> tuple[LoadedConfig | None, ConfigError | None]:
+        loaded, error = await self.source.current_async()
         if error is not None:
             kept = "keeping the last good config" if loaded else "no good config yet: nothing runs"
             log.error("config invalid (%s): %s", kept, error)
@@ -232,10 +253,11 @@ class AgentRunner:
             self.start()
         report = TickReport(slot=slot_ms)
         report.results, report.state_error = await self._send_unsent()
-        loaded, report.config_error = self._config()
+        loaded, report.config_error = await self._config()
         if loaded is None:
             return report
         report.problems = loaded.problems
+        self._clamp_future_runs(loaded.config, slot_ms)
         report.plan = self._plan(loaded, slot_ms)
         if self.source.generation != self._reported_generation:
             self._reported_generation = self.source.generation
@@ -279,9 +301,10 @@ class AgentRunner:
         if not self._started:
             self.start()
         await self._send_unsent()
-        loaded, _ = self._config()
+        loaded, _ = await self._config()
         if loaded is None:
             return "no usable config"
+        self._clamp_future_runs(loaded.config, slot_ms)
         found = [e for e in self._plan(loaded, slot_ms).evaluations if e.check == name]
         if not found:
             return f"no check named {name!r}"
@@ -303,6 +326,47 @@ class AgentRunner:
             pauses[name] = pause
         self.state = self.state.model_copy(update={"pauses": pauses})
         return self._save()
+
+    async def apply_pauses(
+        self, changes: Sequence[tuple[str, Pause | None]]
+    ) -> tuple[list[str | None], StateError | None]:
+        """Pause (a :class:`Pause`) or resume (None) checks by name, or ``*``, in order,
+        and save once (a worker thread); for each change the reason it was refused
+        (None if applied), and the save's error. A pause must name a check of the
+        config (valid or not) or ``*``; a resume may also name a pause in the state; at
+        most :data:`MAX_PAUSES` pauses are kept."""
+        if not self._started:
+            self.start()
+        loaded, _ = await self._config()
+        known = set(loaded.config.checks) | set(loaded.invalid_checks) if loaded else set()
+        pauses = dict(self.state.pauses)
+        refusals: list[str | None] = []
+        for name, pause in changes:
+            refusal = _pause_refusal(name, pause, known, pauses, self.agent or "this agent")
+            if refusal is None and pause is None:
+                pauses.pop(name, None)
+            elif refusal is None and pause is not None:
+                pauses[name] = pause
+            refusals.append(refusal)
+        if pauses == self.state.pauses:
+            return refusals, None
+        self.state = self.state.model_copy(update={"pauses": pauses})
+        return refusals, await asyncio.to_thread(self._save)
+
+    def _clamp_future_runs(self, config: HeartbeatConfig, slot_ms: int) -> None:
+        """A ``lastRun`` after the slot being evaluated (a clock that was wrong, a hand
+        edit) would hold its check back until then: it is moved to the slot, with a
+        warning, and saved with the next run."""
+        state, moved = clamp_future_runs(self.state, config, slot_ms)
+        for name, was in moved:
+            log.warning(
+                "check %s: lastRun %s is after the slot %s; taken as %s",
+                name,
+                iso(was),
+                iso(slot_ms),
+                iso(slot_ms),
+            )
+        self.state = state
 
     def _save(self) -> StateError | None:
         """Save the state; on failure log and return the error (the state stays in

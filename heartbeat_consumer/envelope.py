@@ -6,10 +6,17 @@ optional ones, the manual tick snippet's ``{"tick_id": ...}`` payload, the blood
 publisher's ``{tick, epoch_ms, quarter, ...}``) and exact where it must be: a body that is
 not a JSON object, or lacks an ``event_id``, ``event_type`` or a usable time, is an
 :class:`EnvelopeError` whose text is the dead-letter reason.
+
+The body is decoded here, never by the transport: a ``charset`` in the content type is
+honoured when Python knows it, and anything else about the content type is only a hint.
+Times must lie in 1970..9999 (see :mod:`.timeutil`); booleans must be JSON booleans;
+names must be names (``^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$``, or ``*`` where it means all).
 """
 
 from __future__ import annotations
 
+import codecs
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -18,11 +25,13 @@ from typing import Any
 import orjson
 
 from .timeutil import floor_to, iso, parse_instant_ms
+from .topology import NAME_PATTERN
 
 __all__ = [
     "Command",
     "EnvelopeError",
     "Tick",
+    "decode_body",
     "envelope",
     "parse_command",
     "parse_envelope",
@@ -32,6 +41,11 @@ __all__ = [
 
 VERSION = "1.0.0"
 MAX_BODY_BYTES = 1_000_000
+MAX_ID_CHARS = 256
+MAX_REASON_CHARS = 500
+"""A pause reason longer than this is cut (with an ellipsis)."""
+_NAME = re.compile(NAME_PATTERN)
+_UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 _NAMESPACE = uuid.UUID("6f1c1f4e-4b7e-4f53-9a55-8c1e0b2a7d10")
 
 
@@ -94,22 +108,52 @@ def envelope(
     }
 
 
-def parse_envelope(body: bytes) -> dict[str, Any]:
+def _charset(content_type: str | None) -> str | None:
+    """The charset a content type names, if Python knows it and it is not UTF-8."""
+    for part in (content_type or "").split(";")[1:]:
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "charset":
+            name = value.strip().strip('"').lower()
+            if name in _UTF8:
+                return None
+            try:
+                return codecs.lookup(name).name
+            except LookupError:
+                return None
+    return None
+
+
+def decode_body(body: bytes, content_type: str | None = None) -> bytes:
+    """The body as UTF-8 JSON text: re-encoded from the content type's charset when it
+    names another one (``application/json; charset=utf-16``), else as it is."""
+    charset = _charset(content_type)
+    if charset is None:
+        return body
+    try:
+        return body.decode(charset).encode("utf-8", errors="surrogatepass")
+    except (UnicodeError, ValueError):
+        return body  # a wrong hint: the JSON parser has the last word
+
+
+def parse_envelope(body: bytes, content_type: str | None = None) -> dict[str, Any]:
     """The envelope as a dict with a string ``event_id`` and ``event_type``."""
     if len(body) > MAX_BODY_BYTES:
         raise EnvelopeError(
             f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} limit", "too_large"
         )
     try:
-        data = orjson.loads(body)
+        data = orjson.loads(decode_body(body, content_type))
     except orjson.JSONDecodeError as exc:
         raise EnvelopeError(f"malformed JSON: {exc}", "malformed_json") from None
     if not isinstance(data, dict):
         raise EnvelopeError(f"envelope must be a JSON object, not {type(data).__name__}")
     for field in ("event_id", "event_type"):
         value = data.get(field)
-        if not isinstance(value, str) or not value:
-            raise EnvelopeError(f"envelope field {field!r} must be a non-empty string")
+        if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+            raise EnvelopeError(
+                f"envelope field {field!r} must be a non-empty string "
+                f"of at most {MAX_ID_CHARS} characters"
+            )
     payload = data.get("payload", {})
     if payload is None:
         payload = {}
@@ -130,9 +174,9 @@ def _instant(value: object, what: str) -> int:
         raise EnvelopeError(f"{what}: {exc}") from None
 
 
-def parse_tick(body: bytes, *, interval_ms: int) -> Tick:
+def parse_tick(body: bytes, *, interval_ms: int, content_type: str | None = None) -> Tick:
     """A tick; its slot is ``payload.epoch_ms`` if given, else the envelope ``timestamp``."""
-    data = parse_envelope(body)
+    data = parse_envelope(body, content_type)
     payload = data["payload"]
     if payload.get("epoch_ms") is not None:
         moment = _instant(payload["epoch_ms"], "payload.epoch_ms")
@@ -143,23 +187,34 @@ def parse_tick(body: bytes, *, interval_ms: int) -> Tick:
     return Tick(event_id=data["event_id"], slot_ms=floor_to(moment, interval_ms), envelope=data)
 
 
-def parse_command(body: bytes, name: str) -> Command:
+def parse_command(body: bytes, name: str, content_type: str | None = None) -> Command:
     """``run`` {check, force}; ``pause`` {check or "*", until, reason}; ``resume`` {check}."""
-    data = parse_envelope(body)
+    data = parse_envelope(body, content_type)
     payload = data["payload"]
     check = payload.get("check", "*" if name in ("pause", "resume") else None)
     if not isinstance(check, str) or not check:
         raise EnvelopeError(f"{name} command needs payload.check (a check name)")
     if name == "run" and check == "*":
         raise EnvelopeError("run command needs one check name, not '*'")
+    if check != "*" and not _NAME.fullmatch(check):
+        raise EnvelopeError(f"payload.check {check[:80]!r} is not a check name")
+    force = payload.get("force", False)
+    if force is None:
+        force = False
+    if not isinstance(force, bool):
+        raise EnvelopeError(f"payload.force must be true or false, not {force!r:.40}")
     until = payload.get("until")
     reason = payload.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise EnvelopeError("payload.reason must be a string")
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 1] + "…"
     return Command(
         event_id=data["event_id"],
         name=name,
         check=check,
-        force=bool(payload.get("force", False)),
+        force=force,
         until_ms=None if until is None else _instant(until, "payload.until"),
-        reason=reason if isinstance(reason, str) else None,
+        reason=reason,
         envelope=data,
     )

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import Pause
-from .timeutil import MS_PER_MINUTE
+from .config import HeartbeatConfig, Pause
+from .timeutil import MS_PER_MINUTE, clamp_instant, in_instant_range
 
 __all__ = [
     "FAILED_STATUSES",
@@ -23,9 +23,11 @@ __all__ = [
     "AVOIDED_REASONS",
     "add_avoided",
     "backoff_ms",
+    "clamp_future_runs",
     "compact_history",
     "idempotency_key",
     "record_run",
+    "repair_ranges",
 ]
 
 Status = Literal["success", "alert", "failed", "skipped", "timeout"]
@@ -36,6 +38,8 @@ FAILED_STATUSES = frozenset({"failed", "timeout"})
 AVOIDED_REASONS = frozenset({"not-due", "empty-checklist", "duplicate"})
 BACKOFF_BASE_MS = MS_PER_MINUTE
 HISTORY_LIMIT = 1000
+MAX_PAUSES = 1000
+"""At most this many pauses are kept in an agent's state."""
 """Hard cap on history entries; ``quarterly_compaction`` trims far below it."""
 
 
@@ -150,7 +154,7 @@ def record_run(
             update={
                 **common,
                 "consecutive_failures": failures,
-                "next_retry": slot_ms + backoff_ms(failures, cadence_ms),
+                "next_retry": clamp_instant(slot_ms + backoff_ms(failures, cadence_ms)),
             }
         )
     entry = HistoryEntry(check=check, slot=slot_ms, status=status, duration_ms=duration_ms)
@@ -186,3 +190,57 @@ def compact_history(state: AgentState, keep_per_check: int) -> tuple[AgentState,
             kept.append(entry)
     removed = len(state.history) - len(kept)
     return state.model_copy(update={"history": tuple(reversed(kept))}), removed
+
+
+_INSTANT_FIELDS = ("last_run", "last_success", "last_finished", "next_retry")
+
+
+def _in_range(value: int | None) -> bool:
+    return value is None or in_instant_range(value)
+
+
+def repair_ranges(state: AgentState) -> tuple[AgentState, list[str]]:
+    """The state with every instant outside 1970..9999 repaired, and what was repaired.
+
+    A check's ``lastRun``, ``lastSuccess``, ``lastFinished`` or ``nextRetry`` out of
+    range is dropped (a ``lastRun`` dropped makes the check due); a pause whose end is
+    out of range holds until resumed; history entries and remembered alerts with such a
+    slot are dropped. (A state file written by this package never holds such values;
+    a hand edit or another writer can.)"""
+    fixed: list[str] = []
+    checks = dict(state.checks)
+    for name, check in state.checks.items():
+        bad = [f for f in _INSTANT_FIELDS if not _in_range(getattr(check, f))]
+        alerts = {k: v for k, v in check.recent_alerts.items() if in_instant_range(v)}
+        if bad or len(alerts) != len(check.recent_alerts):
+            checks[name] = check.model_copy(update={**dict.fromkeys(bad), "recent_alerts": alerts})
+            what = ", ".join(bad) or "recentAlerts"
+            fixed.append(f"check {name}: {what} out of range, dropped")
+    pauses = dict(state.pauses)
+    for name, pause in state.pauses.items():
+        if not _in_range(pause.until):
+            pauses[name] = pause.model_copy(update={"until": None})
+            fixed.append(f"pause of {name}: end out of range, holds until resumed")
+    history = tuple(e for e in state.history if in_instant_range(e.slot))
+    if len(history) != len(state.history):
+        fixed.append(f"{len(state.history) - len(history)} history entries out of range, dropped")
+    if not fixed:
+        return state, fixed
+    return state.model_copy(update={"checks": checks, "pauses": pauses, "history": history}), fixed
+
+
+def clamp_future_runs(
+    state: AgentState, config: HeartbeatConfig, now_ms: int
+) -> tuple[AgentState, list[tuple[str, int]]]:
+    """Each configured check whose ``lastRun`` (from the state, else the config) is after
+    ``now_ms`` gets ``now_ms`` instead; the state, and (check, old lastRun) per change."""
+    moved: list[tuple[str, int]] = []
+    checks = dict(state.checks)
+    for name, check in config.checks.items():
+        current = state.check(name, check.last_run)
+        if current.last_run is not None and current.last_run > now_ms:
+            moved.append((name, current.last_run))
+            checks[name] = current.model_copy(update={"last_run": now_ms})
+    if not moved:
+        return state, moved
+    return state.model_copy(update={"checks": checks}), moved

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 import orjson
 
-from .state import AgentState
+from .config import read_bounded
+from .state import AgentState, repair_ranges
 from .timeutil import iso
 
 __all__ = [
@@ -32,6 +33,10 @@ __all__ = [
 T = TypeVar("T")
 
 log = logging.getLogger("heartbeat_consumer.store")
+
+MAX_STATE_BYTES = 64 * 1024 * 1024
+"""A state file larger than this is refused (with pauses and history bounded, an
+agent's state stays far below it)."""
 
 
 class StateError(Exception):
@@ -80,11 +85,12 @@ class StateStore:
         A corrupt file is renamed to ``<file>.corrupt`` and the state is rebuilt
         (with ``repair=False``, for read-only commands, it is only reported).
         """
-        state, reason = load_file(
-            self.path, lambda raw: AgentState.model_validate(orjson.loads(raw)), repair=repair
-        )
+        state, reason = load_file(self.path, _parse_state, repair=repair)
         if reason is None:
-            return state or AgentState(), None
+            repaired, fixed = repair_ranges(state or AgentState())
+            if not fixed:
+                return repaired, None
+            return repaired, f"state file {self.path}: repaired {'; '.join(fixed)}"
         if not repair:
             return AgentState(), f"state file {self.path} is corrupt ({reason})"
         aside = corrupt_path(self.path)
@@ -101,6 +107,11 @@ class StateStore:
         atomic_write(self.path, data + b"\n")
 
 
+def _parse_state(raw: bytes) -> AgentState:
+    # Lax: a state file written by hand may say 1.0 where 1 is meant (repaired after).
+    return AgentState.model_validate(orjson.loads(raw), strict=False)
+
+
 def corrupt_path(path: Path) -> Path:
     """Where :func:`load_file` sets an unreadable file aside."""
     return path.with_name(path.name + ".corrupt")
@@ -114,11 +125,13 @@ def load_file(
     it is moved to :func:`corrupt_path` so that a fresh state can be written. Raises
     :class:`StateError` when the file exists but cannot be read."""
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         raise StateError(f"cannot read state file {path}: {exc.strerror}") from None
+    except ValueError as exc:  # a FIFO, a device, a giant file: not ours to repair
+        raise StateError(f"cannot read state file {path}: {exc}") from None
     try:
         return parse(raw), None
     except ValueError as exc:  # orjson.JSONDecodeError and ValidationError are ValueErrors

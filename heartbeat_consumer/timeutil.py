@@ -2,23 +2,39 @@
 
 Local wall-clock time (zoneinfo) is only used to test windows and quarters;
 every comparison of instants happens on epoch milliseconds.
+
+One range for every instant and duration that enters from outside (envelopes, commands,
+configs, state files, monitor events): instants from 1970-01-01 to 9999-12-31 UTC
+(:data:`MIN_INSTANT_MS`..:data:`MAX_INSTANT_MS`), durations up to five years
+(:data:`MAX_DURATION_MS`). Inside it every datetime conversion works; outside it is a
+``ValueError`` that names the range, never an ``OverflowError``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
+    "MAX_DURATION_MS",
+    "MAX_INSTANT_MS",
+    "MIN_INSTANT_MS",
     "MS_PER_MINUTE",
     "MS_PER_SECOND",
+    "check_duration",
+    "check_instant",
+    "clamp_instant",
     "floor_to",
     "format_duration",
     "from_ms",
     "gap_end",
+    "in_instant_range",
+    "instant_or_none",
     "iso",
+    "iso_or_none",
     "local_time",
     "parse_duration_ms",
     "parse_instant_ms",
@@ -28,6 +44,46 @@ __all__ = [
 
 MS_PER_SECOND = 1000
 MS_PER_MINUTE = 60 * MS_PER_SECOND
+MS_PER_DAY = 86_400_000
+MIN_INSTANT_MS = 0
+"""1970-01-01T00:00:00.000Z"""
+MAX_INSTANT_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z"""
+MAX_DURATION_MS = 5 * 366 * MS_PER_DAY
+"""Five years: the longest cadence, pause or threshold accepted."""
+RANGE_TEXT = "1970-01-01 to 9999-12-31 UTC"
+
+
+def in_instant_range(ms: int) -> bool:
+    return MIN_INSTANT_MS <= ms <= MAX_INSTANT_MS
+
+
+def clamp_instant(ms: int) -> int:
+    """``ms`` moved into the range (for instants computed by adding a duration)."""
+    return min(max(ms, MIN_INSTANT_MS), MAX_INSTANT_MS)
+
+
+def check_instant(value: int | float, what: str = "time") -> int:
+    """``value`` as integer epoch ms; ValueError when it is not finite or not within
+    1970..9999 (a float with a fraction is rounded down)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what}: {value!r} is not a time")
+    if not MIN_INSTANT_MS <= value <= MAX_INSTANT_MS:
+        raise ValueError(f"{what}: {value!r} is out of range (epoch ms, {RANGE_TEXT})")
+    return int(value)
+
+
+def check_duration(value: int | float, what: str = "duration", *, minimum: int = 1) -> int:
+    """``value`` as integer ms; ValueError when it is below ``minimum`` or over five years."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what}: {value!r} is not a duration")
+    if not minimum <= value <= MAX_DURATION_MS:
+        raise ValueError(
+            f"{what}: {value!r} ms is out of range ({minimum} ms to {MAX_DURATION_MS} ms, "
+            "five years)"
+        )
+    return int(value)
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -41,6 +97,8 @@ def parse_duration_ms(text: str) -> int:
     value = float(match.group(1)) * _UNIT_MS[match.group(2) or "s"]
     if value <= 0:
         raise ValueError(f"duration must be positive: {text!r}")
+    if value > MAX_DURATION_MS:
+        raise ValueError(f"duration {text!r} is over five years")
     return int(value)
 
 
@@ -76,23 +134,33 @@ def iso(ms: int) -> str:
     return from_ms(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def iso_or_none(ms: int | None) -> str | None:
+    """:func:`iso`, or None for None and for an instant outside the range (never raises)."""
+    if ms is None or not in_instant_range(ms):
+        return None
+    return iso(ms)
+
+
 def floor_to(ms: int, step_ms: int) -> int:
     """The slot containing ``ms`` for slots of ``step_ms`` aligned on the epoch."""
     return ms - ms % step_ms
 
 
 def parse_instant_ms(value: str | int | float) -> int:
-    """Epoch ms from an int (epoch ms) or an ISO 8601 string.
+    """Epoch ms from a number (epoch ms) or an ISO 8601 string, within 1970..9999.
 
     A string without an offset is read as UTC; 'Z' and '+hh:mm' offsets are honoured.
+    ValueError for anything else, out-of-range values included.
     """
     if isinstance(value, bool):
         raise ValueError("a boolean is not a time")
     if isinstance(value, int | float):
-        return int(value)
+        return check_instant(value)
     text = value.strip()
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
+    if re.fullmatch(r"-?\d{1,30}", text):
+        return check_instant(int(text))
+    if len(text) > 64:
+        raise ValueError(f"not a time: {text[:40]!r}... (over 64 characters)")
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -101,7 +169,10 @@ def parse_instant_ms(value: str | int | float) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return to_ms(moment)
+    try:
+        return check_instant(to_ms(moment))
+    except ValueError:
+        raise ValueError(f"{value!r} is out of range ({RANGE_TEXT})") from None
 
 
 def instant_or_none(value: object) -> int | None:

@@ -10,16 +10,22 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "COMMANDS",
     "DEFAULT_EXCHANGE",
     "DEFAULT_URL",
+    "NAME_PATTERN",
     "STATUS_EVENTS",
     "TICK_BINDING",
     "TICK_KEY",
+    "InvalidName",
+    "InvalidUrl",
     "agent_key",
+    "check_name",
+    "check_url",
     "dead_letter_exchange",
     "dead_letter_queue",
     "inbox_bindings",
@@ -29,6 +35,8 @@ __all__ = [
     "status_key",
 ]
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+"""Agent and check names (heartbeat.v1): routing-key words without dots or wildcards."""
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_EXCHANGE = "bloodbank.events.v1"
 TICK_KEY = "system.heartbeat.tick"
@@ -39,6 +47,47 @@ STATUS_EVENTS = ("online", "offline", "config_invalid", "state_error", "state_ok
 ALERT_KINDS = ("stale", "timeout", "missed", "resolved")
 MONITOR_BINDING = "heartbeat.#"
 """The monitor's queue hears every result, started, status and alert event."""
+
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+class InvalidName(ValueError):
+    """An agent or check name that cannot be a routing-key word."""
+
+
+class InvalidUrl(ValueError):
+    """A broker URL that cannot be used (the text names it with its password masked)."""
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """``name`` if it is an agent or check name, else :class:`InvalidName`."""
+    if isinstance(name, str) and _NAME.fullmatch(name):
+        return name
+    raise InvalidName(
+        f"invalid {what} {str(name)[:80]!r}: use letters, digits, '_' or '-', starting with a "
+        "letter or digit, at most 64 characters (it becomes a routing-key word)"
+    )
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is an ``amqp://`` or ``amqps://`` URL with a host and a valid port,
+    else :class:`InvalidUrl` with a one-line reason (and the password masked)."""
+    shown = mask_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidUrl(f"broker URL {shown} is malformed: {exc}") from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise InvalidUrl(
+            f"broker URL {shown} must start with amqp:// or amqps://, not {parts.scheme or '?'}://"
+        )
+    if not parts.hostname:
+        raise InvalidUrl(f"broker URL {shown} has no host")
+    if port == 0:
+        raise InvalidUrl(f"broker URL {shown} has port 0")
+    return url
 
 
 def inbox_queue(agent: str) -> str:
