@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from . import __version__
 from .asyncapi import render as render_asyncapi
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
-from .connection import TlsError, TlsFiles
-from .consumer import HeartbeatConsumer, TopologyError
+from .connection import TlsError, TlsFiles, make_broker
+from .consumer import HeartbeatConsumer
 from .deadman import WatchConfig
 from .engine import AgentRunner, RunResult, wall_clock_ms
 from .fleet import Fleet
@@ -38,13 +38,32 @@ from .handlers import (
 from .local import run_local, run_once, stop_on_signals
 from .logs import LOG_FORMATS, setup_logging
 from .monitor import DEFAULT_MONITOR_QUEUE, Monitor
+from .provision import (
+    DeadLetterLimits,
+    InboxOptions,
+    TopologyError,
+    declare_exchanges,
+    provision_agent,
+    provision_monitor,
+)
 from .schedule import Evaluation, plan
 from .simulate import simulate
 from .state import AgentState
 from .store import StateError, StateStore, default_state_path
 from .ticker import manual_tick_key, publish_event, run_ticker
 from .timeutil import format_duration, iso, parse_duration_ms, parse_instant_ms
-from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, agent_key, mask_url
+from .topology import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_URL,
+    MONITOR_BINDING,
+    InvalidName,
+    InvalidUrl,
+    agent_key,
+    check_name,
+    dead_letter_queue,
+    inbox_queue,
+    mask_url,
+)
 
 __all__ = ["main"]
 
@@ -295,6 +314,7 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
         declare_exchanges=args.declare_exchanges,
         health_port=args.health_port,
         health_host=args.health_host,
+        dead_letters=_dead_letters(args),
     )
     with consumer.agent.runner.exclusive() as mine:
         if not mine:
@@ -307,6 +327,57 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
 def _tls(args: argparse.Namespace) -> TlsFiles | None:
     files = TlsFiles(args.ca_file, args.cert_file, args.key_file)
     return files if files else None
+
+
+def _dead_letters(args: argparse.Namespace) -> DeadLetterLimits:
+    if args.dlq_max_length < 1:
+        raise UsageError(f"--dlq-max-length must be at least 1, not {args.dlq_max_length}")
+    try:
+        return DeadLetterLimits(max_length=args.dlq_max_length, ttl_ms=_duration(args.dlq_ttl))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    if not args.agent and not args.monitor and not args.exchanges_only:
+        raise UsageError(
+            "name what to provision: --agent NAME (repeatable), --monitor, --exchanges"
+        )
+    agents = [check_name(agent, "agent name") for agent in args.agent or []]
+    limits = _dead_letters(args)
+    inbox = InboxOptions(args.queue_type, args.single_active_consumer)
+
+    async def run() -> None:
+        broker = make_broker(args.rabbit_url, tls=_tls(args))
+        connection = await broker.connect()
+        try:
+            await declare_exchanges(connection, args.exchange, require=True)
+            _out(f"exchanges {args.exchange} and {args.exchange}.dlx ready")
+            for agent in agents:
+                await provision_agent(
+                    connection,
+                    agent,
+                    args.exchange,
+                    inbox=inbox,
+                    dead_letters=limits,
+                    require=True,
+                )
+                _out(f"agent {agent}: {inbox_queue(agent)} and {dead_letter_queue(agent)} ready")
+            if args.monitor:
+                await provision_monitor(
+                    connection,
+                    args.monitor,
+                    args.exchange,
+                    MONITOR_BINDING,
+                    dead_letters=limits,
+                    require=True,
+                )
+                _out(f"monitor: {args.monitor} and {args.monitor}.dlq ready")
+        finally:
+            await broker.stop()
+
+    asyncio.run(run())
+    return EXIT_OK
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -323,6 +394,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         declare_exchanges=args.declare_exchanges,
         health_port=args.health_port,
         health_host=args.health_host,
+        dead_letters=_dead_letters(args),
     )
 
     async def run() -> None:
@@ -363,6 +435,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         check_every_ms=_duration(args.check_every),
         tls=_tls(args),
         declare_exchanges=args.declare_exchanges,
+        dead_letters=_dead_letters(args),
     )
     asyncio.run(monitor.run(port=args.port, host=args.host))
     return EXIT_OK
@@ -407,7 +480,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
             exchange_name=args.exchange,
             now_ms=now,
             tls=_tls(args),
-            declare_exchanges=args.declare_exchanges,
+            declare=args.declare_exchanges,
         )
     )
     _out(f"tick {event['event_id']} sent to {manual_tick_key(args.agent)}")
@@ -424,7 +497,7 @@ def cmd_run_check(args: argparse.Namespace) -> int:
             rabbit_url=args.rabbit_url,
             exchange_name=args.exchange,
             tls=_tls(args),
-            declare_exchanges=args.declare_exchanges,
+            declare=args.declare_exchanges,
         )
     )
     _out(f"run {args.agent}/{args.check} sent ({event['event_id']})")
@@ -550,6 +623,28 @@ def _bus_commands(sub: Any) -> None:
     p = sub.add_parser("tick", help="inject one tick now, to every agent or to one")
     p.add_argument("--agent", metavar="NAME", help="only this agent")
     bus_options(p)
+    p = sub.add_parser(
+        "provision",
+        help="declare the exchanges and the queues of agents and the monitor (as an admin)",
+        description="Declare what least-privileged agents and monitors may not declare "
+        "themselves: the exchanges, each agent's inbox and dead-letter queue with their "
+        "bindings, the monitor's queues. Run as a user that may declare them "
+        "(deploy/rabbitmq/permissions.sh does it with a temporary user).",
+    )
+    p.add_argument("--agent", action="append", metavar="NAME", help="an agent (repeatable)")
+    p.add_argument(
+        "--monitor",
+        nargs="?",
+        const=DEFAULT_MONITOR_QUEUE,
+        metavar="QUEUE",
+        help=f"the monitor's queue (default {DEFAULT_MONITOR_QUEUE})",
+    )
+    p.add_argument(
+        "--exchanges", dest="exchanges_only", action="store_true", help="only the exchanges"
+    )
+    bus_options(p)
+    inbox_options(p)
+    dead_letter_options(p)
     p = sub.add_parser("run-check", help="ask an agent to run one check now")
     p.add_argument("agent", metavar="AGENT")
     p.add_argument("check", metavar="CHECK")
@@ -600,6 +695,7 @@ def _monitor_command(sub: Any) -> None:
     p.add_argument("--repeat", metavar="DURATION", help="re-send open alerts this often")
     p.add_argument("--forget-after", default="7d", help="drop agents silent this long (default 7d)")
     bus_options(p)
+    dead_letter_options(p)
 
 
 def handlers_option(p: argparse.ArgumentParser) -> None:
@@ -614,11 +710,34 @@ def handlers_option(p: argparse.ArgumentParser) -> None:
 def consumer_options(p: argparse.ArgumentParser) -> None:
     bus_options(p)
     health_options(p)
+    inbox_options(p)
+    dead_letter_options(p)
+
+
+def inbox_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
     p.add_argument(
         "--single-active-consumer",
         action="store_true",
         help="replicas of one agent stand by; one consumes at a time",
+    )
+
+
+def dead_letter_options(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--dlq-max-length",
+        type=int,
+        default=env("DLQ_MAX_LENGTH", "10000"),
+        metavar="N",
+        help="dead-letter queue: at most N messages, the oldest go first "
+        "(env DLQ_MAX_LENGTH; default 10000)",
+    )
+    p.add_argument(
+        "--dlq-ttl",
+        default=env("DLQ_TTL", "7d"),
+        metavar="DURATION",
+        help="dead-letter queue: how long a message is kept (env DLQ_TTL; default 7d)",
     )
 
 
@@ -655,13 +774,19 @@ def bus_options(p: argparse.ArgumentParser) -> None:
         "--key-file", default=os.environ.get("RABBIT_KEY_FILE"), help="env RABBIT_KEY_FILE"
     )
     p.add_argument(
+        "--no-declare",
         "--no-declare-exchanges",
         dest="declare_exchanges",
         action="store_false",
-        default=os.environ.get("DECLARE_EXCHANGES", "true").lower() not in FALSE_WORDS,
-        help="only check that the exchanges exist (least-privilege users; "
-        "env DECLARE_EXCHANGES=false)",
+        default=_declare_from_environment(),
+        help="declare nothing, only check that the exchanges and queues exist (as a user "
+        "without configure permission does by itself; env DECLARE=false)",
     )
+
+
+def _declare_from_environment() -> bool:
+    values = (os.environ.get("DECLARE"), os.environ.get("DECLARE_EXCHANGES"))
+    return not any(v is not None and v.lower() in FALSE_WORDS for v in values)
 
 
 def _run_from_environment(parser: argparse.ArgumentParser) -> int:
@@ -679,7 +804,9 @@ def _run_from_environment(parser: argparse.ArgumentParser) -> int:
 
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
-BROKER_ONLY = frozenset({"schema", "asyncapi", "ticker", "tick", "run-check", "monitor"})
+BROKER_ONLY = frozenset(
+    {"schema", "asyncapi", "ticker", "tick", "run-check", "monitor", "provision"}
+)
 """Commands that run no handlers, so load no plugins."""
 
 COMMANDS = {
@@ -696,6 +823,7 @@ COMMANDS = {
     "tick": cmd_tick,
     "run-check": cmd_run_check,
     "monitor": cmd_monitor,
+    "provision": cmd_provision,
 }
 
 
@@ -715,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in BROKER_ONLY:
             _load_handlers(args)
         return COMMANDS[args.command](args)
-    except UsageError as exc:
+    except (UsageError, InvalidName, InvalidUrl) as exc:
         _out(f"{name}: {exc}", sys.stderr)
         return EXIT_USAGE
     except (OSError, AMQPError) as exc:

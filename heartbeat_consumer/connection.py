@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import ssl
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractRobustExchange
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
-from faststream.rabbit.annotations import RabbitMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from faststream.message import StreamMessage
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
 
 from .health import Health
-from .topology import DEFAULT_URL, mask_url
+from .topology import DEFAULT_URL, check_url, mask_url
 
 __all__ = [
     "REASON_HEADER",
+    "Redeliveries",
     "TlsFiles",
     "dead_letter",
-    "declare_with_dead_letters",
+    "is_transient",
     "make_broker",
     "publish_json",
     "queue_health",
+    "raw_body",
     "topic_exchange",
     "unreachable",
 ]
@@ -65,16 +70,17 @@ def make_broker(
     tls: TlsFiles | None = None,
     graceful_timeout_s: float | None = None,
 ) -> RabbitBroker:
+    check_url(url)
     security = BaseSecurity(ssl_context=tls.context(), use_ssl=True) if tls else None
     return RabbitBroker(
         url, security=security, graceful_timeout=graceful_timeout_s, logger=None, fail_fast=True
     )
 
 
-def topic_exchange(name: str, *, declare: bool = True) -> RabbitExchange:
-    """The exchange as every component declares it: topic, durable. ``declare=False``
-    only checks that it exists (passive), which needs no configure permission."""
-    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True, declare=declare)
+def topic_exchange(name: str) -> RabbitExchange:
+    """The exchange as FastStream publishes to it: topic, durable, checked passively
+    (:mod:`.provision` declared it, or an admin did: no configure permission needed)."""
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True, declare=False)
 
 
 async def publish_json(
@@ -100,18 +106,6 @@ async def publish_json(
         message_type=event["event_type"],
         expiration=None if expiration_ms is None else expiration_ms / 1000,
     )
-
-
-async def declare_with_dead_letters(
-    broker: RabbitBroker, exchange: RabbitExchange, dead_letters: RabbitExchange, dlq: str
-) -> AbstractRobustExchange:
-    """Declare the exchange, its dead-letter exchange and the queue ``dlq`` bound to it
-    under its own name (every consumer's first steps); the declared exchange."""
-    declared = await broker.declare_exchange(exchange)
-    dlx = await broker.declare_exchange(dead_letters)
-    queue = await broker.declare_queue(RabbitQueue(dlq, durable=True))
-    await queue.bind(dlx, routing_key=dlq)
-    return declared
 
 
 async def unreachable(broker: RabbitBroker, url: str) -> Health | None:
@@ -149,27 +143,96 @@ async def queue_health(
     return Health(consuming and consumers > 0, True, detail)
 
 
+def raw_body(message: StreamMessage[Any]) -> bytes:
+    """A FastStream decoder that does not decode: the handler takes the raw body and
+    decodes it itself. (FastStream's own decoder parses by content type before the
+    handler runs; with manual acks a body that does not match its content type would
+    stay unacknowledged for ever.)"""
+    return message.body
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    ChannelInvalidStateError,
+)
+"""Failures of the broker or the disk: worth another attempt. Anything else a delivery
+raises is about the delivery itself and dead-letters it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+class Redeliveries:
+    """How often each delivery was handed back after a transient failure (the broker
+    says it for quorum queues, in ``x-delivery-count``; this counts it for classic
+    ones). After ``limit`` attempts a delivery is dead-lettered instead of requeued."""
+
+    def __init__(self, limit: int = 5, remember: int = 10_000) -> None:
+        self.limit = limit
+        self.remember = remember
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    @staticmethod
+    def key(message: AbstractIncomingMessage) -> str:
+        digest = hashlib.sha256((message.routing_key or "").encode())
+        digest.update(message.body)
+        return f"{message.message_id or ''}:{digest.hexdigest()}"
+
+    def failed(self, message: AbstractIncomingMessage) -> int:
+        """Count one more failed attempt; the attempts so far."""
+        key = self.key(message)
+        header = (message.headers or {}).get("x-delivery-count")
+        count = max(self._counts.pop(key, 0), header if isinstance(header, int) else 0) + 1
+        self._counts[key] = count
+        while len(self._counts) > self.remember:
+            self._counts.popitem(last=False)
+        return count
+
+    def forget(self, message: AbstractIncomingMessage) -> None:
+        if self._counts:
+            self._counts.pop(self.key(message), None)
+
+
+MAX_REASON_CHARS = 1000
+
+
 async def dead_letter(
     broker: RabbitBroker,
     exchange: RabbitExchange,
     routing_key: str,
-    msg: RabbitMessage,
+    message: AbstractIncomingMessage,
     reason: str,
+    *,
+    max_body_bytes: int = 64 * 1024,
 ) -> None:
-    """Send a message that cannot be processed, with its reason in a header, to a
+    """Send a delivery that cannot be processed, with its reason in a header, to a
     dead-letter queue (``routing_key`` on the dead-letter ``exchange``), then ack it.
-    If that publish fails, reject it: the queue's own dead-lettering, without reason."""
-    original = msg.raw_message.routing_key or ""
+    Bodies over ``max_body_bytes`` are cut (``x-original-size`` tells the size). If the
+    publish fails, the delivery is requeued and the error raised."""
+    original = message.routing_key or ""
+    reason = reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
     log.warning("dead-lettering %s to %s: %s", original, routing_key, reason)
+    headers: dict[str, Any] = {REASON_HEADER: reason, "x-original-routing-key": original}
+    body = message.body
+    if len(body) > max_body_bytes:
+        headers["x-original-size"] = len(body)
+        body = body[:max_body_bytes]
     try:
         await broker.publish(
-            msg.body,
+            body,
             exchange=exchange,
             routing_key=routing_key,
             persist=True,
-            headers={REASON_HEADER: reason, "x-original-routing-key": original},
+            headers=headers,
+            content_type=message.content_type,
+            message_id=message.message_id,
         )
     except Exception:
-        await msg.reject()
-        return
-    await msg.ack()
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
+        raise
+    await message.ack()

@@ -1,17 +1,26 @@
 """The RabbitMQ consumer: one agent's inbox on a FastStream broker.
 
-Topology, declared identically by every component:
+Topology (see :mod:`.provision`, which declares it or checks that an admin did):
 
 - exchange ``EXCHANGE_NAME`` (topic, durable) and its dead-letter exchange ``<exchange>.dlx``
   (topic too, so that topic permissions can confine each agent to its own keys);
-- queue ``agent.<name>.inbox`` (durable, dead-lettering to ``agent.<name>.dlq``) with
-  exactly two bindings, ``agent.<name>.#`` and ``system.heartbeat.#``, and **one**
-  consumer that dispatches on the delivery's routing key (the second binding is made
-  by hand after declaring: two subscribers on one queue would compete for messages).
+- queue ``agent.<name>.inbox`` (durable) with exactly two bindings, ``agent.<name>.#`` and
+  ``system.heartbeat.#``, and **one** consumer that dispatches on the delivery's routing
+  key (two subscribers on one queue would compete for messages); its dead letters go to
+  ``agent.<name>.dlq``, always with a reason, sent by this consumer.
 
-Each delivery is acknowledged only after its result is published (with publisher
-confirms, persistent) and the state is saved; prefetch 1 makes one check run at a time
-per agent while later ticks wait in the queue.
+Every delivery ends in an ack or a dead letter, whatever its headers or body: the body
+is taken raw and decoded here; a delivery that cannot be used is dead-lettered with the
+reason; one that fails on the broker or the disk is requeued, and dead-lettered after
+:data:`MAX_ATTEMPTS` such failures. A tick is acknowledged only after its result is
+published (with publisher confirms, persistent) and the state is saved; prefetch 1
+makes one check run at a time per agent while later ticks wait in the queue.
+
+Commands are coalesced: when one arrives, the commands queued behind it are read too
+(up to :data:`READ_AHEAD` of them, stopping at a tick). Their pauses and resumes are
+applied with one state save, the tick (if one was reached) is handled next, then the
+runs, one per check. A flood of commands costs a save per batch, not per command, and
+cannot hold the ticks back for long.
 """
 
 from __future__ import annotations
@@ -20,23 +29,25 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from aio_pika.abc import AbstractChannel
-from aiormq.exceptions import ChannelPreconditionFailed
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from faststream import AckPolicy
-from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from .config import Pause
 from .connection import (
+    Redeliveries,
     TlsFiles,
     dead_letter,
-    declare_with_dead_letters,
+    is_transient,
     make_broker,
     publish_json,
     queue_health,
+    raw_body,
     topic_exchange,
     unreachable,
 )
@@ -51,6 +62,7 @@ from .engine import (
 from .envelope import (
     Command,
     EnvelopeError,
+    Tick,
     envelope,
     parse_command,
     parse_tick,
@@ -59,6 +71,7 @@ from .envelope import (
 from .health import Health
 from .local import stop_on_signals
 from .metrics import Metrics
+from .provision import DeadLetterLimits, InboxOptions, TopologyError, provision_agent
 from .service import run_service
 from .timeutil import floor_to, iso
 from .topology import (
@@ -67,6 +80,7 @@ from .topology import (
     DEFAULT_URL,
     TICK_KEY,
     agent_key,
+    check_name,
     dead_letter_exchange,
     dead_letter_queue,
     inbox_bindings,
@@ -85,11 +99,11 @@ FUTURE_TOLERANCE_MS = 60_000
 """A tick up to this far (or one interval, if longer) ahead of our clock is taken as
 clock skew; further ahead it is dead-lettered: run at its slot, it would record a run
 in the future and hold the check (and every earlier tick) back until then."""
+MAX_ATTEMPTS = 5
+"""Transient failures (broker, disk) of one delivery before it is dead-lettered."""
+READ_AHEAD = 500
+"""Commands read (and coalesced) behind the one delivered, at most."""
 QueueKind = Literal["classic", "quorum"]
-
-
-class TopologyError(Exception):
-    """The broker has an exchange or queue of this name with other settings."""
 
 
 class AgentConsumer:
@@ -109,29 +123,23 @@ class AgentConsumer:
         channel: Channel | None = None,
         declare_exchanges: bool = True,
         metrics: Metrics | None = None,
+        dead_letters: DeadLetterLimits | None = None,
     ) -> None:
-        """``declare_exchanges=False`` only checks that the exchanges exist (a passive
-        declare, which needs no configure permission: see deploy/rabbitmq/permissions.sh)."""
+        """``declare_exchanges=False`` declares nothing and only checks that the exchanges
+        and queues exist (a passive declare, which needs no configure permission: see
+        deploy/rabbitmq/permissions.sh); a refused declaration falls back to that too."""
         self.broker = broker
-        self.agent = agent
+        self.agent = check_name(agent, "agent name")
         self.metrics = metrics or Metrics()
-        self.exchange = topic_exchange(exchange_name, declare=declare_exchanges)
-        self.dead_letters = topic_exchange(
-            dead_letter_exchange(exchange_name), declare=declare_exchanges
-        )
+        self.exchange = topic_exchange(exchange_name)
+        self.dead_letters = topic_exchange(dead_letter_exchange(exchange_name))
+        self.dead_letter_limits = dead_letters or DeadLetterLimits()
+        self.declare_topology = declare_exchanges
+        self.inbox_options = InboxOptions(queue_type, single_active_consumer)
         self.tick_interval_ms = tick_interval_ms
-        arguments: dict[str, Any] = {
-            "x-dead-letter-exchange": self.dead_letters.name,
-            "x-dead-letter-routing-key": dead_letter_queue(agent),
-        }
-        if single_active_consumer:
-            arguments["x-single-active-consumer"] = True
-        self.queue = RabbitQueue(  # type: ignore[call-overload]
-            inbox_queue(agent),
-            queue_type=QueueType.QUORUM if queue_type == "quorum" else QueueType.CLASSIC,
-            durable=True,
-            routing_key=inbox_bindings(agent)[0],
-            arguments=arguments,
+        # Passive for FastStream: provision_agent declared it (or an admin did).
+        self.queue = RabbitQueue(
+            inbox_queue(agent), durable=True, declare=False, routing_key=inbox_bindings(agent)[0]
         )
         self.runner = AgentRunner(
             heartbeat_path,
@@ -147,12 +155,15 @@ class AgentConsumer:
         self._inflight: set[asyncio.Future[None]] = set()
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []
+        self._redeliveries = Redeliveries(MAX_ATTEMPTS)
+        self._inbox: AbstractQueue | None = None
         self._channel = channel or Channel(prefetch_count=1)
         self.subscriber = broker.subscriber(
             self.queue,
             self.exchange,
             ack_policy=AckPolicy.MANUAL,
             channel=self._channel,
+            decoder=raw_body,
             persistent=False,  # held here, so a fleet can drop a removed agent
         )
         self.subscriber(self.on_message)
@@ -160,29 +171,28 @@ class AgentConsumer:
     # --- start-up -------------------------------------------------------------------------
 
     async def declare(self) -> None:
-        """Declare exchanges, the dead-letter queue, the inbox and its second binding.
+        """Declare (or check) exchanges, the dead-letter queue, the inbox and its two
+        bindings. Needs a connected broker; raises :class:`TopologyError`."""
+        connection = await self.broker.connect()
+        await provision_agent(
+            connection,
+            self.agent,
+            self.exchange.name,
+            inbox=self.inbox_options,
+            dead_letters=self.dead_letter_limits,
+            declare=self.declare_topology,
+        )
+        # On the subscriber's channel: FastStream keeps the first declared queue object
+        # and consumes through it, so declaring it on the broker's default channel would
+        # consume there, without our prefetch. Commands are read ahead through it too.
+        self._inbox = await self.broker.config.declarer.declare_queue(
+            self.queue, channel=self._channel
+        )
 
-        Needs a connected broker; raises :class:`TopologyError` on a settings mismatch.
-        """
-        try:
-            exchange = await declare_with_dead_letters(
-                self.broker, self.exchange, self.dead_letters, dead_letter_queue(self.agent)
-            )
-            # On the subscriber's channel: FastStream keeps the first declared queue
-            # object and consumes through it, so declaring it on the broker's default
-            # channel would consume there, without our prefetch.
-            inbox = await self.broker.config.declarer.declare_queue(
-                self.queue, channel=self._channel
-            )
-            await inbox.bind(exchange, routing_key=inbox_bindings(self.agent)[1])
-        except ChannelPreconditionFailed as exc:
-            raise TopologyError(
-                f"the broker already has exchange {self.exchange.name!r} or queue "
-                f"{self.queue.name!r} with other settings than ours (exchange: topic, durable; "
-                f"queue: durable, dead-lettering to {self.dead_letters.name!r}, "
-                f"type {self.queue.arguments.get('x-queue-type') if self.queue.arguments else '?'}"
-                f"): {exc}"
-            ) from None
+    def discard(self) -> None:
+        """Take the subscriber off the broker (an agent that failed to open: the broker's
+        start must not consume its inbox)."""
+        self.broker._subscribers.discard(self.subscriber)
 
     async def open(self) -> None:
         """Load the state, declare the topology, say ``online`` and evaluate once.
@@ -267,7 +277,7 @@ class AgentConsumer:
         """Handle one delivery to its end even if the connection drops meanwhile (the
         delivery's task is then cancelled): a run half done would run again on the
         redelivery; finished, its result is published or kept to be re-sent."""
-        task = asyncio.ensure_future(self._handle(msg))
+        task = asyncio.ensure_future(self._handle(msg.raw_message))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         try:
@@ -282,29 +292,128 @@ class AgentConsumer:
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout_s)
 
-    async def _handle(self, msg: RabbitMessage) -> None:
-        key = msg.raw_message.routing_key or ""
-        kind = self._routes.get(key)
+    async def _handle(self, first: AbstractIncomingMessage) -> None:
+        batch = [first]
+        if self._routes.get(first.routing_key or "") in ("run", "pause", "resume"):
+            batch += await self._read_ahead()
         try:
-            if kind == "tick":
-                await self._on_tick(msg)
-            elif kind is not None:
-                await self._on_command(msg, kind)
-            else:
-                log.debug("%s: ignoring %s", self.agent, key)
-                await msg.ack()
-        except EnvelopeError as exc:
-            self.metrics.dead_letter(self.agent, exc.kind)
-            await dead_letter(
-                self.broker, self.dead_letters, dead_letter_queue(self.agent), msg, str(exc)
-            )
-        except Exception:
-            log.exception("%s: %s not processed; returned to the queue", self.agent, key)
-            with contextlib.suppress(Exception):
-                await msg.nack(requeue=True)
+            await self._process(batch)
+        except Exception as exc:  # never leave a delivery of the batch unsettled
+            await self._fail(batch, exc)
 
-    async def _on_tick(self, msg: RabbitMessage) -> None:
-        tick = parse_tick(msg.body, interval_ms=self.tick_interval_ms)
+    async def _read_ahead(self) -> list[AbstractIncomingMessage]:
+        """The deliveries queued behind a command (basic.get), up to the first tick."""
+        got: list[AbstractIncomingMessage] = []
+        if self._inbox is None:
+            return got
+        with contextlib.suppress(Exception):  # unsettled ones come back with the channel
+            while len(got) < READ_AHEAD:
+                message = await self._inbox.get(no_ack=False, fail=False, timeout=5)
+                if message is None:
+                    break
+                got.append(message)
+                if self._routes.get(message.routing_key or "") == "tick":
+                    break
+        return got
+
+    async def _process(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+        """Pauses and resumes first (one save), then ticks, then runs (one per check)."""
+        switches: list[tuple[AbstractIncomingMessage, Command]] = []
+        ticks: list[tuple[AbstractIncomingMessage, Tick]] = []
+        runs: dict[str, list[tuple[AbstractIncomingMessage, Command]]] = {}
+        for message in batch:
+            kind = self._routes.get(message.routing_key or "")
+            try:
+                if kind is None:
+                    log.debug("%s: ignoring %s", self.agent, message.routing_key)
+                    await message.ack()
+                elif kind == "tick":
+                    ticks.append((message, self._parse_tick(message)))
+                else:
+                    command = parse_command(message.body, kind, message.content_type)
+                    if kind == "run":
+                        runs.setdefault(command.check, []).append((message, command))
+                    else:
+                        switches.append((message, command))
+            except Exception as exc:
+                await self._fail([message], exc)
+        if switches:
+            await self._guard([m for m, _ in switches], self._switch(switches))
+        for message, tick in ticks:
+            await self._guard([message], self._on_tick(tick))
+        for group in runs.values():
+            await self._guard([m for m, _ in group], self._run(group))
+
+    async def _guard(
+        self,
+        messages: Sequence[AbstractIncomingMessage],
+        work: Awaitable[Sequence[AbstractIncomingMessage] | None],
+    ) -> None:
+        """Await ``work``; ack the messages it returns (all of them if it returns None),
+        or settle every message by the failure."""
+        try:
+            done = await work
+        except Exception as exc:
+            await self._fail(messages, exc)
+            return
+        for message in messages if done is None else done:
+            if not message.processed:
+                await message.ack()
+                self._redeliveries.forget(message)
+
+    async def _fail(self, messages: Sequence[AbstractIncomingMessage], exc: BaseException) -> None:
+        """Settle deliveries that failed: requeue after a broker or disk failure (up to
+        :data:`MAX_ATTEMPTS`), else dead-letter with the reason. Never raises."""
+        for message in messages:
+            if message.processed:
+                continue
+            attempts = self._redeliveries.failed(message) if is_transient(exc) else 0
+            if 0 < attempts < MAX_ATTEMPTS:
+                log.warning(
+                    "%s: %s failed (%s: %s); returned to the queue (attempt %d of %d)",
+                    self.agent,
+                    message.routing_key,
+                    type(exc).__name__,
+                    exc,
+                    attempts,
+                    MAX_ATTEMPTS,
+                )
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                continue
+            if isinstance(exc, EnvelopeError):
+                reason, kind = str(exc), exc.kind
+            elif attempts:
+                reason, kind = f"gave up after {attempts} attempts: {_describe(exc)}", "gave_up"
+            else:
+                log.error("%s: %s not processed: %s", self.agent, message.routing_key, exc)
+                log.debug("%s: the failure", self.agent, exc_info=exc)
+                reason, kind = f"not processed: {_describe(exc)}", "processing_error"
+            await self._dead_letter(message, reason, kind)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, kind: str) -> None:
+        self.metrics.dead_letter(self.agent, kind)
+        try:
+            await dead_letter(
+                self.broker,
+                self.dead_letters,
+                dead_letter_queue(self.agent),
+                message,
+                reason,
+                max_body_bytes=self.dead_letter_limits.max_body_bytes,
+            )
+        except Exception as exc:  # requeued by dead_letter; dropped if that keeps failing
+            if self._redeliveries.failed(message) >= MAX_ATTEMPTS:
+                log.error("%s: %s dropped, cannot dead-letter it: %s", self.agent, reason, exc)
+                with contextlib.suppress(Exception):
+                    await message.reject(requeue=False)
+            return
+        self._redeliveries.forget(message)
+
+    def _parse_tick(self, message: AbstractIncomingMessage) -> Tick:
+        tick = parse_tick(
+            message.body, interval_ms=self.tick_interval_ms, content_type=message.content_type
+        )
         now = wall_clock_ms()
         tolerance = max(self.tick_interval_ms, FUTURE_TOLERANCE_MS)
         if tick.slot_ms > now + tolerance:
@@ -314,7 +423,10 @@ class AgentConsumer:
                 "check the clocks of the ticker and this host",
                 "from_future",
             )
-        if tick.slot_ms < now - 2 * self.tick_interval_ms:
+        return tick
+
+    async def _on_tick(self, tick: Tick) -> None:
+        if tick.slot_ms < wall_clock_ms() - 2 * self.tick_interval_ms:
             log.debug(
                 "%s: stale tick %s (%s) ignored", self.agent, tick.event_id, iso(tick.slot_ms)
             )
@@ -325,7 +437,6 @@ class AgentConsumer:
         else:
             await self._tick(tick.slot_ms, tick.envelope)
             self.metrics.tick(self.agent, "evaluated")
-        await msg.ack()
 
     async def _tick(self, slot_ms: int, env: dict[str, Any]) -> TickReport:
         async with self._lock:
@@ -342,25 +453,44 @@ class AgentConsumer:
             await self.publish_status("alive", slot=iso(slot_ms))
         return report
 
-    async def _on_command(self, msg: RabbitMessage, name: str) -> None:
-        command: Command = parse_command(msg.body, name)
+    async def _switch(
+        self, items: Sequence[tuple[AbstractIncomingMessage, Command]]
+    ) -> Sequence[AbstractIncomingMessage]:
+        """Apply pauses and resumes in order, with one state save; refused ones are
+        dead-lettered with the reason."""
+        changes = [
+            (c.check, Pause(until=c.until_ms, reason=c.reason) if c.name == "pause" else None)
+            for _, c in items
+        ]
         async with self._lock:
-            self._correlation = [command.event_id]
-            if name == "run":
-                slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
-                outcome = await self.runner.run_check(
-                    command.check, slot, command.envelope, force=command.force
-                )
-                if isinstance(outcome, str):
-                    log.warning("%s: run %s not done: %s", self.agent, command.check, outcome)
-            elif name == "pause":
-                pause = Pause(until=command.until_ms, reason=command.reason)
-                await self._report_state(self.runner.set_pause(command.check, pause))
-                log.info("%s: paused %s", self.agent, command.check)
+            self._correlation = [items[-1][1].event_id]
+            refusals, error = await self.runner.apply_pauses(changes)
+        accepted = []
+        for (message, command), refusal in zip(items, refusals, strict=True):
+            if refusal is None:
+                accepted.append(message)
+                log.info("%s: %sd %s", self.agent, command.name, command.check)
             else:
-                await self._report_state(self.runner.set_pause(command.check, None))
-                log.info("%s: resumed %s", self.agent, command.check)
-        await msg.ack()
+                await self._dead_letter(message, refusal, "invalid_command")
+        if accepted:
+            await self._report_state(error)
+        return accepted
+
+    async def _run(self, group: Sequence[tuple[AbstractIncomingMessage, Command]]) -> None:
+        """One run of a check for every run command of it in the batch (forced if any is)."""
+        first = group[0][1]
+        force = any(command.force for _, command in group)
+        async with self._lock:
+            self._correlation = [command.event_id for _, command in group][:20]
+            slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
+            outcome = await self.runner.run_check(first.check, slot, first.envelope, force=force)
+        if isinstance(outcome, str):
+            log.warning("%s: run %s not done: %s", self.agent, first.check, outcome)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class HeartbeatConsumer:
@@ -387,6 +517,7 @@ class HeartbeatConsumer:
         tls: TlsFiles | None = None,
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
+        dead_letters: DeadLetterLimits | None = None,
     ) -> None:
         self.rabbit_url = rabbit_url
         self.health_port = health_port
@@ -405,6 +536,7 @@ class HeartbeatConsumer:
             single_active_consumer=single_active_consumer,
             declare_exchanges=declare_exchanges,
             metrics=self.metrics,
+            dead_letters=dead_letters,
         )
 
     async def start(self) -> None:

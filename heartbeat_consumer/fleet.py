@@ -1,9 +1,10 @@
 """Fleet mode: every ``*.heartbeat.json`` of a directory in one process.
 
 One broker connection, one channel for all inboxes (prefetch 1 per consumer), one
-queue and consumer per agent. The agent of ``cack.heartbeat.json`` is ``cack``. The
-directory is re-scanned periodically: added files start an agent, removed files stop
-theirs (its queue stays, so nothing sent to it is lost).
+queue and consumer per agent. The agent of ``cack.heartbeat.json`` is ``cack``; a file
+whose name is not an agent name (``a.b.heartbeat.json``, ``#.heartbeat.json``) is
+reported once and skipped. The directory is re-scanned periodically: added files start
+an agent, removed files stop theirs (its queue stays, so nothing sent to it is lost).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .connection import TlsFiles, make_broker, unreachable
 from .consumer import DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
 from .health import Health
 from .metrics import Metrics
+from .provision import DeadLetterLimits
 from .service import run_service
-from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, mask_url
+from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, InvalidName, check_name, mask_url
 
 __all__ = ["Fleet", "agent_files"]
 
@@ -31,13 +33,21 @@ log = logging.getLogger("heartbeat_consumer.fleet")
 SUFFIX = ".heartbeat.json"
 
 
-def agent_files(directory: Path) -> dict[str, Path]:
-    """Agent name -> config file, for every ``<agent>.heartbeat.json`` in ``directory``."""
-    return {
-        path.name[: -len(SUFFIX)]: path
-        for path in sorted(directory.glob(f"*{SUFFIX}"))
-        if path.is_file() and len(path.name) > len(SUFFIX)
-    }
+def agent_files(directory: Path, rejected: dict[str, str] | None = None) -> dict[str, Path]:
+    """Agent name -> config file, for every ``<agent>.heartbeat.json`` in ``directory``
+    whose ``<agent>`` is an agent name; the others go into ``rejected`` (file name ->
+    why), if given."""
+    found = {}
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        name = path.name[: -len(SUFFIX)]
+        if not path.is_file() or not name:
+            continue
+        try:
+            found[check_name(name, "agent name")] = path
+        except InvalidName as exc:
+            if rejected is not None:
+                rejected[path.name] = str(exc)
+    return found
 
 
 class Fleet:
@@ -57,8 +67,10 @@ class Fleet:
         tls: TlsFiles | None = None,
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
+        dead_letters: DeadLetterLimits | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.dead_letters = dead_letters
         self.state_dir = Path(state_dir) if state_dir else None
         self.rabbit_url = rabbit_url
         self.exchange_name = exchange_name
@@ -75,6 +87,8 @@ class Fleet:
         self.channel = Channel(prefetch_count=1)
         self.agents: dict[str, AgentConsumer] = {}
         self._started = False
+        self._reported: set[str] = set()
+        """File names already reported as not agent names (reported once each)."""
 
     def _consumer(self, agent: str, path: Path) -> AgentConsumer:
         state = self.state_dir / f"{agent}.state.json" if self.state_dir else None
@@ -90,13 +104,20 @@ class Fleet:
             channel=self.channel,
             declare_exchanges=self.declare_exchanges,
             metrics=self.metrics,
+            dead_letters=self.dead_letters,
         )
 
     async def _add(self, agent: str, path: Path) -> None:
         consumer = self._consumer(agent, path)
-        await consumer.open()
-        if self._started:
-            await consumer.subscriber.start()
+        try:
+            await consumer.open()
+            if self._started:
+                await consumer.subscriber.start()
+        except BaseException:
+            consumer.discard()  # the broker's start must not consume its inbox
+            with contextlib.suppress(Exception):
+                await consumer.subscriber.stop()
+            raise
         self.agents[agent] = consumer
         log.info("fleet: %s added (%s)", agent, path.name)
 
@@ -110,7 +131,12 @@ class Fleet:
 
     async def rescan(self) -> None:
         """Start agents whose files appeared, stop those whose files went."""
-        found = agent_files(self.directory)
+        rejected: dict[str, str] = {}
+        found = agent_files(self.directory, rejected)
+        for name, why in rejected.items():
+            if name not in self._reported:
+                log.error("fleet: %s skipped: %s", name, why)
+        self._reported = set(rejected)
         for agent in sorted(set(self.agents) - set(found)):
             await self._remove(agent)
         for agent in sorted(set(found) - set(self.agents)):

@@ -163,6 +163,13 @@ class MonitorMetrics(Metrics):
             "Evaluations whose alerts could not all be published (retried next time)",
             registry=r,
         )
+        self.events_dropped = Counter(
+            "heartbeat_monitor_events_dropped",
+            "Readable events not believed, by reason (a payload that claims another agent, "
+            "check or status than its routing key; too many agents or checks)",
+            ["reason"],
+            registry=r,
+        )
         self.monitor_dead_lettered = Counter(
             "heartbeat_monitor_dead_lettered",
             "Unreadable events sent to the monitor's dead-letter queue, by reason",

@@ -17,7 +17,12 @@ offline). The rules of :mod:`.deadman` turn them into incidents, published as
 - Events are acknowledged once folded into the in-memory state; a crash loses at most
   the observations since the last save, and the next event of each agent repairs them.
 - Its own alerts come back through ``heartbeat.#``; they are acknowledged and ignored.
-  Unreadable events go to ``<queue>.dlq`` with the reason.
+  Unreadable events go to ``<queue>.dlq`` with the reason; so does any event whose
+  handling fails (bodies are taken raw, whatever their content type says).
+- An event is the agent's that its routing key names (``heartbeat.<agent>.*``, which the
+  broker's topic permissions vouch for): a payload that claims another agent, check or
+  status is dropped and counted (``heartbeat_monitor_events_dropped_total``), and so are
+  new agents beyond :data:`MAX_AGENTS` and new checks beyond :data:`MAX_CHECKS_PER_AGENT`.
 
 The HTTP port serves ``/`` (the dashboard), ``/api/heartbeat/status``, ``/health`` and
 ``/metrics``.
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiormq.exceptions import ChannelPreconditionFailed
+from aio_pika.abc import AbstractIncomingMessage
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
@@ -45,31 +50,33 @@ from faststream.rabbit.annotations import RabbitMessage
 from .connection import (
     TlsFiles,
     dead_letter,
-    declare_with_dead_letters,
     make_broker,
     publish_json,
     queue_health,
+    raw_body,
     topic_exchange,
     unreachable,
 )
-from .consumer import TopologyError
 from .deadman import (
     SEVERITY,
     Alert,
     WatchConfig,
     WatchState,
     evaluate,
+    event_source,
     next_due_at,
     observe_agent,
+    repair,
 )
 from .engine import wall_clock_ms
 from .envelope import EnvelopeError, envelope, parse_envelope
 from .health import Health, Response, Route
 from .local import stop_on_signals
 from .metrics import MonitorMetrics
+from .provision import DeadLetterLimits, provision_monitor
 from .service import run_service
 from .store import StateError, StateStore, atomic_write, corrupt_path, load_file
-from .timeutil import instant_or_none, iso
+from .timeutil import instant_or_none, iso, iso_or_none
 from .topology import (
     DEFAULT_EXCHANGE,
     DEFAULT_URL,
@@ -97,6 +104,8 @@ EVENT_KINDS = {
     "heartbeat.result": "result",
 }
 STATUS_CACHE_S = 1.0
+MAX_AGENTS = 100_000
+MAX_CHECKS_PER_AGENT = 1_000
 _ALERT_NAMESPACE = uuid.UUID("0b8f5a52-3f0e-4d59-a3c3-6d2a4a1f9e21")
 
 
@@ -120,33 +129,32 @@ class Monitor:
         tls: TlsFiles | None = None,
         declare_exchanges: bool = True,
         clock: Callable[[], int] = wall_clock_ms,
+        dead_letters: DeadLetterLimits | None = None,
     ) -> None:
+        """``declare_exchanges=False`` declares nothing and checks that its queues and the
+        exchanges exist (as when the user may not declare: see permissions.sh)."""
         self.rabbit_url = rabbit_url
+        self.declare_topology = declare_exchanges
+        self.dead_letter_limits = dead_letters or DeadLetterLimits()
         self.config = config or WatchConfig()
         self.check_every_ms = check_every_ms
         self.clock = clock
         self.path = Path(state_path)
         self.metrics = MonitorMetrics()
         self.broker = make_broker(rabbit_url, tls=tls)
-        self.exchange = topic_exchange(exchange_name, declare=declare_exchanges)
-        self.dead_letters = topic_exchange(
-            dead_letter_exchange(exchange_name), declare=declare_exchanges
-        )
+        self.exchange = topic_exchange(exchange_name)
+        self.dead_letters = topic_exchange(dead_letter_exchange(exchange_name))
         self.dlq_name = f"{queue_name}.dlq"
+        # Passive for FastStream: provision_monitor declared it (or an admin did).
         self.queue = RabbitQueue(
-            queue_name,
-            durable=True,
-            routing_key=MONITOR_BINDING,
-            arguments={
-                "x-dead-letter-exchange": self.dead_letters.name,
-                "x-dead-letter-routing-key": self.dlq_name,
-            },
+            queue_name, durable=True, declare=False, routing_key=MONITOR_BINDING
         )
         self.subscriber = self.broker.subscriber(
             self.queue,
             self.exchange,
             ack_policy=AckPolicy.MANUAL,
             channel=Channel(prefetch_count=prefetch),
+            decoder=raw_body,
         )
         self.subscriber(self.on_message)
         self.state = WatchState()
@@ -167,7 +175,9 @@ class Monitor:
             log.error("monitor state %s unreadable (%s); moved to %s", self.path, reason, aside)
         if state is None:
             return
-        self.state = state
+        self.state, fixed = repair(state)
+        if fixed:
+            log.warning("monitor state %s: %d values out of range dropped", self.path, fixed)
         log.info(
             "monitor state: %d agents, %d open incidents from %s",
             len(self.state.agents),
@@ -183,16 +193,15 @@ class Monitor:
             self.exchange.name,
             self.queue.name,
         )
-        await self.broker.connect()
-        try:
-            await declare_with_dead_letters(
-                self.broker, self.exchange, self.dead_letters, self.dlq_name
-            )
-        except ChannelPreconditionFailed as exc:
-            raise TopologyError(
-                f"the broker has exchange {self.exchange.name!r} or queue {self.dlq_name!r} "
-                f"with other settings than ours: {exc}"
-            ) from None
+        connection = await self.broker.connect()
+        await provision_monitor(
+            connection,
+            self.queue.name,
+            self.exchange.name,
+            MONITOR_BINDING,
+            dead_letters=self.dead_letter_limits,
+            declare=self.declare_topology,
+        )
         await self.broker.start()
         self.running = True
         self._gauges()
@@ -256,24 +265,47 @@ class Monitor:
     # --- events ----------------------------------------------------------------------------
 
     async def on_message(self, msg: RabbitMessage) -> None:
-        key = msg.raw_message.routing_key or ""
+        message = msg.raw_message
+        try:
+            await self._on_event(message)
+        except Exception as exc:  # whatever it was: dead-lettered with the reason
+            kind = exc.kind if isinstance(exc, EnvelopeError) else "processing_error"
+            reason = str(exc) if isinstance(exc, EnvelopeError) else f"not processed: {exc!r}"
+            self.metrics.monitor_dead_lettered.labels(kind).inc()
+            with contextlib.suppress(Exception):  # a failed publish requeues it
+                await dead_letter(
+                    self.broker,
+                    self.dead_letters,
+                    self.dlq_name,
+                    message,
+                    reason[:1000],
+                    max_body_bytes=self.dead_letter_limits.max_body_bytes,
+                )
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        key = message.routing_key or ""
         if ALERT_SEGMENT in key:  # ours (or another monitor's) coming back
             self.metrics.events.labels("ignored").inc()
-            await msg.ack()
+            await message.ack()
             return
         received = self.clock()
-        try:
-            event = parse_envelope(msg.body)
-        except EnvelopeError as exc:
-            self.metrics.monitor_dead_lettered.labels(exc.kind).inc()
-            await dead_letter(self.broker, self.dead_letters, self.dlq_name, msg, str(exc))
-            return
-        folded = observe_agent(self.state.agents, event, _dated(event, received))
-        if folded is not None:  # in place: copying the fleet per event would be O(agents)
-            self.state.agents[folded[0]] = folded[1]
+        event = parse_envelope(message.body, message.content_type)
+        agent, dropped = event_source(key, event)
+        if agent is not None and agent not in self.state.agents:
+            dropped = "too_many_agents" if len(self.state.agents) >= MAX_AGENTS else None
+        if agent is not None and dropped is None:
+            folded = observe_agent(self.state.agents, event, _dated(event, received), agent)
+            if folded is not None and len(folded[1].checks) > MAX_CHECKS_PER_AGENT:
+                dropped = "too_many_checks"
+            elif folded is not None:  # in place: copying the fleet per event is O(agents)
+                self.state.agents[folded[0]] = folded[1]
+        if dropped is not None:
+            self.metrics.events_dropped.labels(dropped).inc()
+            log.debug("monitor: event on %s dropped (%s)", key, dropped)
         self.events += 1
-        self.metrics.events.labels(EVENT_KINDS.get(event["event_type"], "ignored")).inc()
-        await msg.ack()
+        kind = EVENT_KINDS.get(event["event_type"], "ignored") if agent else "ignored"
+        self.metrics.events.labels(kind).inc()
+        await message.ack()
 
     # --- evaluation ------------------------------------------------------------------------
 
@@ -401,7 +433,7 @@ def status_document(
             "kind": incident.kind,
             "check": incident.check,
             "severity": SEVERITY[incident.kind],
-            "opened_at": iso(incident.opened_at),
+            "opened_at": _iso(incident.opened_at),
             "open_for_ms": now - incident.opened_at,
             "detail": incident.detail,
         }
@@ -489,7 +521,7 @@ def status_document(
 
 
 def _iso(ms: int | None) -> str | None:
-    return None if ms is None else iso(ms)
+    return iso_or_none(ms)
 
 
 def _since(now: int, ms: int | None) -> int | None:

@@ -22,6 +22,7 @@ from .envelope import envelope, tick_event_id
 from .health import Health
 from .local import next_slot
 from .metrics import Metrics
+from .provision import declare_exchanges
 from .schedule import quarter_at
 from .service import run_service
 from .timeutil import iso, zone
@@ -30,7 +31,6 @@ from .topology import (
     DEFAULT_URL,
     TICK_KEY,
     agent_key,
-    dead_letter_exchange,
     mask_url,
 )
 
@@ -64,14 +64,15 @@ async def publish_event(
     exchange_name: str = DEFAULT_EXCHANGE,
     now_ms: int | None = None,
     tls: TlsFiles | None = None,
-    declare_exchanges: bool = True,
+    declare: bool = True,
 ) -> dict[str, Any]:
-    """Publish one event (a manual tick, a command) with publisher confirms."""
+    """Publish one event (a manual tick, a command) with publisher confirms; ``declare``
+    the exchanges first (else, or if refused, check that they exist)."""
     broker = make_broker(rabbit_url, tls=tls)
-    await broker.connect()
+    connection = await broker.connect()
     try:
-        exchange = topic_exchange(exchange_name, declare=declare_exchanges)
-        await broker.declare_exchange(exchange)
+        exchange = topic_exchange(exchange_name)
+        await declare_exchanges(connection, exchange_name, declare=declare)
         event = envelope(
             event_type,
             payload,
@@ -109,7 +110,8 @@ class Ticker:
         self.clock = clock
         self.metrics = Metrics()
         self.broker = make_broker(rabbit_url, tls=tls)
-        self.exchange = topic_exchange(exchange_name, declare=declare_exchanges)
+        self.exchange = topic_exchange(exchange_name)
+        self.declare_topology = declare_exchanges
         self.sent = 0
         self.last_slot: int | None = None
 
@@ -120,12 +122,9 @@ class Ticker:
             self.exchange_name,
             self.every_ms,
         )
-        await self.broker.connect()
-        await self.broker.declare_exchange(self.exchange)
+        connection = await self.broker.connect()
         # The dead-letter exchange too: least-privileged agents only check it exists.
-        await self.broker.declare_exchange(
-            topic_exchange(dead_letter_exchange(self.exchange_name), declare=self.exchange.declare)
-        )
+        await declare_exchanges(connection, self.exchange_name, declare=self.declare_topology)
 
     async def stop(self) -> None:
         await self.broker.stop()

@@ -1,5 +1,8 @@
 """deploy/rabbitmq/permissions.sh against the real broker: agent A's user runs A's consumer
-and nothing else (not B's results, queue, inbox or bindings; not the exchange itself)."""
+and nothing else (not B's results, queue, inbox or bindings; not the exchange itself),
+and no least-privileged user can declare, delete or re-declare a queue: the dead-letter
+bypass (re-declare your own DLQ to dead-letter into the main exchange under any key,
+which the broker re-publishes without permission checks) is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from heartbeat_consumer.monitor import Monitor
 
 from .broker import Bus, rabbitmqctl, take
 from .conftest import ROOT
-from .test_bus import write
+from .test_bus import BIN, write
 from .test_monitor import Clock, envelope, until
 
 SCRIPT = ROOT / "deploy" / "rabbitmq" / "permissions.sh"
@@ -30,11 +33,15 @@ async def script(bus: Bus, *args: str, **env: str) -> tuple[int, str, str]:
     await rabbitmqctl("status")  # skips where there is no rabbitmqctl
     proc = await asyncio.create_subprocess_exec(
         "sh", str(SCRIPT), *args,
-        env={**os.environ, "EXCHANGE_NAME": bus.exchange_name, **env},
+        env={**os.environ, "EXCHANGE_NAME": bus.exchange_name, "HEARTBEAT_CONSUMER": BIN, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+def env_lines(out: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in out.splitlines())
 
 
 @contextlib.asynccontextmanager
@@ -45,7 +52,7 @@ async def users(bus: Bus, *agents: str) -> AsyncIterator[dict[str, dict[str, str
         for agent in agents:
             code, out, err = await script(bus, agent)
             assert code == 0, err
-            made[agent] = dict(line.split("=", 1) for line in out.splitlines())
+            made[agent] = env_lines(out)
         yield made
     finally:
         for agent in agents:
@@ -53,8 +60,14 @@ async def users(bus: Bus, *agents: str) -> AsyncIterator[dict[str, dict[str, str
                 await rabbitmqctl("delete_user", f"heartbeat-agent-{agent}")
 
 
-async def refused(url: str, action: str, bus: Bus, agent_b: str) -> None:
-    """Do ``action`` as the user of ``url``; it must be refused with ACCESS_REFUSED."""
+async def no_provisioners_left() -> None:
+    listed = await rabbitmqctl("list_users")
+    assert "heartbeat-provision-" not in listed, "a temporary provisioning user was left"
+
+
+async def refused(url: str, action: str, bus: Bus, agent_b: str, own: str = "") -> None:
+    """Do ``action`` as the user of ``url``; it must be refused with ACCESS_REFUSED.
+    ``own`` is the user's own queue (an agent's inbox, the monitor's queue)."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
@@ -68,12 +81,18 @@ async def refused(url: str, action: str, bus: Bus, agent_b: str) -> None:
                 await exchange.publish(aio_pika.Message(b"{}"), routing_key="system.heartbeat.tick")
             elif action == "declare B's queue":
                 await channel.declare_queue(f"agent.{agent_b}.inbox", durable=True)
+            elif action == "declare a queue of its own":
+                await channel.declare_queue(f"agent.{agent_b}.x{uuid.uuid4().hex[:6]}")
             elif action == "consume B's inbox":
                 queue = await channel.get_queue(f"agent.{agent_b}.inbox", ensure=True)
                 await queue.consume(ignore)
             elif action == "bind to B's keys":
-                queue = await channel.get_queue(f"agent.{url_agent(url)}.inbox", ensure=True)
+                queue = await channel.get_queue(own, ensure=True)
                 await queue.bind(exchange, routing_key=f"agent.{agent_b}.#")
+            elif action == "delete its own queue":
+                await channel.queue_delete(own)
+            elif action == "re-declare its own queue":
+                await channel.declare_queue(own, durable=True)
             elif action == "delete the exchange":
                 await exchange.delete()
             else:
@@ -82,31 +101,51 @@ async def refused(url: str, action: str, bus: Bus, agent_b: str) -> None:
         await connection.close()
 
 
+async def dead_letter_bypass(url: str, bus: Bus, dlq: str, aim: str) -> None:
+    """The attack: delete the user's own DLQ, re-declare it dead-lettering into the main
+    exchange under ``aim`` with a short TTL, publish into it. Must be refused at the
+    first step; if it were not, a message would arrive under ``aim``."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        with pytest.raises(ChannelAccessRefused):
+            await channel.queue_delete(dlq)
+        channel = await connection.channel()
+        with pytest.raises(ChannelAccessRefused):
+            await channel.declare_queue(
+                dlq,
+                durable=True,
+                arguments={
+                    "x-dead-letter-exchange": bus.exchange_name,
+                    "x-dead-letter-routing-key": aim,
+                    "x-message-ttl": 1,
+                },
+            )
+    finally:
+        await connection.close()
+
+
 async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     pass
 
 
-def url_agent(url: str) -> str:
-    return url.split("://heartbeat-agent-", 1)[1].split(":", 1)[0]
-
-
 async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path: Path) -> None:
-    await bus.exchange()  # the exchanges exist before least-privileged agents start
-    dlx = await bus.channel.declare_exchange(
-        f"{bus.exchange_name}.dlx", aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    assert dlx
     a, b = bus.agent("pa"), bus.agent("pb")
     async with users(bus, a, b) as env:
-        assert env[a]["DECLARE_EXCHANGES"] == "false"
+        await no_provisioners_left()
+        assert env[a]["DECLARE"] == "false"
         assert env[a]["EXCHANGE_NAME"] == bus.exchange_name
         url_a, url_b = env[a]["RABBIT_URL"], env[b]["RABBIT_URL"]
         assert url_a.startswith(f"amqp://heartbeat-agent-{a}:") and url_a != url_b
+        # The script provisioned the exchanges and both agents' queues.
+        assert await bus.count(f"agent.{a}.inbox") == 0
+        assert await bus.count(f"agent.{b}.dlq") == 0
 
-        # A's consumer works under A's user: declare, bind, consume, publish, dead-letter.
+        # A's consumer works under A's user: checks the topology, consumes, publishes,
+        # dead-letters; with declaring left on, the refusal falls back to the check.
         results = await bus.collector(f"heartbeat.{a}.#")
         config = write(tmp_path, a, {"c": {"cadenceMs": HOUR, "handler": "default"}})
-        consumer_a = HeartbeatConsumer(a, config, url_a, bus.exchange_name, declare_exchanges=False)
+        consumer_a = HeartbeatConsumer(a, config, url_a, bus.exchange_name)
         config_b = write(tmp_path, b, {"c": {"cadenceMs": HOUR, "handler": "default"}})
         consumer_b = HeartbeatConsumer(
             b, config_b, url_b, bus.exchange_name, declare_exchanges=False
@@ -116,7 +155,7 @@ async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path:
         try:
             (first,) = await take(results, 1)
             assert first.routing_key == f"heartbeat.{a}.c.success"
-            await bus.publish(f"agent.{a}.heartbeat.run", {"bad": "envelope"})
+            await bus.publish("system.heartbeat.tick", {"bad": "envelope"})
             await asyncio.sleep(0.5)
             assert await bus.count(f"agent.{a}.dlq") == 1
             assert (await consumer_a.health()).ok
@@ -125,27 +164,48 @@ async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path:
                 "publish B's result",
                 "publish a tick",
                 "declare B's queue",
+                "declare a queue of its own",
                 "consume B's inbox",
                 "bind to B's keys",
+                "delete its own queue",
+                "re-declare its own queue",
                 "delete the exchange",
             ):
-                await refused(url_a, action, bus, b)
+                await refused(url_a, action, bus, b, own=f"agent.{a}.inbox")
+            await dead_letter_bypass(url_a, bus, f"agent.{a}.dlq", f"agent.{b}.heartbeat.run")
         finally:
             await consumer_a.stop()
             await consumer_b.stop()
+        assert await bus.count(f"agent.{b}.inbox") == 0, "nothing reached B's inbox"
 
 
-async def test_agent_user_cannot_declare_the_exchange(bus: Bus, tmp_path: Path) -> None:
-    """Without DECLARE_EXCHANGES=false the consumer needs configure on the exchange: it
-    fails at start with a refusal, not silently."""
-    await bus.exchange()
-    a = bus.agent("pc")
-    async with users(bus, a) as env:
+async def test_an_agent_user_on_an_unprovisioned_agent_is_told_what_to_do(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """PROVISION=no makes the user only; its consumer then names the missing queue and
+    the way to provision it, in one line."""
+    a = bus.agent("pn")
+    await bus.exchange()  # the exchanges exist (an admin made them), the queues do not
+    await bus.channel.declare_exchange(
+        f"{bus.exchange_name}.dlx", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    code, out, err = await script(bus, a, PROVISION="no")
+    try:
+        assert code == 0, err
         config = write(tmp_path, a, {"c": {"cadenceMs": HOUR, "handler": "default"}})
-        consumer = HeartbeatConsumer(a, config, env[a]["RABBIT_URL"], bus.exchange_name)
-        with pytest.raises(ChannelAccessRefused):
-            await consumer.start()
-        await consumer.broker.stop()
+        proc = await asyncio.create_subprocess_exec(
+            BIN, "run", str(config), "--state", str(tmp_path / "s.json"),
+            env={**os.environ, **env_lines(out)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        text = stderr.decode().strip()
+        assert proc.returncode == 1, text
+        last = text.splitlines()[-1]
+        assert f"queue 'agent.{a}.dlq' does not exist" in last and "permissions.sh" in last
+        assert "Traceback" not in text, text
+    finally:
+        await rabbitmqctl("delete_user", f"heartbeat-agent-{a}")
 
 
 async def test_ticker_user_and_bad_names(bus: Bus) -> None:
@@ -153,16 +213,20 @@ async def test_ticker_user_and_bad_names(bus: Bus) -> None:
     code, out, err = await script(bus, "--ticker", user)
     try:
         assert code == 0, err
-        url = dict(line.split("=", 1) for line in out.splitlines())["RABBIT_URL"]
+        await no_provisioners_left()
+        url = env_lines(out)["RABBIT_URL"]
         connection = await aio_pika.connect(url)
         try:
             channel = await connection.channel()
-            exchange = await channel.declare_exchange(
-                bus.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-            )
+            exchange = await channel.get_exchange(bus.exchange_name, ensure=True)
             await exchange.publish(aio_pika.Message(b"{}"), routing_key="system.heartbeat.tick")
             with pytest.raises(ChannelAccessRefused):
                 await exchange.publish(aio_pika.Message(b"{}"), routing_key="heartbeat.x.c.success")
+            channel = await connection.channel()
+            with pytest.raises(ChannelAccessRefused):
+                await channel.declare_exchange(
+                    bus.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+                )
         finally:
             await connection.close()
     finally:
@@ -179,14 +243,10 @@ async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(
     user = f"hbm{uuid.uuid4().hex[:8]}"
     queue = f"test.monitor.{uuid.uuid4().hex[:8]}"
     bus.queues |= {queue, f"{queue}.dlq"}
-    await bus.exchange()  # made by the ticker (or an admin) in a deployment
-    await bus.channel.declare_exchange(
-        f"{bus.exchange_name}.dlx", aio_pika.ExchangeType.TOPIC, durable=True
-    )
     code, out, err = await script(bus, "--monitor", user, MONITOR_QUEUE=queue)
     assert code == 0, err
-    env = dict(line.split("=", 1) for line in out.splitlines())
-    assert env["DECLARE_EXCHANGES"] == "false"
+    env = env_lines(out)
+    assert env["DECLARE"] == "false"
     clock = Clock()
     try:
         monitor = Monitor(
@@ -213,15 +273,10 @@ async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(
             assert alert.routing_key == "heartbeat.x._alert.stale"
         finally:
             await monitor.stop()
-        await refused(env["RABBIT_URL"], "publish B's result", bus, "x")  # a forged result
-        connection = await aio_pika.connect(env["RABBIT_URL"])
-        try:
-            channel = await connection.channel()
-            exchange = await channel.get_exchange(bus.exchange_name, ensure=True)
-            mine = await channel.get_queue(queue, ensure=True)
-            with pytest.raises(ChannelAccessRefused):
-                await mine.bind(exchange, routing_key="agent.#")  # nobody's inbox traffic
-        finally:
-            await connection.close()
+        url = env["RABBIT_URL"]
+        await refused(url, "publish B's result", bus, "x")  # a forged result
+        for action in ("bind to B's keys", "delete its own queue", "re-declare its own queue"):
+            await refused(url, action, bus, "x", own=queue)
+        await dead_letter_bypass(url, bus, f"{queue}.dlq", "heartbeat.x.c.failed")
     finally:
         await rabbitmqctl("delete_user", user)

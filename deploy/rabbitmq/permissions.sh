@@ -1,24 +1,33 @@
 #!/bin/sh
-# Least-privilege RabbitMQ users for heartbeat-consumer (run on the broker host, as a
-# user allowed to run rabbitmqctl).
+# Least-privilege RabbitMQ users for heartbeat-consumer, and the queues they use (run on
+# the broker host, as a user allowed to run rabbitmqctl).
 #
 #   permissions.sh AGENT            a user that can consume only agent.AGENT.inbox and
 #                                   publish only heartbeat.AGENT.* (its results and status)
-#   permissions.sh --ticker [USER]  a user that can declare the exchanges and publish
-#                                   only system.heartbeat.* (ticks); USER defaults to
-#                                   heartbeat-ticker
+#   permissions.sh --ticker [USER]  a user that can publish only system.heartbeat.* (ticks);
+#                                   USER defaults to heartbeat-ticker
 #   permissions.sh --monitor [USER] a user that can consume only the monitor's queue
-#                                   (MONITOR_QUEUE, default heartbeat.monitor), bind it
-#                                   only to heartbeat.# and publish only alerts
-#                                   (heartbeat.*._alert.*); USER defaults to heartbeat-monitor
+#                                   (MONITOR_QUEUE, default heartbeat.monitor) and publish
+#                                   only alerts (heartbeat.*._alert.*); USER defaults to
+#                                   heartbeat-monitor
+#
+# None of these users may declare, delete or re-declare anything (no configure
+# permission): a user that could re-declare its own queue could aim its dead letters
+# anywhere, since the broker re-publishes dead letters without checking permissions.
+# So this script provisions what the user needs, as an admin would: the exchanges, and
+# the agent's inbox and dead-letter queue (or the monitor's queues) with their arguments
+# and bindings. It does so with `heartbeat-consumer provision` run as a temporary user
+# that may declare exactly those, deleted afterwards.
 #
 # Prints the lines for the service's environment file (/etc/heartbeat-consumer/AGENT.env).
-# Agents run with DECLARE_EXCHANGES=false, so the exchanges must exist: start the ticker
-# (or any admin-run component) once first.
 #
 # Environment: EXCHANGE_NAME (bloodbank.events.v1), VHOST (/), RABBIT_HOST (localhost),
 # RABBIT_PORT (5672), PASSWORD (default: 48 random hex digits), RABBITMQCTL (rabbitmqctl),
-# MONITOR_QUEUE (heartbeat.monitor).
+# MONITOR_QUEUE (heartbeat.monitor), HEARTBEAT_CONSUMER (the heartbeat-consumer command;
+# default: the one on PATH, else /opt/heartbeat-consumer/.venv/bin/heartbeat-consumer),
+# QUEUE_TYPE (classic or quorum) and SINGLE_ACTIVE_CONSUMER (true) for an agent's inbox,
+# DLQ_MAX_LENGTH (10000) and DLQ_TTL (7d) for dead-letter queues, PROVISION=no to create
+# the user only (then run `heartbeat-consumer provision` yourself, as an admin).
 set -eu
 
 EXCHANGE_NAME=${EXCHANGE_NAME:-bloodbank.events.v1}
@@ -26,6 +35,7 @@ VHOST=${VHOST:-/}
 RABBIT_HOST=${RABBIT_HOST:-localhost}
 RABBIT_PORT=${RABBIT_PORT:-5672}
 RABBITMQCTL=${RABBITMQCTL:-rabbitmqctl}
+PROVISION=${PROVISION:-yes}
 
 usage() {
     echo "usage: $0 AGENT | --ticker [USER] | --monitor [USER]" >&2
@@ -40,6 +50,10 @@ ctl() {
     "$RABBITMQCTL" -q "$@"
 }
 
+random_password() {
+    od -An -tx1 -N24 /dev/urandom | tr -d ' \n'
+}
+
 # A regex matching the exchange name literally (it usually contains dots).
 EX=$(printf '%s' "$EXCHANGE_NAME" | sed 's/[].[^$*+?(){}|\\]/\\&/g')
 DLX="$EX\\.dlx"
@@ -49,11 +63,11 @@ DLQ_WRITE=""  # the one routing key this user may dead-letter under, on the DLX
 if [ "$1" = "--ticker" ]; then
     USER_NAME=${2:-heartbeat-ticker}
     name_ok "$USER_NAME" || { echo "$0: bad user name '$USER_NAME'" >&2; exit 2; }
-    CONFIGURE="^($EX|$DLX)\$"
     WRITE="^$EX\$"
     READ='^$'
     TOPIC_WRITE='^system\.heartbeat\.'
-    TOPIC_READ='^$'
+    PROVISIONS="^($EX|$DLX)\$"
+    set -- --exchanges
 elif [ "$1" = "--monitor" ]; then
     USER_NAME=${2:-heartbeat-monitor}
     name_ok "$USER_NAME" || { echo "$0: bad user name '$USER_NAME'" >&2; exit 2; }
@@ -61,13 +75,13 @@ elif [ "$1" = "--monitor" ]; then
     printf '%s' "$MONITOR_QUEUE" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$' || {
         echo "$0: bad queue name '$MONITOR_QUEUE'" >&2; exit 2; }
     MQ=$(printf '%s' "$MONITOR_QUEUE" | sed 's/[.]/\\./g')
-    QUEUES="$MQ(\\.dlq)?"
-    CONFIGURE="^$QUEUES\$"
-    WRITE="^($QUEUES|$EX|$DLX)\$"
-    READ="^($QUEUES|$EX|$DLX)\$"
+    # write: publish alerts, dead-letter to its DLQ; read: consume its queue.
+    WRITE="^($EX|$DLX)\$"
+    READ="^$MQ\$"
     TOPIC_WRITE='^heartbeat\.[^.]+\._alert\.'
-    TOPIC_READ='^heartbeat\.#$'
     DLQ_WRITE="^$MQ\\.dlq\$"
+    PROVISIONS="^($EX|$DLX|$MQ|$MQ\\.dlq)\$"
+    set -- --monitor "$MONITOR_QUEUE"
 else
     [ $# -eq 1 ] || usage
     AGENT=$1
@@ -76,37 +90,61 @@ else
         exit 2
     }
     USER_NAME="heartbeat-agent-$AGENT"
-    QUEUES="agent\\.$AGENT\\.(inbox|dlq)"
-    # configure: declare (and delete) only its own two queues.
-    # write: bind its queues, publish to the exchange, dead-letter to the DLX.
-    # read: consume its queues, bind from the two exchanges.
-    CONFIGURE="^$QUEUES\$"
-    WRITE="^($QUEUES|$EX|$DLX)\$"
-    READ="^($QUEUES|$EX|$DLX)\$"
-    # Topic permissions: publish only its own results and status events; bind only its
-    # own keys and the ticks.
+    # write: publish to the exchange, dead-letter to the DLX; read: consume its inbox.
+    WRITE="^($EX|$DLX)\$"
+    READ="^agent\\.$AGENT\\.inbox\$"
+    # Topic permissions: publish only its own results and status events.
     TOPIC_WRITE="^heartbeat\\.$AGENT\\."
-    TOPIC_READ="^(agent\\.$AGENT\\.#|system\\.heartbeat\\.#)\$"
     DLQ_WRITE="^agent\\.$AGENT\\.dlq\$"
-fi
-
-PASSWORD=${PASSWORD:-$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')}
-if ctl list_users | awk '{print $1}' | grep -Fxq "$USER_NAME"; then
-    printf '%s\n' "$PASSWORD" | ctl change_password "$USER_NAME" >/dev/null
-else
-    printf '%s\n' "$PASSWORD" | ctl add_user "$USER_NAME" >/dev/null
-fi
-ctl set_permissions -p "$VHOST" "$USER_NAME" "$CONFIGURE" "$WRITE" "$READ" >/dev/null
-ctl set_topic_permissions -p "$VHOST" "$USER_NAME" "$EXCHANGE_NAME" "$TOPIC_WRITE" "$TOPIC_READ" >/dev/null
-if [ -n "$DLQ_WRITE" ]; then
-    ctl set_topic_permissions -p "$VHOST" "$USER_NAME" "$EXCHANGE_NAME.dlx" \
-        "$DLQ_WRITE" "$DLQ_WRITE" >/dev/null
+    PROVISIONS="^($EX|$DLX|agent\\.$AGENT\\.(inbox|dlq))\$"
+    set -- --agent "$AGENT"
+    [ -z "${QUEUE_TYPE:-}" ] || set -- "$@" --queue-type "$QUEUE_TYPE"
+    case ${SINGLE_ACTIVE_CONSUMER:-} in
+        1|true|yes|on) set -- "$@" --single-active-consumer ;;
+    esac
 fi
 
 case $VHOST in
     /) VHOST_PATH=/ ;;
     *) VHOST_PATH=/$(printf '%s' "$VHOST" | sed 's,/,%2F,g') ;;
 esac
+
+if [ "$PROVISION" != "no" ]; then
+    if [ -z "${HEARTBEAT_CONSUMER:-}" ]; then
+        HEARTBEAT_CONSUMER=$(command -v heartbeat-consumer || true)
+        [ -n "$HEARTBEAT_CONSUMER" ] || HEARTBEAT_CONSUMER=/opt/heartbeat-consumer/.venv/bin/heartbeat-consumer
+    fi
+    [ -x "$HEARTBEAT_CONSUMER" ] || command -v "$HEARTBEAT_CONSUMER" >/dev/null 2>&1 || {
+        echo "$0: heartbeat-consumer not found (set HEARTBEAT_CONSUMER to it, or PROVISION=no" \
+            "and run 'heartbeat-consumer provision $*' as an admin)" >&2
+        exit 1
+    }
+    # A temporary user that may declare exactly what this component needs.
+    PROVISIONER="heartbeat-provision-$(random_password | cut -c1-12)"
+    PROVISIONER_PASSWORD=$(random_password)
+    trap 'ctl delete_user "$PROVISIONER" >/dev/null 2>&1 || true' EXIT
+    printf '%s\n' "$PROVISIONER_PASSWORD" | ctl add_user "$PROVISIONER" >/dev/null
+    ctl set_permissions -p "$VHOST" "$PROVISIONER" "$PROVISIONS" "$PROVISIONS" "$PROVISIONS" >/dev/null
+    RABBIT_URL="amqp://$PROVISIONER:$PROVISIONER_PASSWORD@$RABBIT_HOST:$RABBIT_PORT$VHOST_PATH" \
+        "$HEARTBEAT_CONSUMER" --log-level WARNING provision "$@" --exchange "$EXCHANGE_NAME" >&2
+    ctl delete_user "$PROVISIONER" >/dev/null
+    trap - EXIT
+fi
+
+PASSWORD=${PASSWORD:-$(random_password)}
+if ctl list_users | awk '{print $1}' | grep -Fxq "$USER_NAME"; then
+    printf '%s\n' "$PASSWORD" | ctl change_password "$USER_NAME" >/dev/null
+else
+    printf '%s\n' "$PASSWORD" | ctl add_user "$USER_NAME" >/dev/null
+fi
+# configure '^$': declares, deletes and re-declarations are all refused.
+ctl set_permissions -p "$VHOST" "$USER_NAME" '^$' "$WRITE" "$READ" >/dev/null
+ctl set_topic_permissions -p "$VHOST" "$USER_NAME" "$EXCHANGE_NAME" "$TOPIC_WRITE" '^$' >/dev/null
+if [ -n "$DLQ_WRITE" ]; then
+    ctl set_topic_permissions -p "$VHOST" "$USER_NAME" "$EXCHANGE_NAME.dlx" \
+        "$DLQ_WRITE" '^$' >/dev/null
+fi
+
 echo "RABBIT_URL=amqp://$USER_NAME:$PASSWORD@$RABBIT_HOST:$RABBIT_PORT$VHOST_PATH"
 echo "EXCHANGE_NAME=$EXCHANGE_NAME"
-[ -z "$DLQ_WRITE" ] || echo "DECLARE_EXCHANGES=false"
+echo "DECLARE=false"
