@@ -9,7 +9,8 @@ Settings in the check's ``meta``:
   one skips the turn (status skipped, reason ``empty-checklist``); a missing one runs.
 - ``workdir``: the agent's working directory.
 - ``env``: names of environment variables the agent may see, besides PATH, HOME, LANG,
-  LC_ALL, TZ, TMPDIR, USER and the HEARTBEAT_* ones. Nothing else leaks to it.
+  LC_ALL, TZ, TMPDIR, USER and the HEARTBEAT_* ones (or an object of variables to set).
+  Nothing else leaks to it.
 - ``ackMaxChars`` (300), ``maxOutputBytes`` (65536), ``dedupWindowMs`` (24 h),
   ``pauseAfterAuthFailures`` (2), ``authPauseMs`` (6 h).
 
@@ -24,7 +25,6 @@ kills the agent's whole process group.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,12 @@ from .heartbeat_md import (
     parse_reply,
     remember_alert,
 )
-from .process import heartbeat_env, meta_argv, run_process
+from .process import BASE_ENV, child_env, meta_argv, run_process
 from .state import CheckState
 from .timeutil import iso
 
 __all__ = ["BASE_ENV", "agent_turn"]
 
-BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 DEFAULT_MAX_OUTPUT_BYTES = 65_536
 DEFAULT_PAUSE_AFTER_AUTH_FAILURES = 2
 DEFAULT_AUTH_PAUSE_MS = 6 * 3_600_000
@@ -63,10 +62,8 @@ class _Settings:
             raise ValueError('meta.promptVia must be "argument" or "stdin"')
         self.workdir = str(meta["workdir"]) if meta.get("workdir") else None
         self.checklist = str(meta["checklist"]) if meta.get("checklist") else None
-        allowed = meta.get("env") or []
-        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
-            raise ValueError("meta.env must be a list of variable names (an allow-list)")
-        self.allowed: list[str] = allowed
+        self.env: object = meta.get("env")
+        child_env(self.env, {})  # ValueError now rather than at the turn
         self.ack_max = int(meta.get("ackMaxChars", DEFAULT_ACK_MAX_CHARS))
         self.limit = int(meta.get("maxOutputBytes", DEFAULT_MAX_OUTPUT_BYTES))
         self.window = int(meta.get("dedupWindowMs", DEDUP_WINDOW_MS))
@@ -82,8 +79,7 @@ class _Settings:
         return path if path.is_absolute() or self.workdir is None else Path(self.workdir) / path
 
     def environment(self, tick_payload: dict[str, Any]) -> dict[str, str]:
-        env = {n: os.environ[n] for n in (*BASE_ENV, *self.allowed) if n in os.environ}
-        return {**env, **heartbeat_env(tick_payload)}
+        return child_env(self.env, tick_payload)
 
 
 @register_handler("agent_turn")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import CheckConfig
 from .handlers import current_run, register_handler
-from .process import heartbeat_env, meta_argv, run_process
+from .process import child_env, meta_argv, run_process
 from .state import compact_history
 from .timeutil import iso
 
@@ -78,20 +78,20 @@ async def quarterly_compaction(
 async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
     """Run ``meta.argv`` without a shell. Exit 0 = success, else failed.
 
-    Options in meta: ``cwd``, ``env`` (extra variables), ``maxOutputBytes`` (default
-    4096, the tail of stdout and stderr is kept). The check's timeout kills the whole
-    process group. The child sees HEARTBEAT_AGENT, HEARTBEAT_CHECK, HEARTBEAT_SLOT and
-    HEARTBEAT_IDEMPOTENCY_KEY.
+    Options in meta: ``cwd``, ``env`` (a list of the consumer's variables to pass on, or
+    an object of variables to set), ``maxOutputBytes`` (default 4096, the tail of stdout
+    and stderr is kept). The check's timeout kills the whole process group. The child
+    sees PATH, HOME, LANG, LC_ALL, TZ, TMPDIR, USER, what ``env`` names, and
+    HEARTBEAT_AGENT, HEARTBEAT_CHECK, HEARTBEAT_SLOT and HEARTBEAT_IDEMPOTENCY_KEY:
+    nothing else of the consumer's environment (its broker password stays with it).
     """
     meta = check_config.meta
     try:
         argv = meta_argv(meta)
+        env = child_env(meta.get("env"), tick_payload)
     except ValueError as exc:
         return {"status": "failed", "error": str(exc)}
     limit = int(meta.get("maxOutputBytes", DEFAULT_MAX_OUTPUT_BYTES))
-    env = dict(os.environ)
-    env.update({str(k): str(v) for k, v in (meta.get("env") or {}).items()})
-    env.update(heartbeat_env(tick_payload))
     try:
         done = await run_process(argv, cwd=meta.get("cwd"), env=env, limit=limit)
     except OSError as exc:

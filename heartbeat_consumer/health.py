@@ -5,6 +5,13 @@ framework; the monitor adds its status API and dashboard as extra routes).
 ``/health`` answers 200 only when the component says it is healthy (for a consumer:
 broker connected **and** its consumer registered on its queue), else 503; the probe's
 answer is cached for ``cache_s`` so a busy scraper cannot flood the broker with probes.
+
+Bounded against clients that connect and never read: at most :data:`MAX_CONNECTIONS`
+at once (more are closed at once), a request must arrive within
+:data:`READ_TIMEOUT_S` and a response be taken within :data:`WRITE_TIMEOUT_S` (else the
+connection is aborted and its buffer freed), and at most :data:`MAX_BYTES_IN_FLIGHT` of
+response bodies wait in buffers: a big response beyond that is a 503 with
+``Retry-After`` (small ones, like ``/health``, are always answered).
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ log = logging.getLogger("heartbeat_consumer.health")
 
 MAX_HEADER_LINES = 100
 READ_TIMEOUT_S = 5.0
+WRITE_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 100
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+SMALL_RESPONSE_BYTES = 64 * 1024
+"""Responses up to this size are sent even when the in-flight budget is spent."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +83,18 @@ class HealthServer:
         host: str = "127.0.0.1",
         cache_s: float = 1.0,
         routes: Mapping[str, Route] | None = None,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+        max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         """``routes``: more GET paths (``/health`` and ``/metrics`` always exist)."""
         self.probe = probe
+        self.write_timeout_s = write_timeout_s
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.max_connections = max_connections
+        self.connections = 0
+        self.bytes_in_flight = 0
+        """Bytes of responses written and not yet taken by their clients."""
         self.routes = dict(routes or {})
         self.metrics = metrics
         self.host = host
@@ -109,23 +130,44 @@ class HealthServer:
             return self._cached[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = ""
+        extra = ""
         try:
             method, path = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT_S)
             status, content_type, body = await self._route(method, path)
         except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
             status, content_type, body = 400, "text/plain", b"bad request\n"
+        room = self.max_bytes_in_flight - self.bytes_in_flight
+        if method != "HEAD" and len(body) > SMALL_RESPONSE_BYTES and len(body) > room:
+            status, content_type, body = 503, "text/plain", b"busy: retry in a second\n"
+            extra = "Retry-After: 1\r\n"
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+            f"Cache-Control: no-store\r\nConnection: close\r\n{extra}\r\n"
         ).encode()
+        payload = head if method == "HEAD" else head + body
+        self.bytes_in_flight += len(payload)
         try:
-            writer.write(head if method == "HEAD" else head + body)
-            await writer.drain()
+            writer.write(payload)
+            await asyncio.wait_for(writer.drain(), self.write_timeout_s)
+        except TimeoutError:
+            log.debug("http: a client took no response for %g s; dropped", self.write_timeout_s)
+            writer.transport.abort()  # frees the buffer now, not when the client reads
         except ConnectionError:
             pass
         finally:
+            self.bytes_in_flight -= len(payload)
             writer.close()
 
     async def _route(self, method: str, path: str) -> Response:

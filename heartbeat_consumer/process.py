@@ -14,7 +14,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Finished", "heartbeat_env", "meta_argv", "run_process", "tail_text"]
+__all__ = [
+    "BASE_ENV",
+    "Finished",
+    "child_env",
+    "heartbeat_env",
+    "meta_argv",
+    "run_process",
+    "tail_text",
+]
 
 
 def meta_argv(meta: dict[str, Any]) -> list[str]:
@@ -34,6 +42,30 @@ def heartbeat_env(tick_payload: dict[str, Any]) -> dict[str, str]:
         "HEARTBEAT_SLOT": str(tick_payload.get("timestamp", "")),
         "HEARTBEAT_IDEMPOTENCY_KEY": str(tick_payload.get("idempotency_key", "")),
     }
+
+
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+"""What every child sees of the consumer's environment."""
+
+
+def child_env(meta_env: object, tick_payload: dict[str, Any]) -> dict[str, str]:
+    """A child's environment: :data:`BASE_ENV` from ours, plus the names ``meta.env``
+    lists (an allow-list) or the variables it sets (an object), plus the HEARTBEAT_*
+    ones. Nothing else: the consumer's secrets (``RABBIT_URL`` with its password, API
+    keys) stay with it. ValueError when ``meta.env`` is neither."""
+    allowed: list[str] = []
+    values: dict[str, str] = {}
+    if isinstance(meta_env, list) and all(isinstance(n, str) for n in meta_env):
+        allowed = meta_env
+    elif isinstance(meta_env, dict):
+        values = {str(k): str(v) for k, v in meta_env.items()}
+    elif meta_env is not None:
+        raise ValueError(
+            "meta.env must be a list of variable names to pass on (an allow-list), "
+            "or an object of variables to set"
+        )
+    env = {n: os.environ[n] for n in (*BASE_ENV, *allowed) if n in os.environ}
+    return {**env, **values, **heartbeat_env(tick_payload)}
 
 
 @dataclass(frozen=True)

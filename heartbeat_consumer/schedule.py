@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 
 from .config import CheckConfig, HeartbeatConfig, Pause, Problem, Window
 from .state import AgentState
-from .timeutil import format_duration, gap_end, iso, local_time
+from .timeutil import clamp_instant, format_duration, gap_end, iso, local_time
 
 __all__ = [
     "Blocker",
@@ -233,7 +233,7 @@ def _evaluate_check(
         causes.append(Blocker.BACKOFF)
     if last is not None and now_ms - last < check.cadence_ms:
         causes.append(Blocker.NOT_DUE)
-    next_due = None if last is None else last + check.cadence_ms
+    next_due = None if last is None else clamp_instant(last + check.cadence_ms)
     if current.next_retry is not None:
         next_due = current.next_retry if next_due is None else max(next_due, current.next_retry)
     return Evaluation(

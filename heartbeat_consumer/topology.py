@@ -130,12 +130,12 @@ def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for logs)."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a bad port, say: mask what looks like user:password@
+        return re.sub(r"(//[^/@:]*:)[^@]*@", r"\1***@", url)
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -169,3 +169,28 @@ async def open_bus() -> AsyncIterator[Bus]:
     finally:
         await bus.cleanup()
         await connection.close()
+
+
+async def queue_stats(name: str) -> dict[str, Any]:
+    """What the broker says of queue ``name``: messages_ready, messages_unacknowledged,
+    arguments (rabbitmqctl; skips the test where it cannot run)."""
+    out = await rabbitmqctl(
+        "list_queues", "name", "messages_ready", "messages_unacknowledged", "arguments",
+        "--formatter", "json",
+    )  # fmt: skip
+    for row in orjson.loads(out):
+        if row["name"] == name:
+            found: dict[str, Any] = row
+            return found
+    raise AssertionError(f"no queue {name}")
+
+
+async def settled(name: str, within: float = 10.0) -> None:
+    """Wait until ``name`` holds nothing, ready or unacknowledged."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        stats = await queue_stats(name)
+        if stats["messages_ready"] == 0 and stats["messages_unacknowledged"] == 0:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{name} not settled: {stats}"
+        await asyncio.sleep(0.2)

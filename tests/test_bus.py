@@ -270,6 +270,29 @@ async def test_commands_run_pause_resume(bus: Bus, tmp_path: Path) -> None:
         assert StateStore(state_path).load()[0].pauses == {}
 
 
+async def test_commands_that_are_not_quite_right_are_dead_lettered_not_guessed(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """``force: "false"`` is not a boolean (it used to force a run); a pause of a check
+    the config does not have is refused; both with the reason."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    command = {"event_id": "cmd", "event_type": "command", "timestamp": 0}
+    async with running(bus, agent, config) as consumer:
+        await take(results, 1)
+        run = {"check": "c", "force": "false"}
+        await bus.publish(f"agent.{agent}.heartbeat.run", {**command, "payload": run})
+        await bus.publish(f"agent.{agent}.heartbeat.pause", {**command, "payload": {"check": "x"}})
+        await asyncio.sleep(0.5)
+        assert await drain(results) == [], "nothing ran"
+        assert consumer.agent.runner.state.pauses == {}
+    dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", passive=True)
+    reasons = sorted(str(m.headers[REASON_HEADER]) for m in await take(dlq, 2))
+    assert reasons[0].startswith("no check named 'x'")
+    assert reasons[1] == "payload.force must be true or false, not 'false'"
+
+
 async def test_handler_exception_is_a_failed_result_not_a_crash(bus: Bus, tmp_path: Path) -> None:
     @register_handler("t_bus_boom")
     async def boom(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:

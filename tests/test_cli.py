@@ -320,3 +320,89 @@ def test_a_bad_monitor_setting_in_the_environment_is_a_clear_monitor_error(
     monkeypatch.delenv("MONITOR_PORT")
     assert main(["monitor", "--stale-for", "x"]) == 2
     assert "--stale-for wants AGENT=DURATION, not 'x'" in capsys.readouterr().err
+
+
+# --- bad input: floats, values out of range, malformed URLs ---------------------------------
+
+
+def test_integral_floats_are_integers_and_fractions_a_clear_problem(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    floats = {"cadenceMs": 6000.0, "priority": 2.0, "timeoutMs": 1000.0, "lastRun": 0.0}
+    path = write_config(
+        {"agent": "a", "maxChecksPerTick": 1.0, "checks": {"c": {**floats, "handler": "default"}}}
+    )
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok:")
+    assert main(["run-once", str(path), "--state", str(tmp_path / "s.json")]) == 0
+    assert lines(capsys.readouterr().out)[-1]["status"] == "success"
+    path = write_config(
+        {"agent": "a", "checks": {"c": {"cadenceMs": 6000.5, "handler": "default"}}}
+    )
+    assert main(["validate", str(path)]) == 1
+    assert "$.checks.c.cadenceMs: 6000.5 is not of type 'integer'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("paused", 1e17),
+        ("paused", "10000-01-01T00:00:00Z"),
+        ("paused", "100000000000000000000"),
+        ("lastRun", 1e17),
+        ("cadenceMs", 1e20),
+    ],
+)
+def test_times_out_of_range_in_a_config_are_problems_with_their_path(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str], where: str, value: Any
+) -> None:
+    check: dict[str, Any] = {"cadenceMs": 1000, "handler": "default"}
+    paused: dict[str, Any] = {}
+    if where == "paused":
+        paused = {"c": {"until": value}}
+    else:
+        check[where] = value
+    path = write_config({"agent": "a", "checks": {"c": check}, "paused": paused})
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    path_text = "$.paused.c.until" if where == "paused" else f"$.checks.c.{where}"
+    assert path_text in err and "Traceback" not in err
+    assert main(["plan", str(path)]) in (0, 1)  # the check invalid, or the file: no crash
+    shown = capsys.readouterr()
+    assert path_text in shown.out + shown.err
+
+
+def test_a_state_file_with_times_out_of_range_is_repaired_not_fatal(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1000, "handler": "default"}}})
+    state = Path(str(path) + ".state.json")
+    check = {"lastRun": 10**17, "nextRetry": 1e17, "consecutiveFailures": 3}
+    state.write_bytes(
+        orjson.dumps({"checks": {"c": check}, "pauses": {"*": {"until": 1e17, "reason": "x"}}})
+    )
+    assert main(["plan", str(path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert "repaired" in out.err
+    (plan,) = lines(out.out)
+    assert plan["checks"][0]["reasons"] == ["agent paused until resumed (x)"]
+    assert main(["status", str(path)]) == 0
+    assert main(["run-once", str(path)]) == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://agent:s3cret@host:notaport/",
+        "amqp://agent:s3cret@host:99999/",
+        "http://agent:s3cret@host/",
+        "amqp://agent:s3cret@/",
+    ],
+)
+def test_a_malformed_broker_url_is_a_one_line_usage_error(url: str) -> None:
+    done = subprocess.run(
+        [BIN, "tick", "--rabbit-url", url], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "broker URL" in done.stderr and "s3cret" not in done.stderr

@@ -6,7 +6,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from heartbeat_consumer.config import ConfigError, ConfigSource, load_config, parse_config, schema
+from heartbeat_consumer.config import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    ConfigSource,
+    load_config,
+    parse_config,
+    schema,
+)
+from heartbeat_consumer.timeutil import MAX_DURATION_MS, MAX_INSTANT_MS
 
 from .conftest import ROOT
 
@@ -213,3 +221,25 @@ def test_config_source_without_any_good_config(write_config) -> None:  # type: i
     source = ConfigSource(write_config("not json"))
     good, error = source.current()
     assert good is None and error is not None
+
+
+def test_config_files_are_regular_files_of_bounded_size(tmp_path: Path) -> None:
+    big = tmp_path / "big.heartbeat.json"
+    with big.open("wb") as handle:
+        handle.truncate(MAX_CONFIG_BYTES + 1)  # sparse: nothing is read to find out
+    zero = tmp_path / "zero.heartbeat.json"
+    zero.symlink_to("/dev/zero")
+    for path, why in ((big, "over the 16777216 byte limit"), (zero, "not a regular file")):
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert why in str(caught.value)
+    with pytest.raises(ConfigError, match="not a regular file \\(a directory\\)"):
+        load_config(tmp_path)
+
+
+def test_the_schema_bounds_are_the_code_s_ranges() -> None:
+    check = schema()["$defs"]["check"]["properties"]
+    assert check["cadenceMs"]["maximum"] == MAX_DURATION_MS
+    assert check["lastRun"]["maximum"] == MAX_INSTANT_MS
+    until = schema()["$defs"]["pause"]["properties"]["until"]["anyOf"][0]
+    assert until["maximum"] == MAX_INSTANT_MS

@@ -89,9 +89,9 @@ async def test_dashboard_shows_the_fleet_live(bus: Bus, tmp_path: Path, browser:
             await page.wait_for_selector(f'tr[data-agent="{late}"][data-state="offline"]')
 
             # A wedged run (started, never finished) turns into a timeout alert.
-            wedged = f"<b>{uuid.uuid4().hex[:6]}</b>"
+            wedged = f"wedged{uuid.uuid4().hex[:6]}"
             await bus.publish(
-                "heartbeat.wedged.build.started",
+                f"heartbeat.{wedged}.build.started",
                 envelope(
                     "heartbeat.started",
                     {"agent": wedged, "check": "build", "timeout_ms": 500, "cadence_ms": MIN},
@@ -101,8 +101,17 @@ async def test_dashboard_shows_the_fleet_live(bus: Bus, tmp_path: Path, browser:
             await page.wait_for_selector(cell(wedged, "build", "running"), timeout=15_000)
             await page.wait_for_selector(f"{row} .alerts li.error", timeout=15_000)
             assert "timeout build" in await page.inner_text(f"{row} .alerts")
-            assert await page.locator(f"{row} b").count() == 0  # a name is text, never markup
             assert await page.inner_text(f"{row} .agent") == wedged
+            # Words from the bus are text, never markup (a status word can hold anything
+            # a routing key can, names cannot).
+            odd = "<b>odd</b>"
+            await bus.publish(
+                f"heartbeat.{wedged}.lint.{odd}",
+                envelope("heartbeat.result", {"agent": wedged, "check": "lint", "status": odd}),
+            )
+            await page.wait_for_selector(cell(wedged, "lint"), timeout=15_000)
+            assert await page.locator(f"{row} b").count() == 0
+            assert odd in await page.inner_text(cell(wedged, "lint"))
             assert int(await page.inner_text("#n-incidents")) >= 1
 
             shot = tmp_path / "dashboard.png"

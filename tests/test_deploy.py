@@ -252,6 +252,21 @@ def test_compose_services_run_cli_commands_with_their_files_mounted() -> None:
     assert len(set(states)) == len(states), "agents must not share a state file"
 
 
+def test_only_services_whose_port_is_published_listen_beyond_localhost() -> None:
+    """The image listens on 127.0.0.1 (its HEALTHCHECK asks from inside); a service sets
+    0.0.0.0 only where compose publishes its port, and publishes it on 127.0.0.1."""
+    image_env = " ".join(args for op, args in dockerfile() if op == "ENV")
+    assert "0.0.0.0" not in image_env, image_env
+    for name, svc in heartbeat_services().items():
+        env = svc["environment"]
+        wide = [k for k in ("HEALTH_HOST", "MONITOR_HOST") if env.get(k) == "0.0.0.0"]
+        ports = svc.get("ports", [])
+        if wide:
+            assert ports, f"{name} listens on 0.0.0.0 with no port published"
+        assert all(p.startswith("127.0.0.1:") for p in ports), f"{name}: {ports}"
+    assert heartbeat_services()["monitor"]["environment"]["MONITOR_HOST"] == "0.0.0.0"
+
+
 def test_compose_rabbitmq_has_a_health_check_and_no_literal_password() -> None:
     rabbit = compose()["services"]["rabbitmq"]
     assert rabbit["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"]

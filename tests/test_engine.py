@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -379,3 +380,64 @@ async def test_cost_accounting_counts_wall_time_and_ticks_not_due(
     assert state.wall_ms == 3 * 7
     saved, _ = StateStore(path.with_name(path.name + ".state.json")).load()
     assert saved.check("c").avoided == {"not-due": 28}
+
+
+YEAR = 365 * 24 * 60 * MIN
+
+
+async def test_a_last_run_in_the_future_is_clamped_to_the_slot_with_a_warning(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clock that was wrong (or a hand edit) once wrote a lastRun a year ahead: the
+    check runs again one cadence after now, not in a year."""
+    checks = {
+        "from_state": {"cadenceMs": 15 * MIN, "handler": "default"},
+        "from_config": {"cadenceMs": 15 * MIN, "handler": "default", "lastRun": T0 + YEAR},
+    }
+    path = write_config(config(checks, maxChecksPerTick=2))
+    state = path.with_name("state.json")
+    state.write_bytes(orjson.dumps({"checks": {"from_state": {"lastRun": T0 + YEAR}}}))
+    runner, rec = runner_for(path, state_path=state)
+    assert (await runner.tick(T0)).results == []
+    assert "is after the slot" in caplog.text
+    ran = [r.check for s in range(1, 17) for r in (await runner.tick(T0 + s * MIN)).results]
+    assert sorted(ran) == ["from_config", "from_state"], "each runs once a cadence after now"
+    assert {r.slot for r in rec.results} == {T0 + 15 * MIN}
+
+
+async def test_a_config_edited_to_floats_is_picked_up_not_ignored(
+    write_config: WriteConfig,
+) -> None:
+    path = write_config(config({"c": {"cadenceMs": 15 * MIN, "handler": "default"}}))
+    runner, _ = runner_for(path)
+    await runner.tick(T0)
+    path.write_bytes(
+        orjson.dumps(
+            config(
+                {"c": {"cadenceMs": 60_000.0, "handler": "default", "priority": 1.0}},
+                maxChecksPerTick=2.0,
+            )
+        )
+    )
+    report = await runner.tick(T0 + MIN)
+    assert report.config_error is None and [r.check for r in report.results] == ["c"]
+    path.write_bytes(orjson.dumps(config({"c": {"cadenceMs": 60_000.5, "handler": "default"}})))
+    report = await runner.tick(T0 + 2 * MIN)
+    assert not report.results, "a fraction is a clear problem of that check"
+    assert [str(p) for p in report.problems] == [
+        "$.checks.c.cadenceMs: 60000.5 is not of type 'integer'"
+    ]
+
+
+async def test_a_fifo_or_a_device_as_config_blocks_nothing(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    fifo = tmp_path / "fifo.heartbeat.json"
+    os.mkfifo(fifo)
+    device = tmp_path / "zero.heartbeat.json"
+    device.symlink_to("/dev/zero")
+    for path in (fifo, device):
+        runner, _ = runner_for(path, state_path=tmp_path / f"{path.name}.state")
+        report = await asyncio.wait_for(runner.tick(T0), 5)
+        assert report.config_error is not None
+        assert "not a regular file" in str(report.config_error)

@@ -150,3 +150,48 @@ def test_routing_names() -> None:
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def command_body(payload: dict[str, object]) -> bytes:
+    return body({"event_id": "c", "event_type": "command", "timestamp": 0, "payload": payload})
+
+
+@pytest.mark.parametrize("force", ["false", "true", 1, 0, [], {}])
+def test_force_must_be_a_boolean(force: object) -> None:
+    with pytest.raises(EnvelopeError, match=r"payload\.force must be true or false"):
+        parse_command(command_body({"check": "c", "force": force}), "run")
+    assert parse_command(command_body({"check": "c", "force": None}), "run").force is False
+    assert parse_command(command_body({"check": "c", "force": True}), "run").force is True
+
+
+@pytest.mark.parametrize(
+    "until", [1e17, -1, "100000000000000000000", "10000-01-01T00:00:00Z", "1e17", float("1e308")]
+)
+def test_times_out_of_range_are_envelope_errors(until: object) -> None:
+    with pytest.raises(EnvelopeError, match=r"range|not a time"):
+        parse_command(command_body({"check": "c", "until": until}), "pause")
+    tick = {"event_id": "t", "event_type": "tick", "payload": {"epoch_ms": until}}
+    with pytest.raises(EnvelopeError, match=r"range|not a time"):
+        parse_tick(body(tick), interval_ms=60_000)
+
+
+def test_names_reasons_and_ids_are_bounded() -> None:
+    with pytest.raises(EnvelopeError, match="is not a check name"):
+        parse_command(command_body({"check": "a.b"}), "pause")
+    long = parse_command(command_body({"check": "c", "reason": "r" * 10_000}), "pause")
+    assert long.reason is not None and len(long.reason) == 500 and long.reason.endswith("…")
+    with pytest.raises(EnvelopeError, match=r"payload\.reason must be a string"):
+        parse_command(command_body({"check": "c", "reason": 5}), "pause")
+    with pytest.raises(EnvelopeError, match="at most 256 characters"):
+        parse_tick(body({"event_id": "x" * 300, "event_type": "t", "timestamp": 0}), interval_ms=1)
+
+
+def test_the_content_type_charset_is_honoured_and_otherwise_only_a_hint() -> None:
+    tick = {"event_id": "t", "event_type": "tick", "timestamp": 1_795_000_000_000}
+    utf16 = orjson.dumps(tick).decode().encode("utf-16")
+    parsed = parse_tick(utf16, interval_ms=60_000, content_type="application/json; charset=utf-16")
+    assert parsed.event_id == "t"
+    for content_type in ("text/plain", "application/json; charset=nope", None):
+        assert parse_tick(orjson.dumps(tick), interval_ms=60_000, content_type=content_type)
+    with pytest.raises(EnvelopeError, match="malformed JSON"):
+        parse_tick(b"\xff\xfe", interval_ms=60_000, content_type="text/plain; charset=utf-8")

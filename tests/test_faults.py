@@ -26,13 +26,14 @@ import orjson
 import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
+from heartbeat_consumer.connection import REASON_HEADER
 from heartbeat_consumer.fleet import Fleet
 from heartbeat_consumer.handlers import unregister_handler
 from heartbeat_consumer.state import AgentState, CheckState
 from heartbeat_consumer.store import StateStore
 from heartbeat_consumer.timeutil import floor_to
 
-from .broker import Bus, rabbitmqctl, take
+from .broker import Bus, queue_stats, rabbitmqctl, settled, take
 from .test_bus import BIN, running, write
 
 INTERVAL = 100
@@ -461,3 +462,208 @@ async def test_full_or_read_only_state_disk_is_reported_and_the_agent_keeps_runn
             saved, warning = StateStore(state).load()
             assert warning is None and saved.check("c").runs == 5, "memory kept the count"
             assert not list(disk.glob(".*.tmp")), "no temporary files left behind"
+
+
+# --- hostile input: poison bodies, values out of range, floods ------------------------------
+
+POISON: list[tuple[str, bytes]] = [
+    # (content type, body): each contradicts its content type, or is no envelope at all
+    ("application/json", b"not json at all"),
+    ("text/plain", b"\xff\xfe\xfd not utf-8"),
+    ("application/json; charset=utf-16", "[1, 2".encode("utf-16")),
+    ("application/json; charset=x-no-such-charset", b"\x00\x01\x02"),
+    ("application/json", b'["an", "array"]'),
+    ("application/octet-stream", bytes(range(256))),
+]
+
+
+def utf16_tick(slot_ms: int, event_id: str) -> bytes:
+    """A good tick in UTF-16 (its content type says so: a hint that is right)."""
+    return orjson.dumps(slot_tick(slot_ms, event_id)).decode().encode("utf-16")
+
+
+async def dead_letters(bus: Bus, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    dlq = await bus.channel.declare_queue(queue, passive=True)
+    return await drain_all(dlq)
+
+
+def reason_of(message: aio_pika.abc.AbstractIncomingMessage) -> str:
+    return str((message.headers or {}).get(REASON_HEADER))
+
+
+async def test_poison_bodies_on_an_inbox_are_dead_lettered_and_the_next_tick_runs(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    keys = ["system.heartbeat.tick", *(f"agent.{agent}.heartbeat.{c}" for c in ("pause", "run"))]
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)
+        for key in keys:
+            for content_type, body in POISON:
+                await bus.publish(key, body, content_type=content_type)
+        await asyncio.sleep(1.05)
+        content_type = "application/json; charset=utf-16"
+        await bus.publish(
+            "system.heartbeat.tick", utf16_tick(now_ms(), "u"), content_type=content_type
+        )
+        (result,) = await take(results, 1, within=15)
+        assert result.routing_key == f"heartbeat.{agent}.c.success"
+        await settled(f"agent.{agent}.inbox")
+    dead = await dead_letters(bus, f"agent.{agent}.dlq")
+    assert len(dead) == len(keys) * len(POISON), [reason_of(m) for m in dead]
+    assert all(reason_of(m) not in ("", "None") for m in dead)
+
+
+async def test_a_poison_tick_to_a_fleet_stops_no_agent(bus: Bus, tmp_path: Path) -> None:
+    agents = [bus.agent("fp") for _ in range(3)]
+    for agent in agents:
+        write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector("heartbeat.*.c.success")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    await fleet.start()
+    try:
+        await take(results, len(agents))
+        for content_type, body in POISON:
+            await bus.publish("system.heartbeat.tick", body, content_type=content_type)
+        await asyncio.sleep(1.05)
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms(), "real"))
+        answered = {orjson.loads(m.body)["payload"]["agent"] for m in await take(results, 3)}
+        assert answered == set(agents)
+        for agent in agents:
+            await settled(f"agent.{agent}.inbox")
+    finally:
+        await fleet.stop()
+
+
+async def test_poison_bodies_do_not_freeze_the_monitor(bus: Bus, tmp_path: Path) -> None:
+    from .test_monitor import envelope, until, watching
+
+    async with watching(bus, tmp_path / "m.json") as monitor:
+        for i in range(200):  # as many as its prefetch
+            content_type, body = POISON[i % len(POISON)]
+            await bus.publish("heartbeat.x.c.success", body, content_type=content_type)
+        await bus.publish(
+            "heartbeat.y._status.online",
+            envelope("heartbeat.status", {"agent": "y", "status": "online"}),
+        )
+        await until(lambda: "y" in monitor.state.agents, within=20)
+        await settled(monitor.queue.name)
+        assert len(await dead_letters(bus, monitor.dlq_name)) == 200
+
+
+OUT_OF_RANGE = [1e20, -1e20, "100000000000000000000", "10000-01-01T00:00:00Z", 253402300800000, -1]
+
+
+async def test_ticks_and_pauses_out_of_range_are_dead_lettered_not_looped_or_kept(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    state = tmp_path / "state.json"
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    pause = f"agent.{agent}.heartbeat.pause"
+    async with running(bus, agent, config, tick_interval_ms=1000, state_path=state):
+        await take(results, 1)
+        for value in OUT_OF_RANGE:
+            await bus.publish(
+                "system.heartbeat.tick", {**slot_tick(0), "payload": {"epoch_ms": value}}
+            )
+            await bus.publish(pause, {**slot_tick(0), "payload": {"check": "c", "until": value}})
+        await asyncio.sleep(1.05)
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms(), "real"))
+        (result,) = await take(results, 1)
+        assert result.routing_key == f"heartbeat.{agent}.c.success", "no pause was kept"
+        await settled(f"agent.{agent}.inbox")
+    dead = await dead_letters(bus, f"agent.{agent}.dlq")
+    assert len(dead) == 2 * len(OUT_OF_RANGE)
+    assert all("range" in reason_of(m) or "not a time" in reason_of(m) for m in dead), [
+        reason_of(m) for m in dead
+    ]
+    assert not [r for r in caplog.records if "returned to the queue" in r.getMessage()]
+    assert StateStore(state).load()[0].pauses == {}
+    # It starts again on the same state (the crash loop of a kept pause is gone).
+    async with running(bus, agent, config, tick_interval_ms=1000, state_path=state) as again:
+        assert (await again.health()).ok
+
+
+async def test_a_flood_of_pauses_is_coalesced_bounded_and_does_not_starve_the_tick(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    checks = {
+        "c": {"cadenceMs": 1, "handler": "default"},
+        "d": {"cadenceMs": HOUR, "handler": "default", "enabled": False},
+    }
+    config = write(tmp_path, agent, checks)
+    state = tmp_path / "state.json"
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    pause = f"agent.{agent}.heartbeat.pause"
+    reason = "r" * 10_000
+    async with running(bus, agent, config, tick_interval_ms=1000, state_path=state) as consumer:
+        await take(results, 1)
+        store = consumer.agent.runner.store
+        saves: list[int] = []
+        save = store.save
+
+        def counting(saved: AgentState) -> None:
+            saves.append(1)
+            save(saved)
+
+        store.save = counting  # type: ignore[method-assign]
+        for i in range(300):
+            payload = {"check": f"nope{i}", "until": now_ms() + HOUR, "reason": reason}
+            await bus.publish(pause, {**slot_tick(0, f"p{i}"), "payload": payload})
+            payload = {"check": "d", "until": now_ms() + HOUR + i, "reason": reason}
+            await bus.publish(pause, {**slot_tick(0, f"d{i}"), "payload": payload})
+        await asyncio.sleep(1.05)
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms(), "real"))
+        (result,) = await take(results, 1, within=60)
+        assert result.routing_key == f"heartbeat.{agent}.c.success"
+        await settled(f"agent.{agent}.inbox")
+    assert len(saves) <= 10, f"{len(saves)} state saves for 600 commands"
+    saved = StateStore(state).load()[0]
+    assert set(saved.pauses) == {"d"} and len(saved.pauses["d"].reason or "") <= 500
+    assert state.stat().st_size < 20_000, "the state stays small"
+    dead = await dead_letters(bus, f"agent.{agent}.dlq")
+    assert len(dead) == 300 and all("no check named" in reason_of(m) for m in dead)
+
+
+HOUR = 3_600_000
+
+
+async def test_dead_letters_are_bounded_and_expired_ticks_are_not_kept(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": HOUR, "handler": "default"}})
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        pass
+    dlq = {k: v for k, _, v in (await queue_stats(f"agent.{agent}.dlq"))["arguments"]}
+    assert dlq["x-max-length"] == 10_000 and dlq["x-message-ttl"] == 7 * 24 * HOUR
+    await bus.publish("system.heartbeat.tick", slot_tick(now_ms()), expiration=0.001)
+    await bus.publish(f"agent.{agent}.heartbeat.run", b"x" * 300_000)
+    await asyncio.sleep(0.3)  # the tick expires in the inbox while nobody consumes
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await settled(f"agent.{agent}.inbox")
+    (dead,) = await dead_letters(bus, f"agent.{agent}.dlq")
+    assert dead.routing_key == f"agent.{agent}.dlq" and "malformed JSON" in reason_of(dead)
+    assert len(dead.body) == 64 * 1024 and (dead.headers or {})["x-original-size"] == 300_000
+
+
+async def test_an_inbox_declared_by_an_older_version_is_used_as_it_is(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = bus.agent()
+    await bus.channel.declare_queue(
+        f"agent.{agent}.inbox",
+        durable=True,
+        arguments={"x-dead-letter-exchange": "somewhere", "x-queue-type": "classic"},
+    )
+    config = write(tmp_path, agent, {"c": {"cadenceMs": HOUR, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    async with running(bus, agent, config, tick_interval_ms=1000) as consumer:
+        await take(results, 1)
+        assert (await consumer.health()).ok
+    assert any("exists with other arguments" in r.getMessage() for r in caplog.records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aio_pika
 import orjson
 import pytest
 
@@ -91,3 +92,31 @@ async def test_a_broken_file_does_not_stop_the_fleet(bus: Bus, tmp_path: Path, b
         assert f"heartbeat.{bad}._status.config_invalid" in keys
     finally:
         await fleet.stop()
+
+
+@pytest.mark.parametrize("name", ["#", "*", "a.b", "a b"])
+async def test_a_file_name_that_is_no_agent_name_is_skipped_and_reported(
+    bus: Bus, tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``#.heartbeat.json`` would make ``agent.#.inbox`` bound to ``agent.#.#``: every
+    agent's commands. It is reported (once) and skipped; the good agent runs."""
+    good = bus.agent("f")
+    add_agent(tmp_path, good)
+    (tmp_path / f"{name}.heartbeat.json").write_bytes(
+        orjson.dumps({"agent": "x", "checks": {"c": {"cadenceMs": 1, "handler": "default"}}})
+    )
+    bus.queues |= {f"agent.{name}.inbox", f"agent.{name}.dlq"}
+    results = await bus.collector("heartbeat.*.c.*")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    await fleet.start()
+    try:
+        (only,) = await take(results, 1)
+        assert only.routing_key == f"heartbeat.{good}.c.success"
+        await fleet.rescan()
+        assert set(fleet.agents) == {good}
+    finally:
+        await fleet.stop()
+    reported = [r for r in caplog.records if f"{name}.heartbeat.json skipped" in r.getMessage()]
+    assert len(reported) == 1, "reported once, not on every rescan"
+    with pytest.raises((aio_pika.exceptions.ChannelNotFoundEntity, ValueError)):
+        await bus.count(f"agent.{name}.inbox")  # never made (pamqp refuses '*' outright)

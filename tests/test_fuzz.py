@@ -4,18 +4,32 @@ validation error, and no exception escapes (hypothesis; the last test on a real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from heartbeat_consumer.config import ConfigError, parse_config
 from heartbeat_consumer.connection import REASON_HEADER
+from heartbeat_consumer.deadman import (
+    WatchConfig,
+    WatchState,
+    evaluate,
+    event_source,
+    observe_agent,
+)
 from heartbeat_consumer.engine import AgentRunner
-from heartbeat_consumer.envelope import EnvelopeError, parse_command, parse_tick
+from heartbeat_consumer.envelope import EnvelopeError, parse_command, parse_envelope, parse_tick
+from heartbeat_consumer.monitor import status_document
+from heartbeat_consumer.schedule import Plan, plan
+from heartbeat_consumer.state import AgentState
+from heartbeat_consumer.store import StateStore
+from heartbeat_consumer.timeutil import MAX_INSTANT_MS, iso
 
 from .broker import Bus, take
 from .test_bus import running, write
@@ -71,17 +85,56 @@ bodies = st.one_of(
 )
 
 
+content_types = st.sampled_from(
+    [None, "application/json", "text/plain", "application/json; charset=utf-16", "x; charset=?"]
+)
+
+
 @settings(max_examples=400)
-@given(bodies, st.sampled_from(["run", "pause", "resume"]))
-def test_any_body_is_a_tick_or_command_or_an_envelope_error(body: bytes, command: str) -> None:
-    for parse in (
-        lambda: parse_tick(body, interval_ms=60_000),
-        lambda: parse_command(body, command),
-    ):
-        try:
-            parse()
-        except EnvelopeError as exc:
-            assert str(exc) and exc.kind
+@given(bodies, st.sampled_from(["run", "pause", "resume"]), content_types)
+def test_any_body_is_a_tick_or_command_or_an_envelope_error(
+    body: bytes, command: str, content_type: str | None
+) -> None:
+    """... and what parses can be used: its times convert (no OverflowError later)."""
+    try:
+        tick = parse_tick(body, interval_ms=60_000, content_type=content_type)
+        iso(tick.slot_ms)
+    except EnvelopeError as exc:
+        assert str(exc) and exc.kind
+    try:
+        parsed = parse_command(body, command, content_type)
+        if parsed.until_ms is not None:
+            iso(parsed.until_ms)
+        assert isinstance(parsed.force, bool)
+    except EnvelopeError as exc:
+        assert str(exc) and exc.kind
+
+
+any_times = st.one_of(
+    times,
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+)
+
+
+@settings(max_examples=400)
+@given(any_times, st.sampled_from(["epoch_ms", "timestamp", "until"]))
+def test_any_time_in_a_tick_or_a_pause_is_usable_or_an_envelope_error(
+    value: Any, where: str
+) -> None:
+    envelope = {"event_id": "e", "event_type": "t", "payload": {"check": "c"}}
+    if where == "timestamp":
+        envelope["timestamp"] = value
+    else:
+        envelope["payload"] = {"check": "c", where: value}
+    body = json.dumps(envelope).encode()  # any int, as a neighbour's JSON library may write it
+    with contextlib.suppress(EnvelopeError):
+        iso(parse_tick(body, interval_ms=60_000).slot_ms)
+    with contextlib.suppress(EnvelopeError):
+        until = parse_command(body, "pause").until_ms
+        if until is not None:
+            iso(until)
 
 
 config_values = st.recursive(
@@ -156,6 +209,154 @@ def test_the_engine_ticks_on_any_config_without_raising(text: bytes) -> None:
         assert (report.config_error is None) == (report.plan is not None)
         for result in report.results:
             assert result.status in ("success", "failed", "timeout", "alert", "skipped")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_any_loaded_config_plans_and_explains_at_any_time(text: bytes) -> None:
+    try:
+        loaded = parse_config(text)
+    except ConfigError:
+        return
+    for now in (0, NOW, MAX_INSTANT_MS):
+        result = plan(loaded.config, AgentState(), now, invalid_checks=loaded.invalid_checks)
+        rendered(result)
+
+
+def rendered(result: Plan) -> None:
+    """Everything ``plan`` shows of a plan: the reasons, the times."""
+    for evaluation in result.evaluations:
+        assert all(text for _, text in evaluation.blockers)
+        for instant in (evaluation.last_run, evaluation.next_due):
+            if instant is not None:
+                iso(instant)
+
+
+instants = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**62), max_value=2**62),
+    st.sampled_from([1e17, -1.0, float(NOW), NOW, 0, MAX_INSTANT_MS + 1]),
+)
+state_files = st.fixed_dictionaries(
+    {},
+    optional={
+        "checks": st.dictionaries(
+            st.sampled_from(["c", "d"]),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "lastRun": instants,
+                    "lastSuccess": instants,
+                    "nextRetry": instants,
+                    "consecutiveFailures": st.integers(0, 100),
+                    "recentAlerts": st.dictionaries(st.text(max_size=3), instants.filter(bool)),
+                },
+            ),
+        ),
+        "pauses": st.dictionaries(
+            st.sampled_from(["c", "*"]),
+            st.fixed_dictionaries({}, optional={"until": instants, "reason": st.text(max_size=3)}),
+        ),
+        "history": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "check": st.just("c"),
+                    "slot": instants.filter(lambda v: v is not None),
+                    "status": st.just("success"),
+                    "durationMs": st.integers(0, 10),
+                }
+            ),
+            max_size=3,
+        ),
+    },
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(state_files)
+def test_any_state_file_loads_repaired_or_set_aside_and_plans(data: dict[str, Any]) -> None:
+    import tempfile
+
+    config = parse_config(
+        json.dumps(
+            {
+                "agent": "bot",
+                "checks": {
+                    "c": {"cadenceMs": 60_000, "handler": "default"},
+                    "d": {"cadenceMs": 60_000, "handler": "default"},
+                },
+            }
+        )
+    ).config
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "s.json")
+        path.write_bytes(orjson.dumps(data))
+        state, _ = StateStore(path).load(NOW)
+    rendered(plan(config, state, NOW))
+
+
+monitor_keys = st.sampled_from(
+    [
+        "heartbeat.a.c.success",
+        "heartbeat.a.c.started",
+        "heartbeat.a._status.alive",
+        "heartbeat.b.c.failed",
+        "heartbeat.a.b.c.d",
+        "heartbeat.a._alert.stale",
+        "other",
+    ]
+)
+
+
+extremes = [10**17, -(10**17), 2**62, MAX_INSTANT_MS + 1, -1, 1e17, 10**30]
+monitor_numbers = st.one_of(
+    st.sampled_from([*extremes, 0, 1, 60_000, NOW, "2026-11-23T10:00:00Z", "x", None]),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+monitor_events = st.fixed_dictionaries(
+    {
+        "event_id": st.just("e"),
+        "event_type": st.sampled_from(
+            ["heartbeat.result", "heartbeat.started", "heartbeat.status"]
+        ),
+        "timestamp": monitor_numbers,
+        "payload": st.fixed_dictionaries(
+            {
+                "agent": st.sampled_from(["a", "b"]),
+                "check": st.sampled_from(["c", "d"]),
+                "status": st.sampled_from(["success", "failed", "alive", "offline"]),
+                "slot": monitor_numbers,
+                "cadence_ms": monitor_numbers,
+                "timeout_ms": monitor_numbers,
+                "duration_ms": monitor_numbers,
+            },
+            optional={"idempotency_key": st.text(max_size=5)},
+        ),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(monitor_keys, st.one_of(envelopes, monitor_events)), max_size=6))
+def test_any_events_keep_the_monitor_s_status_document_renderable(
+    events: list[tuple[str, dict[str, Any]]],
+) -> None:
+    agents: dict[str, Any] = {}
+    for key, data in events:
+        try:
+            event = parse_envelope(json.dumps(data).encode())
+        except EnvelopeError:
+            continue
+        agent, _ = event_source(key, event)
+        if agent is not None:
+            folded = observe_agent(agents, event, NOW, agent)
+            if folded is not None:
+                agents[folded[0]] = folded[1]
+    state = WatchState(agents=agents)
+    for now in (NOW, NOW + 10**10):
+        state, _ = evaluate(state, WatchConfig(), now)
+        orjson.dumps(status_document(state, WatchConfig(), now, running=True))
 
 
 def corpus(n: int) -> list[tuple[str, bytes]]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -183,6 +184,24 @@ async def test_command_success_captures_output_and_env() -> None:
     result = await command(dict(PAYLOAD), cfg)
     assert result["status"] == "success" and result["exit_code"] == 0
     assert result["stdout"] == "a:c:1\n"
+
+
+async def test_command_sees_an_allow_list_of_the_environment_not_the_broker_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RABBIT_URL", "amqp://agent:s3cret@broker:5672/")
+    monkeypatch.setenv("SHARED_SETTING", "visible")
+    printer = "import os, json; print(json.dumps(dict(os.environ)))"
+    listed = check(meta={"argv": [sys.executable, "-c", printer], "env": ["SHARED_SETTING"]})
+    seen = orjson.loads((await command(dict(PAYLOAD), listed))["stdout"])
+    assert "RABBIT_URL" not in seen and "s3cret" not in str(seen)
+    assert seen["SHARED_SETTING"] == "visible" and seen["HEARTBEAT_CHECK"] == "c"
+    assert seen["PATH"] == os.environ["PATH"]
+    setting = check(meta={"argv": [sys.executable, "-c", printer], "env": {"MODE": "x"}})
+    seen = orjson.loads((await command(dict(PAYLOAD), setting))["stdout"])
+    assert seen["MODE"] == "x" and "RABBIT_URL" not in seen and "SHARED_SETTING" not in seen
+    bad = await command(dict(PAYLOAD), check(meta={"argv": ["true"], "env": "RABBIT_URL"}))
+    assert bad["status"] == "failed" and "meta.env must be" in bad["error"]
 
 
 async def test_command_failure_and_missing_binary() -> None:

@@ -19,7 +19,7 @@ from heartbeat_consumer.deadman import WatchConfig, WatchState, observe
 from heartbeat_consumer.engine import wall_clock_ms
 from heartbeat_consumer.monitor import Monitor, status_document
 
-from .broker import Bus, drain, take
+from .broker import Bus, drain, settled, take
 from .test_bus import running, write
 from .test_observability import free_port, http, sample
 
@@ -345,3 +345,79 @@ async def test_result_events_dated_by_their_timestamp(bus: Bus, tmp_path: Path) 
         view = monitor.state.agents[agent]
         assert view.checks["c"].last_result_at == old
         assert view.last_seen is not None and view.last_seen <= wall_clock_ms()
+
+
+# --- hostile neighbours: payloads that lie, values out of range ------------------------------
+
+
+def result(agent: str, check: str, status: str, **extra: Any) -> bytes:
+    payload = {"agent": agent, "check": check, "status": status, "cadence_ms": MIN, **extra}
+    return envelope("heartbeat.result", payload)
+
+
+async def test_the_monitor_believes_the_routing_key_not_the_payload(
+    bus: Bus, tmp_path: Path
+) -> None:
+    a, b = bus.agent("ma"), bus.agent("mb")
+    async with watching(bus, tmp_path / "m.json") as monitor:
+        # A, on its own key, claims to be B, and to be other checks of its own.
+        await bus.publish(f"heartbeat.{a}.c.failed", result(b, "c", "failed"))
+        await bus.publish(f"heartbeat.{a}.c.failed", result(a, "invented", "failed"))
+        await bus.publish(f"heartbeat.{a}.c.failed", result(a, "c", "success"))
+        await bus.publish(f"heartbeat.{a}.c.failed", envelope("heartbeat.status", {"agent": a}))
+        await bus.publish(f"heartbeat.{a}.c.success", result(a, "c", "success"))  # honest
+        await until(lambda: last_status(monitor, a, "c") == "success")
+        await settled(monitor.queue.name)
+        assert set(monitor.state.agents) == {a}, "B never appears"
+        assert set(monitor.state.agents[a].checks) == {"c"}, "no invented check"
+        dropped = {
+            s.labels["reason"]: s.value
+            for m in monitor.metrics.events_dropped.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+        assert dropped == {
+            "agent_mismatch": 1,
+            "check_mismatch": 1,
+            "status_mismatch": 1,
+            "kind_mismatch": 1,
+        }
+
+
+async def test_values_out_of_range_never_take_the_status_api_down(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    state = tmp_path / "m.json"
+    port = free_port()
+    monitor = new_monitor(bus, state, check_every_ms=100)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop, port=port))
+    try:
+        await until(lambda: monitor.running)
+        huge = {"slot": 10**17, "cadence_ms": 10**18, "duration_ms": -(10**18)}
+        await bus.publish(f"heartbeat.{agent}.c.success", result(agent, "c", "success", **huge))
+        started = {"agent": agent, "check": "c", "timeout_ms": 10**19, "cadence_ms": 1e300}
+        await bus.publish(
+            f"heartbeat.{agent}.d.started", envelope("heartbeat.started", {**started, "check": "d"})
+        )
+        await until(lambda: agent in monitor.state.agents)
+        await until(lambda: len(monitor.state.agents[agent].checks) == 2)
+        await asyncio.sleep(0.3)  # an evaluation or two, and a save
+        status, _, body = await http(port, "/api/heartbeat/status")
+        assert status == 200, body[:200]
+        (row,) = orjson.loads(body)["agents"]
+        assert (
+            row["checks"]["c"]["cadence_ms"] is None and row["checks"]["c"]["next_due_at"] is None
+        )
+    finally:
+        stop.set()
+        await task
+    # A state file that holds such values anyway (another writer, a hand edit) loads.
+    raw = orjson.loads(state.read_bytes())
+    raw["agents"][agent]["checks"]["c"].update(last_slot=10**17, cadence_ms=10**18)
+    raw["agents"][agent]["last_seen"] = -(10**17)
+    state.write_bytes(orjson.dumps(raw))
+    again = new_monitor(bus, state)
+    again.load()
+    document = again.status(connected=False)
+    assert document["agents"][0]["checks"]["c"]["next_due_at"] is None
+    orjson.dumps(document)

@@ -271,6 +271,51 @@ async def test_health_probe_is_cached_and_bad_requests_get_400() -> None:
         await server.stop()
 
 
+async def test_clients_that_never_read_cannot_exhaust_memory_or_hold_connections() -> None:
+    """A status document of 16 MB asked for by 20 clients that never read: at most the
+    in-flight budget waits in buffers (the rest get a small 503), /health still answers,
+    and the stuck connections are dropped after the write timeout."""
+    from .test_faults import memory_mb
+
+    big = b"x" * (16 * 1024 * 1024)
+
+    async def document() -> tuple[int, str, bytes]:
+        return 200, "application/json", big
+
+    async def probe() -> Health:
+        return Health(True, True)
+
+    server = HealthServer(probe, Metrics(), port=0, routes={"/big": document})
+    await server.start()
+    clients = []
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # noqa: ASYNC240 (reset the peak RSS)
+        before = memory_mb("VmRSS")
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.transport.pause_reading()  # never read: the server's writes back up
+            writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append((reader, writer))
+        await asyncio.sleep(1)
+        grown = memory_mb("VmHWM") - before
+        assert grown < 150, f"{grown:.0f} MB held for clients that do not read"
+        status, _, body = await asyncio.wait_for(http(server.port, "/health"), 2)
+        assert status == 200, body
+        await asyncio.sleep(10)  # past the write timeout
+        complete = 0
+        for reader, writer in clients:
+            writer.transport.resume_reading()
+            data = b""
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                data = await asyncio.wait_for(reader.read(), 5)
+            complete += data.startswith(b"HTTP/1.1 200") and len(data) > len(big)
+        assert complete == 0, f"{complete} stuck clients were kept until they read"
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await server.stop()
+
+
 # --- systemd notify protocol ---------------------------------------------------------------
 
 
