@@ -8,6 +8,11 @@ the webhook accepted it (2xx); otherwise it goes back to the queue and is tried 
 in 5 s. Alerts sent twice (the monitor re-sends after a broker outage) carry the same
 ``event_id``: a webhook can drop repeats by it.
 
+An alert is about the agent its routing key names (``heartbeat.<agent>._alert.<kind>``):
+permissions.sh lets only the monitor's user publish alerts; one whose payload names
+another agent or kind, or that cannot be read, is acknowledged and skipped, never
+forwarded (and never stops this subscriber).
+
 Environment: RABBIT_URL, EXCHANGE_NAME, ALERT_WEBHOOK_URL.
 """
 
@@ -30,6 +35,22 @@ def post(url: str, body: bytes) -> None:
     )
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         response.read()
+
+
+def describe(routing_key: str, body: bytes) -> str | None:
+    """The alert as a line, or None when it is unreadable or its payload disagrees
+    with its routing key ``heartbeat.<agent>._alert.<kind>``."""
+    parts = routing_key.split(".")
+    try:
+        p = json.loads(body)["payload"]
+        agent, kind, severity, detail = p["agent"], p["kind"], p["severity"], p["detail"]
+        check = p.get("check")
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(parts) != 4 or parts[1] != agent or parts[3] != kind:
+        return None
+    where = f"{agent}/{check}" if check else str(agent)
+    return f"{str(severity).upper():7} {kind:8} {where}: {detail}"
 
 
 async def main() -> None:
@@ -56,10 +77,12 @@ async def main() -> None:
         print(f"waiting for alerts on {args.queue} ({BINDING})", flush=True)
         async with queue.iterator() as deliveries:
             async for message in deliveries:
-                alert = json.loads(message.body)
-                p = alert["payload"]
-                where = p["agent"] + (f"/{p['check']}" if p.get("check") else "")
-                print(f"{p['severity'].upper():7} {p['kind']:8} {where}: {p['detail']}", flush=True)
+                line = describe(message.routing_key or "", message.body)
+                if line is None:
+                    print(f"skipped an alert that is not one ({message.routing_key})", flush=True)
+                    await message.ack()
+                    continue
+                print(line, flush=True)
                 if args.webhook:
                     try:
                         await asyncio.to_thread(post, args.webhook, message.body)

@@ -207,12 +207,15 @@ async def dead_letter(
     message: AbstractIncomingMessage,
     reason: str,
     *,
+    redeliveries: Redeliveries,
     max_body_bytes: int = 64 * 1024,
 ) -> None:
     """Send a delivery that cannot be processed, with its reason in a header, to a
     dead-letter queue (``routing_key`` on the dead-letter ``exchange``), then ack it.
     Bodies over ``max_body_bytes`` are cut (``x-original-size`` tells the size). If the
-    publish fails, the delivery is requeued and the error raised."""
+    publish fails, the delivery is requeued (dropped, with an error logged, once that
+    happened ``redeliveries.limit`` times: a dead-letter exchange that is gone must not
+    make it loop for ever)."""
     original = message.routing_key or ""
     reason = reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
     log.warning("dead-lettering %s to %s: %s", original, routing_key, reason)
@@ -231,8 +234,15 @@ async def dead_letter(
             content_type=message.content_type,
             message_id=message.message_id,
         )
-    except Exception:
+    except Exception as exc:
+        attempts = redeliveries.failed(message)
         with contextlib.suppress(Exception):
-            await message.nack(requeue=True)
-        raise
-    await message.ack()
+            if attempts < redeliveries.limit:
+                await message.nack(requeue=True)
+            else:
+                log.error("%s dropped, it cannot be dead-lettered: %s (%s)", original, reason, exc)
+                await message.reject(requeue=False)
+        return
+    redeliveries.forget(message)
+    with contextlib.suppress(Exception):  # unacked, it comes back: and is dead-lettered again
+        await message.ack()

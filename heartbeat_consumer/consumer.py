@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,11 @@ MAX_ATTEMPTS = 5
 """Transient failures (broker, disk) of one delivery before it is dead-lettered."""
 READ_AHEAD = 500
 """Commands read (and coalesced) behind the one delivered, at most."""
+MAX_HOLD_S = 60.0
+"""A batch whose runs have taken this long returns the deliveries it has not handled
+yet to the queue before starting another run: no delivery waits unacknowledged for
+longer than this plus one handler's timeout (at most 25 min), under RabbitMQ's
+consumer_timeout (30 min)."""
 QueueKind = Literal["classic", "quorum"]
 
 
@@ -339,10 +345,22 @@ class AgentConsumer:
                 await self._fail([message], exc)
         if switches:
             await self._guard([m for m, _ in switches], self._switch(switches))
-        for message, tick in ticks:
-            await self._guard([message], self._on_tick(tick))
-        for group in runs.values():
-            await self._guard([m for m, _ in group], self._run(group))
+        work: list[tuple[list[AbstractIncomingMessage], Callable[[], Awaitable[None]]]] = [
+            ([message], functools.partial(self._on_tick, tick)) for message, tick in ticks
+        ]
+        work += [([m for m, _ in g], functools.partial(self._run, g)) for g in runs.values()]
+        held = asyncio.get_running_loop().time()
+        for number, (messages, step) in enumerate(work):
+            if number and asyncio.get_running_loop().time() - held > MAX_HOLD_S:
+                # The rest has waited unacknowledged long enough (RabbitMQ closes channels
+                # whose deliveries stay unacked for its consumer_timeout): back it goes.
+                rest = [m for later, _ in work[number:] for m in later]
+                log.info("%s: %d deliveries back to the queue (batch held)", self.agent, len(rest))
+                for message in rest:
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
+                return
+            await self._guard(messages, step())
 
     async def _guard(
         self,
@@ -393,22 +411,15 @@ class AgentConsumer:
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, kind: str) -> None:
         self.metrics.dead_letter(self.agent, kind)
-        try:
-            await dead_letter(
-                self.broker,
-                self.dead_letters,
-                dead_letter_queue(self.agent),
-                message,
-                reason,
-                max_body_bytes=self.dead_letter_limits.max_body_bytes,
-            )
-        except Exception as exc:  # requeued by dead_letter; dropped if that keeps failing
-            if self._redeliveries.failed(message) >= MAX_ATTEMPTS:
-                log.error("%s: %s dropped, cannot dead-letter it: %s", self.agent, reason, exc)
-                with contextlib.suppress(Exception):
-                    await message.reject(requeue=False)
-            return
-        self._redeliveries.forget(message)
+        await dead_letter(
+            self.broker,
+            self.dead_letters,
+            dead_letter_queue(self.agent),
+            message,
+            reason,
+            redeliveries=self._redeliveries,
+            max_body_bytes=self.dead_letter_limits.max_body_bytes,
+        )
 
     def _parse_tick(self, message: AbstractIncomingMessage) -> Tick:
         tick = parse_tick(

@@ -48,6 +48,7 @@ from faststream.rabbit import Channel, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from .connection import (
+    Redeliveries,
     TlsFiles,
     dead_letter,
     make_broker,
@@ -158,6 +159,7 @@ class Monitor:
         )
         self.subscriber(self.on_message)
         self.state = WatchState()
+        self._redeliveries = Redeliveries()
         self.events = 0
         self.last_evaluation: int | None = None
         self.save_error: str | None = None
@@ -272,15 +274,15 @@ class Monitor:
             kind = exc.kind if isinstance(exc, EnvelopeError) else "processing_error"
             reason = str(exc) if isinstance(exc, EnvelopeError) else f"not processed: {exc!r}"
             self.metrics.monitor_dead_lettered.labels(kind).inc()
-            with contextlib.suppress(Exception):  # a failed publish requeues it
-                await dead_letter(
-                    self.broker,
-                    self.dead_letters,
-                    self.dlq_name,
-                    message,
-                    reason[:1000],
-                    max_body_bytes=self.dead_letter_limits.max_body_bytes,
-                )
+            await dead_letter(
+                self.broker,
+                self.dead_letters,
+                self.dlq_name,
+                message,
+                reason,
+                redeliveries=self._redeliveries,
+                max_body_bytes=self.dead_letter_limits.max_body_bytes,
+            )
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
         key = message.routing_key or ""

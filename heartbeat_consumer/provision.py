@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -112,31 +112,66 @@ async def _channel(connection: AbstractRobustConnection) -> AsyncIterator[Abstra
             await channel.close()
 
 
+Step = Callable[[AbstractChannel], Awaitable[object]]
+
+
+async def _ensure(
+    connection: AbstractRobustConnection,
+    what: str,
+    *,
+    declare: Step | None,
+    check: Step,
+    mismatch: Callable[[ChannelPreconditionFailed], None],
+    require: bool,
+) -> bool:
+    """``declare`` (if given) on a channel of its own; if that is refused, or not asked
+    for, ``check`` (a passive declare). True if declared. A declaration that finds other
+    settings calls ``mismatch`` (which raises, or warns and lets the check run); with
+    ``require`` a refusal is an error rather than a reason to check."""
+    if declare is not None:
+        try:
+            async with _channel(connection) as channel:
+                await declare(channel)
+            return True
+        except ChannelPreconditionFailed as exc:
+            mismatch(exc)
+        except ChannelAccessRefused:
+            if require:
+                raise TopologyError(f"this user may not declare {what}") from None
+            log.info("no permission to declare %s: checking that it exists", what)
+    try:
+        async with _channel(connection) as channel:
+            await check(channel)
+    except ChannelNotFoundEntity:
+        raise TopologyError(f"{what} does not exist; {PROVISION_HINT}") from None
+    return False
+
+
 async def _exchange(
     connection: AbstractRobustConnection, name: str, declare: bool, require: bool = False
 ) -> bool:
-    """Declare (or, if refused or not asked, check) a topic exchange; True if declared.
-    With ``require`` a refusal is an error."""
-    if declare:
-        try:
-            async with _channel(connection) as channel:
-                await channel.declare_exchange(name, "topic", durable=True)
-            return True
-        except ChannelPreconditionFailed as exc:
-            raise TopologyError(
-                f"the broker already has exchange {name!r} with other settings than ours "
-                f"(topic, durable): {exc}"
-            ) from None
-        except ChannelAccessRefused:
-            if require:
-                raise TopologyError(f"this user may not declare exchange {name!r}") from None
-            log.info("no permission to declare exchange %s: checking that it exists", name)
-    try:
-        async with _channel(connection) as channel:
-            await channel.declare_exchange(name, "topic", durable=True, passive=True)
-    except ChannelNotFoundEntity:
-        raise TopologyError(f"exchange {name!r} does not exist; {PROVISION_HINT}") from None
-    return False
+    """Declare (or check) a topic exchange; True if declared. Other settings: an error."""
+
+    def mismatch(exc: ChannelPreconditionFailed) -> None:
+        raise TopologyError(
+            f"the broker already has exchange {name!r} with other settings than ours "
+            f"(topic, durable): {exc}"
+        ) from None
+
+    async def active(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, "topic", durable=True)
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, "topic", durable=True, passive=True)
+
+    return await _ensure(
+        connection,
+        f"exchange {name!r}",
+        declare=active if declare else None,
+        check=passive,
+        mismatch=mismatch,
+        require=require,
+    )
 
 
 async def declare_exchanges(
@@ -162,33 +197,34 @@ async def _queue(
     require: bool = False,
 ) -> bool:
     """Declare a durable queue with ``arguments`` and its (exchange, key) bindings, or
-    check that it exists; True if declared. Returns False (with a warning) when it
-    exists with other arguments: it is used as it is."""
-    if declare:
-        try:
-            async with _channel(connection) as channel:
-                queue = await channel.declare_queue(name, durable=True, arguments=arguments)
-                for exchange, key in bindings:
-                    await queue.bind(exchange, routing_key=key)
-            return True
-        except ChannelPreconditionFailed as exc:
-            log.warning(
-                "queue %s exists with other arguments than %s (%s); using it as it is "
-                "(to re-create it: let it drain, delete it, start again)",
-                name,
-                arguments,
-                exc.args[0] if exc.args else exc,
-            )
-        except ChannelAccessRefused:
-            if require:
-                raise TopologyError(f"this user may not declare queue {name!r}") from None
-            log.info("no permission to declare queue %s: checking that it exists", name)
-    try:
-        async with _channel(connection) as channel:
-            await channel.declare_queue(name, passive=True)
-    except ChannelNotFoundEntity:
-        raise TopologyError(f"queue {name!r} does not exist; {PROVISION_HINT}") from None
-    return False
+    check that it exists; True if declared. One that exists with other arguments is used
+    as it is, with a warning."""
+
+    def mismatch(exc: ChannelPreconditionFailed) -> None:
+        log.warning(
+            "queue %s exists with other arguments than %s (%s); using it as it is "
+            "(to re-create it: let it drain, delete it, start again)",
+            name,
+            arguments,
+            exc.args[0] if exc.args else exc,
+        )
+
+    async def active(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        for exchange, key in bindings:
+            await queue.bind(exchange, routing_key=key)
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_queue(name, passive=True)
+
+    return await _ensure(
+        connection,
+        f"queue {name!r}",
+        declare=active if declare else None,
+        check=passive,
+        mismatch=mismatch,
+        require=require,
+    )
 
 
 async def provision_agent(

@@ -76,6 +76,13 @@ async def test_alert_subscriber_prints_and_forwards_a_monitor_alert(
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert line.startswith(b"waiting for alerts on " + queue.encode())
+        # An unreadable alert and one whose payload names another agent than its key.
+        await bus.publish("heartbeat.x._alert.stale", b"not json")
+        forged = {"agent": "db", "kind": "stale", "severity": "error", "detail": "forged"}
+        await bus.publish("heartbeat.x._alert.stale", envelope("heartbeat.alert", forged))
+        for _ in range(2):
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line.startswith(b"skipped an alert that is not one"), line
         clock = Clock()
         async with watching(bus, tmp_path / "m.json", clock) as monitor:
             online = envelope("heartbeat.status", {"agent": "db", "status": "online"})

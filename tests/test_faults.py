@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -667,3 +668,39 @@ async def test_an_inbox_declared_by_an_older_version_is_used_as_it_is(
         await take(results, 1)
         assert (await consumer.health()).ok
     assert any("exists with other arguments" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_batch_that_has_run_long_returns_the_rest_to_the_queue(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read-ahead commands must not wait unacknowledged into RabbitMQ's consumer_timeout:
+    after MAX_HOLD_S the batch hands back what it has not started; each still runs once."""
+    from heartbeat_consumer import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "MAX_HOLD_S", 0.3)
+    caplog.set_level(logging.INFO, "heartbeat_consumer.consumer")
+    agent = bus.agent()
+    runs: list[str] = []
+
+    @register_handler(f"slow_{agent}")
+    async def slow(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        runs.append(check.name)
+        await asyncio.sleep(0.5)
+        return {"status": "success"}
+
+    checks = {name: {"cadenceMs": HOUR, "handler": f"slow_{agent}"} for name in "abc"}
+    config = write(tmp_path, agent, checks)
+    results = await bus.collector(f"heartbeat.{agent}.*.success")
+    try:
+        async with running(bus, agent, config, tick_interval_ms=1000):
+            await take(results, 1)  # the start-up run (one check per tick)
+            for name in "abc":
+                run = {**slot_tick(0, f"r{name}"), "payload": {"check": name, "force": True}}
+                await bus.publish(f"agent.{agent}.heartbeat.run", run)
+            got = {m.routing_key for m in await take(results, 3, within=20)}
+            assert got == {f"heartbeat.{agent}.{name}.success" for name in "abc"}
+            await settled(f"agent.{agent}.inbox")
+        assert sorted(runs[1:]) == ["a", "b", "c"], runs
+        assert "back to the queue (batch held)" in caplog.text
+    finally:
+        unregister_handler(f"slow_{agent}")

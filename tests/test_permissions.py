@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,10 +50,12 @@ async def users(bus: Bus, *agents: str) -> AsyncIterator[dict[str, dict[str, str
     """Run the script for each agent; its env lines per agent; delete the users after."""
     made: dict[str, dict[str, str]] = {}
     try:
+        before = await provisioners()
         for agent in agents:
             code, out, err = await script(bus, agent)
             assert code == 0, err
             made[agent] = env_lines(out)
+        assert await provisioners() <= before, "a temporary provisioning user was left"
         yield made
     finally:
         for agent in agents:
@@ -60,9 +63,9 @@ async def users(bus: Bus, *agents: str) -> AsyncIterator[dict[str, dict[str, str
                 await rabbitmqctl("delete_user", f"heartbeat-agent-{agent}")
 
 
-async def no_provisioners_left() -> None:
+async def provisioners() -> set[str]:
     listed = await rabbitmqctl("list_users")
-    assert "heartbeat-provision-" not in listed, "a temporary provisioning user was left"
+    return {line.split()[0] for line in listed.splitlines() if "heartbeat-provision-" in line}
 
 
 async def refused(url: str, action: str, bus: Bus, agent_b: str, own: str = "") -> None:
@@ -76,6 +79,10 @@ async def refused(url: str, action: str, bus: Bus, agent_b: str, own: str = "") 
             if action == "publish B's result":
                 await exchange.publish(
                     aio_pika.Message(b"{}"), routing_key=f"heartbeat.{agent_b}.c.success"
+                )
+            elif action == "publish an alert about itself":
+                await exchange.publish(
+                    aio_pika.Message(b"{}"), routing_key=f"heartbeat.{url_user(url)}._alert.stale"
                 )
             elif action == "publish a tick":
                 await exchange.publish(aio_pika.Message(b"{}"), routing_key="system.heartbeat.tick")
@@ -99,6 +106,11 @@ async def refused(url: str, action: str, bus: Bus, agent_b: str, own: str = "") 
                 raise AssertionError(action)
     finally:
         await connection.close()
+
+
+def url_user(url: str) -> str:
+    """The agent of an agent user's URL."""
+    return url.split("://heartbeat-agent-", 1)[1].split(":", 1)[0]
 
 
 async def dead_letter_bypass(url: str, bus: Bus, dlq: str, aim: str) -> None:
@@ -132,7 +144,6 @@ async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path: Path) -> None:
     a, b = bus.agent("pa"), bus.agent("pb")
     async with users(bus, a, b) as env:
-        await no_provisioners_left()
         assert env[a]["DECLARE"] == "false"
         assert env[a]["EXCHANGE_NAME"] == bus.exchange_name
         url_a, url_b = env[a]["RABBIT_URL"], env[b]["RABBIT_URL"]
@@ -162,6 +173,7 @@ async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path:
 
             for action in (
                 "publish B's result",
+                "publish an alert about itself",
                 "publish a tick",
                 "declare B's queue",
                 "declare a queue of its own",
@@ -177,6 +189,33 @@ async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path:
             await consumer_a.stop()
             await consumer_b.stop()
         assert await bus.count(f"agent.{b}.inbox") == 0, "nothing reached B's inbox"
+        limits = await rabbitmqctl("list_user_limits", "--user", f"heartbeat-agent-{a}")
+        assert '"max-connections":8' in limits.replace(" ", ""), limits
+
+
+async def test_a_signal_during_provisioning_leaves_no_temporary_user(
+    bus: Bus, tmp_path: Path
+) -> None:
+    fake = tmp_path / "fake-heartbeat-consumer"
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    before = await provisioners()
+    proc = await asyncio.create_subprocess_exec(
+        "sh", str(SCRIPT), bus.agent("ps"),
+        env={**os.environ, "EXCHANGE_NAME": bus.exchange_name, "HEARTBEAT_CONSUMER": str(fake)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    for _ in range(100):  # until the temporary user exists
+        if await provisioners() - before:
+            break
+        await asyncio.sleep(0.1)
+    assert await provisioners() - before, "the script made no temporary user"
+    proc.send_signal(signal.SIGTERM)
+    killer = await asyncio.create_subprocess_exec("pkill", "-f", str(fake))  # its child
+    await killer.wait()
+    await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode != 0
+    assert await provisioners() <= before, "the temporary user outlived the script"
 
 
 async def test_an_agent_user_on_an_unprovisioned_agent_is_told_what_to_do(
@@ -210,10 +249,11 @@ async def test_an_agent_user_on_an_unprovisioned_agent_is_told_what_to_do(
 
 async def test_ticker_user_and_bad_names(bus: Bus) -> None:
     user = f"hbt{uuid.uuid4().hex[:8]}"
+    before = await provisioners()
     code, out, err = await script(bus, "--ticker", user)
     try:
         assert code == 0, err
-        await no_provisioners_left()
+        assert await provisioners() <= before, "a temporary provisioning user was left"
         url = env_lines(out)["RABBIT_URL"]
         connection = await aio_pika.connect(url)
         try:

@@ -27,7 +27,12 @@
 # default: the one on PATH, else /opt/heartbeat-consumer/.venv/bin/heartbeat-consumer),
 # QUEUE_TYPE (classic or quorum) and SINGLE_ACTIVE_CONSUMER (true) for an agent's inbox,
 # DLQ_MAX_LENGTH (10000) and DLQ_TTL (7d) for dead-letter queues, PROVISION=no to create
-# the user only (then run `heartbeat-consumer provision` yourself, as an admin).
+# the user only (then run `heartbeat-consumer provision` yourself, as an admin),
+# MAX_CONNECTIONS (8) and MAX_CHANNELS (64): the user's limits on the broker.
+#
+# Running it again for an existing user resets it: new password, no tags, these
+# permissions and topic permissions in VHOST only. Connections open with the old
+# password stay open: restart the service after rotating a password.
 set -eu
 
 EXCHANGE_NAME=${EXCHANGE_NAME:-bloodbank.events.v1}
@@ -36,6 +41,11 @@ RABBIT_HOST=${RABBIT_HOST:-localhost}
 RABBIT_PORT=${RABBIT_PORT:-5672}
 RABBITMQCTL=${RABBITMQCTL:-rabbitmqctl}
 PROVISION=${PROVISION:-yes}
+MAX_CONNECTIONS=${MAX_CONNECTIONS:-8}
+MAX_CHANNELS=${MAX_CHANNELS:-64}
+case "$MAX_CONNECTIONS$MAX_CHANNELS" in
+    *[!0-9]*|"") echo "$0: MAX_CONNECTIONS and MAX_CHANNELS are numbers" >&2; exit 2 ;;
+esac
 
 usage() {
     echo "usage: $0 AGENT | --ticker [USER] | --monitor [USER]" >&2
@@ -65,7 +75,7 @@ if [ "$1" = "--ticker" ]; then
     name_ok "$USER_NAME" || { echo "$0: bad user name '$USER_NAME'" >&2; exit 2; }
     WRITE="^$EX\$"
     READ='^$'
-    TOPIC_WRITE='^system\.heartbeat\.'
+    TOPIC_WRITE='^system\.heartbeat\.[^.]+$'
     PROVISIONS="^($EX|$DLX)\$"
     set -- --exchanges
 elif [ "$1" = "--monitor" ]; then
@@ -78,7 +88,7 @@ elif [ "$1" = "--monitor" ]; then
     # write: publish alerts, dead-letter to its DLQ; read: consume its queue.
     WRITE="^($EX|$DLX)\$"
     READ="^$MQ\$"
-    TOPIC_WRITE='^heartbeat\.[^.]+\._alert\.'
+    TOPIC_WRITE='^heartbeat\.[A-Za-z0-9][A-Za-z0-9_-]*\._alert\.[^.]+$'
     DLQ_WRITE="^$MQ\\.dlq\$"
     PROVISIONS="^($EX|$DLX|$MQ|$MQ\\.dlq)\$"
     set -- --monitor "$MONITOR_QUEUE"
@@ -93,8 +103,10 @@ else
     # write: publish to the exchange, dead-letter to the DLX; read: consume its inbox.
     WRITE="^($EX|$DLX)\$"
     READ="^agent\\.$AGENT\\.inbox\$"
-    # Topic permissions: publish only its own results and status events.
-    TOPIC_WRITE="^heartbeat\\.$AGENT\\."
+    # Topic permissions: publish only its own results, run announcements and status
+    # events: heartbeat.AGENT.<check>.<word> and heartbeat.AGENT._status.<word>, never
+    # heartbeat.AGENT._alert.* (alerts are the monitor's word).
+    TOPIC_WRITE="^heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status)\\.[^.]+\$"
     DLQ_WRITE="^agent\\.$AGENT\\.dlq\$"
     PROVISIONS="^($EX|$DLX|agent\\.$AGENT\\.(inbox|dlq))\$"
     set -- --agent "$AGENT"
@@ -104,6 +116,10 @@ else
     esac
 fi
 
+printf '%s' "$VHOST" | grep -Eq '^[A-Za-z0-9._~/-]{1,255}$' || {
+    echo "$0: VHOST names here are letters, digits and . _ ~ / - (got '$VHOST')" >&2
+    exit 2
+}
 case $VHOST in
     /) VHOST_PATH=/ ;;
     *) VHOST_PATH=/$(printf '%s' "$VHOST" | sed 's,/,%2F,g') ;;
@@ -122,21 +138,30 @@ if [ "$PROVISION" != "no" ]; then
     # A temporary user that may declare exactly what this component needs.
     PROVISIONER="heartbeat-provision-$(random_password | cut -c1-12)"
     PROVISIONER_PASSWORD=$(random_password)
+    # Deleted however this ends: normally, on an error, or on a signal (dash runs no
+    # EXIT trap when a signal kills it, so the signals get their own).
     trap 'ctl delete_user "$PROVISIONER" >/dev/null 2>&1 || true' EXIT
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     printf '%s\n' "$PROVISIONER_PASSWORD" | ctl add_user "$PROVISIONER" >/dev/null
     ctl set_permissions -p "$VHOST" "$PROVISIONER" "$PROVISIONS" "$PROVISIONS" "$PROVISIONS" >/dev/null
     RABBIT_URL="amqp://$PROVISIONER:$PROVISIONER_PASSWORD@$RABBIT_HOST:$RABBIT_PORT$VHOST_PATH" \
         "$HEARTBEAT_CONSUMER" --log-level WARNING provision "$@" --exchange "$EXCHANGE_NAME" >&2
     ctl delete_user "$PROVISIONER" >/dev/null
-    trap - EXIT
+    trap - EXIT HUP INT TERM
 fi
 
 PASSWORD=${PASSWORD:-$(random_password)}
-if ctl list_users | awk '{print $1}' | grep -Fxq "$USER_NAME"; then
+if ctl list_users --no-table-headers | awk '{print $1}' | grep -Fxq "$USER_NAME"; then
     printf '%s\n' "$PASSWORD" | ctl change_password "$USER_NAME" >/dev/null
+    ctl clear_topic_permissions -p "$VHOST" "$USER_NAME" >/dev/null 2>&1 || true
 else
     printf '%s\n' "$PASSWORD" | ctl add_user "$USER_NAME" >/dev/null
 fi
+ctl set_user_tags "$USER_NAME" >/dev/null  # none: no management or admin rights
+ctl set_user_limits "$USER_NAME" \
+    "{\"max-connections\": $MAX_CONNECTIONS, \"max-channels\": $MAX_CHANNELS}" >/dev/null
 # configure '^$': declares, deletes and re-declarations are all refused.
 ctl set_permissions -p "$VHOST" "$USER_NAME" '^$' "$WRITE" "$READ" >/dev/null
 ctl set_topic_permissions -p "$VHOST" "$USER_NAME" "$EXCHANGE_NAME" "$TOPIC_WRITE" '^$' >/dev/null
