@@ -25,10 +25,11 @@ kills the agent's whole process group.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
-from .config import CheckConfig, Pause
+from .config import CheckConfig, Pause, read_bounded
 from .handlers import RunContext, current_run, register_handler
 from .heartbeat_md import (
     DEDUP_WINDOW_MS,
@@ -41,7 +42,7 @@ from .heartbeat_md import (
     parse_reply,
     remember_alert,
 )
-from .process import BASE_ENV, child_env, meta_argv, run_process
+from .process import BASE_ENV, child_env, meta_argv, output_limit, run_process
 from .state import CheckState
 from .timeutil import iso
 
@@ -51,6 +52,8 @@ DEFAULT_MAX_OUTPUT_BYTES = 65_536
 DEFAULT_PAUSE_AFTER_AUTH_FAILURES = 2
 DEFAULT_AUTH_PAUSE_MS = 6 * 3_600_000
 STDERR_TAIL_CHARS = 2000
+MAX_CHECKLIST_BYTES = 1024 * 1024
+"""A HEARTBEAT.md larger than this (or not a regular file) fails the check."""
 
 
 class _Settings:
@@ -65,7 +68,7 @@ class _Settings:
         self.env: object = meta.get("env")
         child_env(self.env, {})  # ValueError now rather than at the turn
         self.ack_max = int(meta.get("ackMaxChars", DEFAULT_ACK_MAX_CHARS))
-        self.limit = int(meta.get("maxOutputBytes", DEFAULT_MAX_OUTPUT_BYTES))
+        self.limit = output_limit(meta, DEFAULT_MAX_OUTPUT_BYTES)
         self.window = int(meta.get("dedupWindowMs", DEDUP_WINDOW_MS))
         self.pause_after = int(
             meta.get("pauseAfterAuthFailures", DEFAULT_PAUSE_AFTER_AUTH_FAILURES)
@@ -92,11 +95,14 @@ async def agent_turn(tick_payload: dict[str, Any], check_config: CheckConfig) ->
     checklist = settings.checklist_path()
     if checklist is not None:
         try:
-            text = checklist.read_text(encoding="utf-8", errors="replace")
+            raw = await asyncio.to_thread(read_bounded, checklist, MAX_CHECKLIST_BYTES)
+            text: str | None = raw.decode("utf-8", errors="replace")
         except FileNotFoundError:
             text = None  # no checklist: the prompt alone decides
         except OSError as exc:
             return {"status": "failed", "error": f"cannot read {checklist}: {exc.strerror}"}
+        except ValueError as exc:  # a FIFO, a device, a file over the limit
+            return {"status": "failed", "error": f"cannot use {checklist}: {exc}"}
         if text is not None and checklist_is_empty(text):
             return {"status": "skipped", "reason": "empty-checklist", "checklist": str(checklist)}
 

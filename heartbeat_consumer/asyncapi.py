@@ -150,10 +150,11 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "heartbeat.command.pause",
             {
                 **obj,
+                "required": ["check"],
                 "properties": {
                     **check_ref,
                     "until": {"type": ["string", "integer", "null"]},
-                    "reason": {"type": "string"},
+                    "reason": {"type": "string", "maxLength": 500},
                 },
             },
         ),

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import CheckConfig
 from .handlers import current_run, register_handler
-from .process import child_env, meta_argv, run_process
+from .process import child_env, meta_argv, output_limit, run_process
 from .state import compact_history
 from .timeutil import iso
 
@@ -69,8 +69,10 @@ async def quarterly_compaction(
     ctx = current_run()
     if ctx is None:
         return {"status": "skipped", "reason": "no state to compact outside the engine"}
-    keep = int(check_config.meta.get("keepPerCheck", DEFAULT_KEEP_PER_CHECK))
-    ctx.state, removed = compact_history(ctx.state, max(keep, 0))
+    keep = check_config.meta.get("keepPerCheck", DEFAULT_KEEP_PER_CHECK)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        return {"status": "failed", "error": "meta.keepPerCheck must be a whole number >= 0"}
+    ctx.state, removed = compact_history(ctx.state, keep)
     return {"status": "success", "removed": removed, "kept": len(ctx.state.history)}
 
 
@@ -89,9 +91,9 @@ async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> di
     try:
         argv = meta_argv(meta)
         env = child_env(meta.get("env"), tick_payload)
+        limit = output_limit(meta, DEFAULT_MAX_OUTPUT_BYTES)
     except ValueError as exc:
         return {"status": "failed", "error": str(exc)}
-    limit = int(meta.get("maxOutputBytes", DEFAULT_MAX_OUTPUT_BYTES))
     try:
         done = await run_process(argv, cwd=meta.get("cwd"), env=env, limit=limit)
     except OSError as exc:

@@ -68,6 +68,10 @@ from .topology import (
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+MAX_SIMULATED_TICKS = 2_000_000
+"""``simulate`` evaluates every tick: about two years of one-minute ticks, a few minutes."""
+MIN_LOOP_MS = 100
+"""``--rescan`` and ``--check-every`` below this would spin a core for nothing."""
 
 ENV_HELP = (
     "heartbeat-consumer: to run the RabbitMQ consumer without a command, set AGENT_NAME and "
@@ -99,11 +103,14 @@ def _instant(text: str) -> int:
         raise UsageError(str(exc)) from None
 
 
-def _duration(text: str) -> int:
+def _duration(text: str, *, minimum: int = 1) -> int:
     try:
-        return parse_duration_ms(text)
+        value = parse_duration_ms(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if value < minimum:
+        raise UsageError(f"{text!r} is too short here: at least {format_duration(minimum)}")
+    return value
 
 
 def _load_handlers(args: argparse.Namespace) -> None:
@@ -240,6 +247,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if end <= start:
         raise UsageError("--to must be after --from")
     tick = _duration(args.tick)
+    if (end - start) // tick > MAX_SIMULATED_TICKS:
+        raise UsageError(
+            f"{(end - start) // tick} ticks from --from to --to; at most {MAX_SIMULATED_TICKS} "
+            "(a longer --tick or a shorter range)"
+        )
     state = _read_state(args) if args.state else AgentState()
     for run in simulate(
         loaded.config, start, end, tick, state=state, known_handlers=handler_names()
@@ -389,7 +401,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         tick_interval_ms=_duration(args.every),
         queue_type=args.queue_type,
         single_active_consumer=args.single_active_consumer,
-        rescan_s=_duration(args.rescan) / 1000,
+        rescan_s=_duration(args.rescan, minimum=MIN_LOOP_MS) / 1000,
         tls=_tls(args),
         declare_exchanges=args.declare_exchanges,
         health_port=args.health_port,
@@ -432,7 +444,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         exchange_name=args.exchange,
         config=_watch_config(args),
         queue_name=args.queue,
-        check_every_ms=_duration(args.check_every),
+        check_every_ms=_duration(args.check_every, minimum=MIN_LOOP_MS),
         tls=_tls(args),
         declare_exchanges=args.declare_exchanges,
         dead_letters=_dead_letters(args),
@@ -470,6 +482,8 @@ def cmd_ticker(args: argparse.Namespace) -> int:
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
+    if args.agent is not None:
+        check_name(args.agent, "agent name")
     now = wall_clock_ms()
     event = asyncio.run(
         publish_event(
@@ -488,7 +502,8 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
 
 def cmd_run_check(args: argparse.Namespace) -> int:
-    key = agent_key(args.agent, "run")
+    key = agent_key(check_name(args.agent, "agent name"), "run")
+    check_name(args.check, "check name")
     event = asyncio.run(
         publish_event(
             key,
@@ -593,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", "run an agent's consumer on RabbitMQ, or with --local without a broker")
     p.add_argument("--local", action="store_true", help="in-process ticker, no broker")
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
-    p.add_argument("--max-ticks", type=int, metavar="N", help="--local: stop after N ticks")
+    p.add_argument(
+        "--max-ticks", type=positive_int, metavar="N", help="--local: stop after N ticks"
+    )
     p.add_argument("--agent", metavar="NAME", help="agent (queue) name (default: from FILE)")
     consumer_options(p)
     p = command("status", "show the state file: last runs, failures, retries")
@@ -616,7 +633,7 @@ def _bus_commands(sub: Any) -> None:
     consumer_options(p)
     p = sub.add_parser("ticker", help="publish system.heartbeat.tick at every interval boundary")
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
-    p.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks")
+    p.add_argument("--max-ticks", type=positive_int, metavar="N", help="stop after N ticks")
     bus_options(p)
     health_options(p)
     _monitor_command(sub)
@@ -667,7 +684,7 @@ def _monitor_command(sub: Any) -> None:
     )
     p.add_argument(
         "--port",
-        type=int,
+        type=port,
         default=env("MONITOR_PORT", "8790"),
         help="dashboard, /api/heartbeat/status, /health, /metrics (env MONITOR_PORT; 8790)",
     )
@@ -741,10 +758,32 @@ def dead_letter_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is not within 0-65535")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def health_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--health-port",
-        type=int,
+        type=port,
         default=os.environ.get("HEALTH_PORT") or None,
         metavar="PORT",
         help="serve /health and /metrics on PORT (env HEALTH_PORT; default: off)",

@@ -57,7 +57,7 @@ __all__ = [
 DEFAULT_PRIORITY = 100
 DEFAULT_TIMEOUT_CAP_MS = 5 * MS_PER_MINUTE
 MAX_TIMEOUT_MS = 25 * MS_PER_MINUTE
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 """A heartbeat.json larger than this is refused (10,000 checks take about 2 MB)."""
 _INTEGER_FIELDS = ("cadenceMs", "priority", "timeoutMs", "lastRun")
 
@@ -208,13 +208,15 @@ def _describe(error: ValidationError) -> str:
         return (
             f"unknown field(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}"
         )
-    if "propertyNames" in error.schema_path:
+    if "propertyNames" in error.schema_path or (
+        error.validator == "pattern" and error.schema is schema()["$defs"]["name"]
+    ):
         return (
             f"invalid name {error.instance!r}: use letters, digits, '_' or '-', "
             "starting with a letter or digit, at most 64 characters (no dots or wildcards)"
         )
-    if error.validator == "pattern" and error.schema is schema()["$defs"]["name"]:
-        return f"invalid name {error.instance!r}: must match {error.validator_value}"
+    if error.validator == "pattern" and "handler" in error.path:
+        return f"invalid handler name {error.instance!r}"
     if error.validator == "anyOf" and isinstance(error.instance, str) and "end" in error.path:
         return f"{error.instance!r} is not a time HH:MM (00:00-23:59) or 24:00"
     if error.validator == "anyOf" and "until" in error.path:

@@ -6,8 +6,10 @@ import contextlib
 import hashlib
 import logging
 import ssl
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,8 +19,11 @@ from faststream.message import StreamMessage
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
 
+from . import amqp_decoding
 from .health import Health
-from .topology import DEFAULT_URL, check_url, mask_url
+from .topology import DEFAULT_URL, check_resource, check_url, mask_url
+
+amqp_decoding.install()  # no delivery's properties can kill a connection (see there)
 
 __all__ = [
     "REASON_HEADER",
@@ -55,6 +60,8 @@ class TlsFiles:
         return any((self.ca_file, self.cert_file, self.key_file))
 
     def context(self) -> ssl.SSLContext:
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            _regular_file(path)
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
             if self.cert_file:
@@ -62,6 +69,19 @@ class TlsFiles:
         except (OSError, ssl.SSLError) as exc:
             raise TlsError(f"TLS files unusable ({self}): {exc}") from None
         return context
+
+
+def _regular_file(path: str | None) -> None:
+    """TLS files are read by OpenSSL, which would wait on a FIFO for ever: refuse
+    anything but a regular file first."""
+    if path is None:
+        return
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise TlsError(f"TLS files unusable ({path}): {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise TlsError(f"TLS files unusable ({path} is not a regular file)")
 
 
 def make_broker(
@@ -79,7 +99,9 @@ def make_broker(
 
 def topic_exchange(name: str) -> RabbitExchange:
     """The exchange as FastStream publishes to it: topic, durable, checked passively
-    (:mod:`.provision` declared it, or an admin did: no configure permission needed)."""
+    (:mod:`.provision` declared it, or an admin did: no configure permission needed).
+    Raises :class:`~.topology.InvalidName` for a name that cannot be one."""
+    check_resource(name.removesuffix(".dlx"))
     return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True, declare=False)
 
 

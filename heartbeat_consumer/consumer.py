@@ -170,6 +170,7 @@ class AgentConsumer:
             ack_policy=AckPolicy.MANUAL,
             channel=self._channel,
             decoder=raw_body,
+            no_reply=True,  # a reply_to on a delivery is never answered
             persistent=False,  # held here, so a fleet can drop a removed agent
         )
         self.subscriber(self.on_message)
@@ -343,6 +344,15 @@ class AgentConsumer:
                         switches.append((message, command))
             except Exception as exc:
                 await self._fail([message], exc)
+        if runs:  # a run of a check the config does not have is refused here, at once
+            known = await self.runner.check_names()
+            unknown = [(m, c) for name in set(runs) - known for m, c in runs.pop(name)]
+            await asyncio.gather(
+                *(
+                    self._dead_letter(m, self._no_such_check(c), "invalid_command")
+                    for m, c in unknown
+                )
+            )
         if switches:
             await self._guard([m for m, _ in switches], self._switch(switches))
         work: list[tuple[list[AbstractIncomingMessage], Callable[[], Awaitable[None]]]] = [
@@ -477,15 +487,20 @@ class AgentConsumer:
             self._correlation = [items[-1][1].event_id]
             refusals, error = await self.runner.apply_pauses(changes)
         accepted = []
+        refused = []
         for (message, command), refusal in zip(items, refusals, strict=True):
             if refusal is None:
                 accepted.append(message)
                 log.info("%s: %sd %s", self.agent, command.name, command.check)
             else:
-                await self._dead_letter(message, refusal, "invalid_command")
+                refused.append(self._dead_letter(message, refusal, "invalid_command"))
+        await asyncio.gather(*refused)
         if accepted:
             await self._report_state(error)
         return accepted
+
+    def _no_such_check(self, command: Command) -> str:
+        return f"no check named {command.check!r} in the config of {self.agent}"
 
     async def _run(self, group: Sequence[tuple[AbstractIncomingMessage, Command]]) -> None:
         """One run of a check for every run command of it in the batch (forced if any is)."""
@@ -494,7 +509,13 @@ class AgentConsumer:
         async with self._lock:
             self._correlation = [command.event_id for _, command in group][:20]
             slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
-            outcome = await self.runner.run_check(first.check, slot, first.envelope, force=force)
+            outcome = await self.runner.run_check(
+                first.check,
+                slot,
+                first.envelope,
+                force=force,
+                request_ids=[command.event_id for _, command in group],
+            )
         if isinstance(outcome, str):
             log.warning("%s: run %s not done: %s", self.agent, first.check, outcome)
 

@@ -328,6 +328,8 @@ def repair(state: WatchState) -> tuple[WatchState, int]:
                 value = getattr(check, field_name)
                 if value is not None and _duration(value, minimum=minimum) is None:
                     changes[field_name] = None
+            if not 0 <= check.failures <= 2**53:
+                changes["failures"] = 0
             fixed += len(changes)
             checks[check_name] = replace(check, **changes) if changes else check
         last_seen = _instant(view.last_seen)

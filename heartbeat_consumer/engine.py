@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ log = logging.getLogger("heartbeat_consumer.engine")
 
 _DISABLING = (Blocker.INVALID, Blocker.UNKNOWN_HANDLER)
 SUMMARY_LIMIT = 2000
+MANUAL_RUNS_REMEMBERED = 1000
 """Characters of a result kept in the state file's ``lastResult``."""
 
 
@@ -191,6 +193,8 @@ class AgentRunner:
         with runs, not with every tick)."""
         self._reported_generation = 0
         self._started = False
+        self._manual_runs: OrderedDict[str, str] = OrderedDict()
+        """Requests (command event ids) that ran a check by hand: idempotency key."""
         self._unsent: dict[str, tuple[RunResult, AgentState, AgentState]] = {}
         """Runs whose result could not be handed on, by idempotency key, with the state
         before and after them: re-sent (not re-run) before the next tick's work."""
@@ -285,6 +289,13 @@ class AgentRunner:
             report.state_error = await self._complete(result, after) or report.state_error
         return report
 
+    async def check_names(self) -> frozenset[str]:
+        """The checks of the current config, valid or not (empty without a usable one)."""
+        loaded, _ = await self._config()
+        if loaded is None:
+            return frozenset()
+        return frozenset(loaded.config.checks) | frozenset(loaded.invalid_checks)
+
     async def run_check(
         self,
         name: str,
@@ -292,15 +303,21 @@ class AgentRunner:
         envelope: dict[str, Any] | None = None,
         *,
         force: bool = False,
+        request_ids: Sequence[str] = (),
     ) -> RunResult | str:
         """Run one check now (a manual run); its result, or the reason it did not run.
 
         Without ``force`` the check must be due; ``force`` overrides every rule except an
-        invalid check or an unknown handler.
+        invalid check or an unknown handler. ``request_ids`` (the commands asking for
+        it) are remembered once the handler has run: asked again by one of them (a
+        command redelivered after a lost connection), it is not run a second time.
         """
         if not self._started:
             self.start()
         await self._send_unsent()
+        for request in request_ids:
+            if request in self._manual_runs:
+                return f"already run for request {request} ({self._manual_runs[request]})"
         loaded, _ = await self._config()
         if loaded is None:
             return "no usable config"
@@ -313,6 +330,10 @@ class AgentRunner:
         if blocking:
             return evaluation.explain(blocking[0])
         result, after = await self._run(loaded.config, evaluation, slot_ms, envelope)
+        for request in request_ids:
+            self._manual_runs[request] = result.idempotency_key
+        while len(self._manual_runs) > MANUAL_RUNS_REMEMBERED:
+            self._manual_runs.popitem(last=False)
         await self._complete(result, after)
         return result
 

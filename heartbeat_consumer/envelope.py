@@ -41,7 +41,6 @@ __all__ = [
 
 VERSION = "1.0.0"
 MAX_BODY_BYTES = 1_000_000
-MAX_ID_CHARS = 256
 MAX_REASON_CHARS = 500
 """A pause reason longer than this is cut (with an ellipsis)."""
 _NAME = re.compile(NAME_PATTERN)
@@ -108,18 +107,29 @@ def envelope(
     }
 
 
+_CHARSETS = frozenset(
+    {"utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
+    | {f"iso8859-{n}" for n in range(1, 17)}
+    | {f"cp{n}" for n in range(1250, 1259)}
+)
+"""Charsets a content type may name to be honoured: the other UTF encodings and the
+single-byte ones, each decoded in linear time. Any other name (punycode, base64, zlib,
+...) is ignored, and the body is parsed as it is."""
+
+
 def _charset(content_type: str | None) -> str | None:
-    """The charset a content type names, if Python knows it and it is not UTF-8."""
+    """The charset a content type names, if it is one of :data:`_CHARSETS`."""
     for part in (content_type or "").split(";")[1:]:
         key, _, value = part.partition("=")
         if key.strip().lower() == "charset":
             name = value.strip().strip('"').lower()
-            if name in _UTF8:
+            if name in _UTF8 or len(name) > 40:
                 return None
             try:
-                return codecs.lookup(name).name
+                normal = codecs.lookup(name).name
             except LookupError:
                 return None
+            return normal if normal in _CHARSETS else None
     return None
 
 
@@ -131,7 +141,7 @@ def decode_body(body: bytes, content_type: str | None = None) -> bytes:
         return body
     try:
         return body.decode(charset).encode("utf-8", errors="surrogatepass")
-    except (UnicodeError, ValueError):
+    except (UnicodeError, ValueError, LookupError):
         return body  # a wrong hint: the JSON parser has the last word
 
 
@@ -149,10 +159,9 @@ def parse_envelope(body: bytes, content_type: str | None = None) -> dict[str, An
         raise EnvelopeError(f"envelope must be a JSON object, not {type(data).__name__}")
     for field in ("event_id", "event_type"):
         value = data.get(field)
-        if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        if not isinstance(value, str) or not value or len(value.encode(errors="replace")) > 200:
             raise EnvelopeError(
-                f"envelope field {field!r} must be a non-empty string "
-                f"of at most {MAX_ID_CHARS} characters"
+                f"envelope field {field!r} must be a non-empty string of at most 200 bytes"
             )
     payload = data.get("payload", {})
     if payload is None:
@@ -191,9 +200,10 @@ def parse_command(body: bytes, name: str, content_type: str | None = None) -> Co
     """``run`` {check, force}; ``pause`` {check or "*", until, reason}; ``resume`` {check}."""
     data = parse_envelope(body, content_type)
     payload = data["payload"]
-    check = payload.get("check", "*" if name in ("pause", "resume") else None)
+    check = payload.get("check", "*" if name == "resume" else None)
     if not isinstance(check, str) or not check:
-        raise EnvelopeError(f"{name} command needs payload.check (a check name)")
+        whole = " or '*' for the whole agent" if name == "pause" else ""
+        raise EnvelopeError(f"{name} command needs payload.check (a check name{whole})")
     if name == "run" and check == "*":
         raise EnvelopeError("run command needs one check name, not '*'")
     if check != "*" and not _NAME.fullmatch(check):

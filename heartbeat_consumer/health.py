@@ -7,7 +7,8 @@ broker connected **and** its consumer registered on its queue), else 503; the pr
 answer is cached for ``cache_s`` so a busy scraper cannot flood the broker with probes.
 
 Bounded against clients that connect and never read: at most :data:`MAX_CONNECTIONS`
-at once (more are closed at once), a request must arrive within
+at once (a new one beyond them takes the place of the one that has been sending its
+request the longest, so slow clients cannot lock out ``/health``), a request must arrive within
 :data:`READ_TIMEOUT_S` and a response be taken within :data:`WRITE_TIMEOUT_S` (else the
 connection is aborted and its buffer freed), and at most :data:`MAX_BYTES_IN_FLIGHT` of
 response bodies wait in buffers: a big response beyond that is a 503 with
@@ -93,6 +94,8 @@ class HealthServer:
         self.max_bytes_in_flight = max_bytes_in_flight
         self.max_connections = max_connections
         self.connections = 0
+        self._reading: dict[asyncio.StreamWriter, None] = {}
+        """Connections still sending their request, oldest first."""
         self.bytes_in_flight = 0
         """Bytes of responses written and not yet taken by their clients."""
         self.routes = dict(routes or {})
@@ -131,12 +134,20 @@ class HealthServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connections >= self.max_connections:
-            writer.transport.abort()
-            return
+            # Full: make room by dropping the connection that has been sending its
+            # request the longest (a slow or stuck client; a real one sends it at once).
+            if not self._reading:
+                writer.transport.abort()
+                return
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            oldest.transport.abort()
         self.connections += 1
+        self._reading[writer] = None
         try:
             await self._answer(reader, writer)
         finally:
+            self._reading.pop(writer, None)
             self.connections -= 1
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -144,9 +155,17 @@ class HealthServer:
         extra = ""
         try:
             method, path = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT_S)
-            status, content_type, body = await self._route(method, path)
         except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+            method, path = "", ""
+        self._reading.pop(writer, None)
+        if not method:
             status, content_type, body = 400, "text/plain", b"bad request\n"
+        else:
+            try:
+                status, content_type, body = await self._route(method, path)
+            except Exception as exc:  # a bug or bad data behind a route: an answer anyway
+                log.error("http: %s %s failed: %s: %s", method, path, type(exc).__name__, exc)
+                status, content_type, body = 500, "text/plain", b"internal error\n"
         room = self.max_bytes_in_flight - self.bytes_in_flight
         if method != "HEAD" and len(body) > SMALL_RESPONSE_BYTES and len(body) > room:
             status, content_type, body = 503, "text/plain", b"busy: retry in a second\n"
@@ -191,6 +210,7 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 

@@ -40,9 +40,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class OneLine(logging.Filter):
+    """The AMQP libraries log a lost connection with a traceback (aiormq's reader, aio-pika's
+    callbacks): a broker restart is not a bug, so their records keep one line, the
+    exception's type and text appended (the traceback at DEBUG only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        quiet = record.name.split(".", 1)[0] in QUIET_TRACEBACKS
+        if quiet and record.exc_info and record.levelno > logging.DEBUG:
+            error = record.exc_info[1]
+            if error is not None:
+                record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+                record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+QUIET_TRACEBACKS = ("aiormq", "aio_pika", "faststream")
+
+
 def setup_logging(level: str, fmt: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if logging.getLevelName(level) != logging.DEBUG:
+        handler.addFilter(OneLine())

@@ -51,6 +51,7 @@ from .connection import (
     Redeliveries,
     TlsFiles,
     dead_letter,
+    is_transient,
     make_broker,
     publish_json,
     queue_health,
@@ -83,6 +84,7 @@ from .topology import (
     DEFAULT_URL,
     MONITOR_BINDING,
     alert_key,
+    check_resource,
     dead_letter_exchange,
     mask_url,
 )
@@ -107,6 +109,8 @@ EVENT_KINDS = {
 STATUS_CACHE_S = 1.0
 MAX_AGENTS = 100_000
 MAX_CHECKS_PER_AGENT = 1_000
+MAX_CHECK_VIEWS = 300_000
+"""Checks watched over the whole fleet (about 1 KB each): new ones beyond are dropped."""
 _ALERT_NAMESPACE = uuid.UUID("0b8f5a52-3f0e-4d59-a3c3-6d2a4a1f9e21")
 
 
@@ -145,7 +149,7 @@ class Monitor:
         self.broker = make_broker(rabbit_url, tls=tls)
         self.exchange = topic_exchange(exchange_name)
         self.dead_letters = topic_exchange(dead_letter_exchange(exchange_name))
-        self.dlq_name = f"{queue_name}.dlq"
+        self.dlq_name = f"{check_resource(queue_name, 'queue name')}.dlq"
         # Passive for FastStream: provision_monitor declared it (or an admin did).
         self.queue = RabbitQueue(
             queue_name, durable=True, declare=False, routing_key=MONITOR_BINDING
@@ -156,10 +160,13 @@ class Monitor:
             ack_policy=AckPolicy.MANUAL,
             channel=Channel(prefetch_count=prefetch),
             decoder=raw_body,
+            no_reply=True,  # a reply_to on a delivery is never answered
         )
         self.subscriber(self.on_message)
         self.state = WatchState()
         self._redeliveries = Redeliveries()
+        self._views = 0
+        """Check views held (recounted at each evaluation)."""
         self.events = 0
         self.last_evaluation: int | None = None
         self.save_error: str | None = None
@@ -271,6 +278,9 @@ class Monitor:
         try:
             await self._on_event(message)
         except Exception as exc:  # whatever it was: dead-lettered with the reason
+            if is_transient(exc):  # the broker went away: it redelivers the event
+                log.warning("monitor: event on %s not settled: %s", message.routing_key, exc)
+                return
             kind = exc.kind if isinstance(exc, EnvelopeError) else "processing_error"
             reason = str(exc) if isinstance(exc, EnvelopeError) else f"not processed: {exc!r}"
             self.metrics.monitor_dead_lettered.labels(kind).inc()
@@ -296,11 +306,7 @@ class Monitor:
         if agent is not None and agent not in self.state.agents:
             dropped = "too_many_agents" if len(self.state.agents) >= MAX_AGENTS else None
         if agent is not None and dropped is None:
-            folded = observe_agent(self.state.agents, event, _dated(event, received), agent)
-            if folded is not None and len(folded[1].checks) > MAX_CHECKS_PER_AGENT:
-                dropped = "too_many_checks"
-            elif folded is not None:  # in place: copying the fleet per event is O(agents)
-                self.state.agents[folded[0]] = folded[1]
+            dropped = self._fold(agent, event, _dated(event, received, self.config.forget_ms))
         if dropped is not None:
             self.metrics.events_dropped.labels(dropped).inc()
             log.debug("monitor: event on %s dropped (%s)", key, dropped)
@@ -308,6 +314,22 @@ class Monitor:
         kind = EVENT_KINDS.get(event["event_type"], "ignored") if agent else "ignored"
         self.metrics.events.labels(kind).inc()
         await message.ack()
+
+    def _fold(self, agent: str, event: dict[str, Any], at_ms: int) -> str | None:
+        """Fold an event into the agent's view, in place (copying the fleet per event
+        would be O(agents)); why it was dropped instead, if it was."""
+        before = self.state.agents.get(agent)
+        folded = observe_agent(self.state.agents, event, at_ms, agent)
+        if folded is None:
+            return None
+        grew = len(folded[1].checks) > (len(before.checks) if before else 0)
+        if grew and (
+            len(folded[1].checks) > MAX_CHECKS_PER_AGENT or self._views >= MAX_CHECK_VIEWS
+        ):
+            return "too_many_checks"
+        self.state.agents[folded[0]] = folded[1]
+        self._views += grew
+        return None
 
     # --- evaluation ------------------------------------------------------------------------
 
@@ -380,6 +402,7 @@ class Monitor:
             self.save_error = str(exc)
 
     def _gauges(self) -> None:
+        self._views = sum(len(view.checks) for view in self.state.agents.values())
         stale = {i.agent for i in self.state.incidents.values() if i.kind == "stale"}
         counts = {"online": 0, "offline": 0, "stale": 0}
         for name, view in self.state.agents.items():
@@ -409,10 +432,13 @@ class Monitor:
         )
 
 
-def _dated(event: dict[str, Any], received: int) -> int:
-    """The event's own time, never later than its arrival (clocks drift)."""
+def _dated(event: dict[str, Any], received: int, oldest_ms: int) -> int:
+    """The event's own time, never later than its arrival (clocks drift), nor earlier
+    than ``oldest_ms`` before it (a backlog older than that is dated by its arrival)."""
     stamp = instant_or_none(event.get("timestamp"))
-    return received if stamp is None else min(stamp, received)
+    if stamp is None or not received - oldest_ms <= stamp <= received:
+        return received
+    return stamp
 
 
 def status_document(

@@ -20,6 +20,7 @@ __all__ = [
     "child_env",
     "heartbeat_env",
     "meta_argv",
+    "output_limit",
     "run_process",
     "tail_text",
 ]
@@ -42,6 +43,19 @@ def heartbeat_env(tick_payload: dict[str, Any]) -> dict[str, str]:
         "HEARTBEAT_SLOT": str(tick_payload.get("timestamp", "")),
         "HEARTBEAT_IDEMPOTENCY_KEY": str(tick_payload.get("idempotency_key", "")),
     }
+
+
+MAX_OUTPUT_BYTES = 1024 * 1024
+"""The most of a child's stdout (and of its stderr) a handler may keep."""
+
+
+def output_limit(meta: dict[str, Any], default: int) -> int:
+    """``meta.maxOutputBytes``: a whole number from 1 to :data:`MAX_OUTPUT_BYTES`, else
+    ValueError."""
+    value = meta.get("maxOutputBytes", default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_BYTES:
+        raise ValueError(f"meta.maxOutputBytes must be a whole number from 1 to {MAX_OUTPUT_BYTES}")
+    return value
 
 
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")

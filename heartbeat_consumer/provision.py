@@ -36,6 +36,7 @@ from aiormq.exceptions import (
 
 from .timeutil import MS_PER_DAY, check_duration, format_duration
 from .topology import (
+    check_resource,
     dead_letter_exchange,
     dead_letter_queue,
     inbox_bindings,
@@ -182,6 +183,7 @@ async def declare_exchanges(
     require: bool = False,
 ) -> bool:
     """The exchange and its dead-letter exchange; True if this user declared them."""
+    check_resource(exchange)
     declared = await _exchange(connection, exchange, declare, require)
     await _exchange(connection, dead_letter_exchange(exchange), declare and declared, require)
     return declared
@@ -274,6 +276,7 @@ async def provision_monitor(
     require: bool = False,
 ) -> None:
     """The monitor's queue (bound to ``binding``) and its DLQ ``<queue>.dlq``."""
+    check_resource(queue, "queue name")
     await declare_exchanges(connection, exchange, declare=declare, require=require)
     dlx = dead_letter_exchange(exchange)
     dlq = f"{queue}.dlq"

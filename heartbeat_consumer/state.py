@@ -193,6 +193,9 @@ def compact_history(state: AgentState, keep_per_check: int) -> tuple[AgentState,
 
 
 _INSTANT_FIELDS = ("last_run", "last_success", "last_finished", "next_retry")
+_COUNT_FIELDS = ("runs", "wall_ms", "consecutive_failures", "auth_failures")
+MAX_COUNT = 2**53
+"""Counters beyond this (or below 0) are reset: JSON cannot carry them exactly."""
 
 
 def _in_range(value: int | None) -> bool:
@@ -212,16 +215,21 @@ def repair_ranges(state: AgentState) -> tuple[AgentState, list[str]]:
     for name, check in state.checks.items():
         bad = [f for f in _INSTANT_FIELDS if not _in_range(getattr(check, f))]
         alerts = {k: v for k, v in check.recent_alerts.items() if in_instant_range(v)}
-        if bad or len(alerts) != len(check.recent_alerts):
-            checks[name] = check.model_copy(update={**dict.fromkeys(bad), "recent_alerts": alerts})
-            what = ", ".join(bad) or "recentAlerts"
+        counts = {f: 0 for f in _COUNT_FIELDS if not 0 <= getattr(check, f) <= MAX_COUNT}
+        avoided = {k: v for k, v in check.avoided.items() if 0 <= v <= MAX_COUNT}
+        if bad or counts or len(alerts) != len(check.recent_alerts) or avoided != check.avoided:
+            changes = {**dict.fromkeys(bad), **counts, "recent_alerts": alerts, "avoided": avoided}
+            checks[name] = check.model_copy(update=changes)
+            what = ", ".join([*bad, *counts]) or "recentAlerts or avoided"
             fixed.append(f"check {name}: {what} out of range, dropped")
     pauses = dict(state.pauses)
     for name, pause in state.pauses.items():
         if not _in_range(pause.until):
             pauses[name] = pause.model_copy(update={"until": None})
             fixed.append(f"pause of {name}: end out of range, holds until resumed")
-    history = tuple(e for e in state.history if in_instant_range(e.slot))
+    history = tuple(
+        e for e in state.history if in_instant_range(e.slot) and 0 <= e.duration_ms <= MAX_COUNT
+    )
     if len(history) != len(state.history):
         fixed.append(f"{len(state.history) - len(history)} history entries out of range, dropped")
     if not fixed:

@@ -18,7 +18,7 @@ from typing import TypeVar
 import orjson
 
 from .config import read_bounded
-from .state import AgentState, repair_ranges
+from .state import HISTORY_LIMIT, MAX_PAUSES, AgentState, repair_ranges
 from .timeutil import iso
 
 __all__ = [
@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("heartbeat_consumer.store")
 
-MAX_STATE_BYTES = 64 * 1024 * 1024
+MAX_STATE_BYTES = 16 * 1024 * 1024
 """A state file larger than this is refused (with pauses and history bounded, an
 agent's state stays far below it)."""
 
@@ -85,12 +85,12 @@ class StateStore:
         A corrupt file is renamed to ``<file>.corrupt`` and the state is rebuilt
         (with ``repair=False``, for read-only commands, it is only reported).
         """
-        state, reason = load_file(self.path, _parse_state, repair=repair)
+        parsed, reason = load_file(self.path, _parse_state, repair=repair)
         if reason is None:
-            repaired, fixed = repair_ranges(state or AgentState())
+            state, fixed = parsed or (AgentState(), [])
             if not fixed:
-                return repaired, None
-            return repaired, f"state file {self.path}: repaired {'; '.join(fixed)}"
+                return state, None
+            return state, f"state file {self.path}: repaired {'; '.join(fixed)}"
         if not repair:
             return AgentState(), f"state file {self.path} is corrupt ({reason})"
         aside = corrupt_path(self.path)
@@ -107,9 +107,28 @@ class StateStore:
         atomic_write(self.path, data + b"\n")
 
 
-def _parse_state(raw: bytes) -> AgentState:
-    # Lax: a state file written by hand may say 1.0 where 1 is meant (repaired after).
-    return AgentState.model_validate(orjson.loads(raw), strict=False)
+MAX_STATE_CHECKS = 100_000
+
+
+def _parse_state(raw: bytes) -> tuple[AgentState, list[str]]:
+    """The state and what was repaired in it; ValueError for a file that is not a state
+    this package could have written (too many entries, a value it could not save)."""
+    data = orjson.loads(raw)
+    if isinstance(data, dict):
+        checks, pauses, history = data.get("checks"), data.get("pauses"), data.get("history")
+        if isinstance(checks, dict) and len(checks) > MAX_STATE_CHECKS:
+            raise ValueError(f"{len(checks)} checks, at most {MAX_STATE_CHECKS}")
+        if isinstance(pauses, dict) and len(pauses) > MAX_PAUSES:
+            raise ValueError(f"{len(pauses)} pauses, at most {MAX_PAUSES}")
+        if isinstance(history, list) and len(history) > HISTORY_LIMIT:
+            data["history"] = history[-HISTORY_LIMIT:]
+    # Lax: a state file written by hand may say 1.0 where 1 is meant.
+    state, fixed = repair_ranges(AgentState.model_validate(data, strict=False))
+    try:
+        orjson.dumps(state.to_json())
+    except TypeError as exc:  # nested too deep, say: it could never be saved again
+        raise ValueError(f"cannot be written back: {exc}") from None
+    return state, fixed
 
 
 def corrupt_path(path: Path) -> Path:

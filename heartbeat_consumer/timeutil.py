@@ -4,10 +4,11 @@ Local wall-clock time (zoneinfo) is only used to test windows and quarters;
 every comparison of instants happens on epoch milliseconds.
 
 One range for every instant and duration that enters from outside (envelopes, commands,
-configs, state files, monitor events): instants from 1970-01-01 to 9999-12-31 UTC
-(:data:`MIN_INSTANT_MS`..:data:`MAX_INSTANT_MS`), durations up to five years
-(:data:`MAX_DURATION_MS`). Inside it every datetime conversion works; outside it is a
-``ValueError`` that names the range, never an ``OverflowError``.
+configs, state files, monitor events): instants from 1970-01-01 to 9999-12-30 UTC
+(:data:`MIN_INSTANT_MS`..:data:`MAX_INSTANT_MS`; the last day of 9999 is left out so
+that the wall clock of every zone, up to UTC+14, is still a datetime), durations from
+1 ms up to five years (:data:`MAX_DURATION_MS`). Inside it every datetime conversion
+works; outside it is a ``ValueError`` that names the range, never an ``OverflowError``.
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ MS_PER_MINUTE = 60 * MS_PER_SECOND
 MS_PER_DAY = 86_400_000
 MIN_INSTANT_MS = 0
 """1970-01-01T00:00:00.000Z"""
-MAX_INSTANT_MS = 253_402_300_799_999
-"""9999-12-31T23:59:59.999Z"""
+MAX_INSTANT_MS = 253_402_214_399_999
+"""9999-12-30T23:59:59.999Z"""
 MAX_DURATION_MS = 5 * 366 * MS_PER_DAY
 """Five years: the longest cadence, pause or threshold accepted."""
-RANGE_TEXT = "1970-01-01 to 9999-12-31 UTC"
+RANGE_TEXT = "1970-01-01 to 9999-12-30 UTC"
 
 
 def in_instant_range(ms: int) -> bool:
@@ -85,18 +86,18 @@ def check_duration(value: int | float, what: str = "duration", *, minimum: int =
     return int(value)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*(ms|s|m|h|d)?\s*")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def parse_duration_ms(text: str) -> int:
     """Parse '500ms', '60s', '15m', '1h', '1d' or a bare number of seconds."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 60s, 15m, 1h)")
     value = float(match.group(1)) * _UNIT_MS[match.group(2) or "s"]
-    if value <= 0:
-        raise ValueError(f"duration must be positive: {text!r}")
+    if value < 1:
+        raise ValueError(f"duration must be at least 1 ms: {text!r}")
     if value > MAX_DURATION_MS:
         raise ValueError(f"duration {text!r} is over five years")
     return int(value)
@@ -157,7 +158,7 @@ def parse_instant_ms(value: str | int | float) -> int:
     if isinstance(value, int | float):
         return check_instant(value)
     text = value.strip()
-    if re.fullmatch(r"-?\d{1,30}", text):
+    if re.fullmatch(r"-?[0-9]{1,30}", text):
         return check_instant(int(text))
     if len(text) > 64:
         raise ValueError(f"not a time: {text[:40]!r}... (over 64 characters)")
@@ -213,11 +214,14 @@ def gap_end(day: date, minute: int, tz: ZoneInfo) -> tuple[date, int] | None:
     """If local ``minute`` of ``day`` falls in a spring-forward gap, the first valid local
     (date, minute of day) after the gap, which may be on the next day (a gap that ends
     at midnight, as in America/Nuuk); otherwise None."""
-    if minute >= 24 * 60 or _exists(day, minute, tz):
+    try:
+        if minute >= 24 * 60 or _exists(day, minute, tz):
+            return None
+        for offset in range(1, 2 * 24 * 60):
+            later_day = day + timedelta(days=(minute + offset) // (24 * 60))
+            later = (minute + offset) % (24 * 60)
+            if _exists(later_day, later, tz):
+                return later_day, later
+    except OverflowError:  # the calendar's last days: no gap to find past them
         return None
-    for offset in range(1, 2 * 24 * 60):
-        later_day = day + timedelta(days=(minute + offset) // (24 * 60))
-        later = (minute + offset) % (24 * 60)
-        if _exists(later_day, later, tz):
-            return later_day, later
     return None

@@ -25,6 +25,7 @@ __all__ = [
     "InvalidUrl",
     "agent_key",
     "check_name",
+    "check_resource",
     "check_url",
     "dead_letter_exchange",
     "dead_letter_queue",
@@ -70,6 +71,23 @@ def check_name(name: object, what: str = "name") -> str:
     )
 
 
+_RESOURCE = re.compile(r"[A-Za-z0-9_.:-]{1,250}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_TLS_QUERY = frozenset({"ssl", "ssl_options", "cafile", "capath", "cadata", "keyfile", "certfile"})
+
+
+def check_resource(name: object, what: str = "exchange name") -> str:
+    """``name`` if it can name an exchange or queue here (letters, digits, ``_.:-``, at
+    most 250 characters, so that ``<name>.dlx`` and ``<name>.dlq`` fit; not ``amq.*``),
+    else :class:`InvalidName`."""
+    if isinstance(name, str) and _RESOURCE.fullmatch(name) and not name.startswith("amq."):
+        return name
+    raise InvalidName(
+        f"invalid {what} {str(name)[:80]!r}: use letters, digits and _ . : -, at most 250 "
+        "characters, not starting with amq."
+    )
+
+
 def check_url(url: str) -> str:
     """``url`` if it is an ``amqp://`` or ``amqps://`` URL with a host and a valid port,
     else :class:`InvalidUrl` with a one-line reason (and the password masked)."""
@@ -83,10 +101,21 @@ def check_url(url: str) -> str:
         raise InvalidUrl(
             f"broker URL {shown} must start with amqp:// or amqps://, not {parts.scheme or '?'}://"
         )
-    if not parts.hostname:
+    host = parts.hostname
+    if not host:
         raise InvalidUrl(f"broker URL {shown} has no host")
+    if ":" not in host and (
+        len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+    ):
+        raise InvalidUrl(f"broker URL {shown} has an invalid host name")
     if port == 0:
         raise InvalidUrl(f"broker URL {shown} has port 0")
+    keys = {key.split("=", 1)[0].lower() for key in parts.query.split("&") if key}
+    if keys & _TLS_QUERY:
+        raise InvalidUrl(
+            f"broker URL {shown}: set TLS with amqps:// and --ca-file/--cert-file/--key-file, "
+            "not in the query"
+        )
     return url
 
 

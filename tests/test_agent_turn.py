@@ -4,6 +4,7 @@ duplicate alerts, the environment allow-list, failures, pauses and the timeout."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from heartbeat_consumer import AgentRunner, RunResult
+from heartbeat_consumer import AgentRunner, CheckConfig, RunResult
 from heartbeat_consumer.heartbeat_md import DEFAULT_PROMPT
 from heartbeat_consumer.metrics import Metrics
 from heartbeat_consumer.schedule import plan
@@ -270,3 +271,23 @@ async def test_the_shipped_example_runs_with_its_checklist(tmp_path: Path, agent
     report = await run.tick(T0)  # 09:00 in Berlin: inside the window
     assert [(r.check, r.status) for r in report.results] == [("wake", "success")]
     assert agent.calls[0]["prompt"] == DEFAULT_PROMPT
+
+
+async def test_a_checklist_that_is_a_fifo_or_a_device_fails_the_check_at_once(
+    tmp_path: Path,
+) -> None:
+    from heartbeat_consumer.agent_turn import agent_turn
+
+    fifo = tmp_path / "HEARTBEAT.md"
+    os.mkfifo(fifo)
+    for checklist in (str(fifo), "/dev/zero"):
+        cfg = CheckConfig.model_validate(
+            {
+                "name": "t",
+                "cadenceMs": 60_000,
+                "handler": "agent_turn",
+                "meta": {"argv": ["true"], "checklist": checklist},
+            }
+        )
+        result = await asyncio.wait_for(agent_turn({}, cfg), 5)
+        assert result["status"] == "failed" and "not a regular file" in result["error"]

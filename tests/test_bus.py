@@ -284,13 +284,19 @@ async def test_commands_that_are_not_quite_right_are_dead_lettered_not_guessed(
         run = {"check": "c", "force": "false"}
         await bus.publish(f"agent.{agent}.heartbeat.run", {**command, "payload": run})
         await bus.publish(f"agent.{agent}.heartbeat.pause", {**command, "payload": {"check": "x"}})
+        await bus.publish(f"agent.{agent}.heartbeat.run", {**command, "payload": {"check": "y"}})
+        await bus.publish(f"agent.{agent}.heartbeat.pause", {**command, "payload": {}})
         await asyncio.sleep(0.5)
         assert await drain(results) == [], "nothing ran"
-        assert consumer.agent.runner.state.pauses == {}
+        assert consumer.agent.runner.state.pauses == {}, "no pause, of 'x' or of everything"
     dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", passive=True)
-    reasons = sorted(str(m.headers[REASON_HEADER]) for m in await take(dlq, 2))
+    reasons = sorted(str(m.headers[REASON_HEADER]) for m in await take(dlq, 4))
     assert reasons[0].startswith("no check named 'x'")
-    assert reasons[1] == "payload.force must be true or false, not 'false'"
+    assert reasons[1].startswith("no check named 'y'")
+    assert (
+        reasons[2] == "pause command needs payload.check (a check name or '*' for the whole agent)"
+    )
+    assert reasons[3] == "payload.force must be true or false, not 'false'"
 
 
 async def test_handler_exception_is_a_failed_result_not_a_crash(bus: Bus, tmp_path: Path) -> None:

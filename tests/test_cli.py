@@ -316,7 +316,7 @@ def test_a_bad_monitor_setting_in_the_environment_is_a_clear_monitor_error(
     with pytest.raises(SystemExit) as exit_:
         main(["monitor"])
     assert exit_.value.code == 2
-    assert "argument --port: invalid int value: 'abc'" in capsys.readouterr().err
+    assert "argument --port: not a port number: 'abc'" in capsys.readouterr().err
     monkeypatch.delenv("MONITOR_PORT")
     assert main(["monitor", "--stale-for", "x"]) == 2
     assert "--stale-for wants AGENT=DURATION, not 'x'" in capsys.readouterr().err
@@ -406,3 +406,93 @@ def test_a_malformed_broker_url_is_a_one_line_usage_error(url: str) -> None:
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "broker URL" in done.stderr and "s3cret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run-once", EXAMPLE, "--tick", "0.5ms"],
+        ["simulate", EXAMPLE, "--from", "2026-01-01", "--to", "2026-01-02", "--tick", "0.0001s"],
+        ["simulate", EXAMPLE, "--from", "1970-01-01", "--to", "9999-01-01", "--tick", "1ms"],
+        ["run", EXAMPLE, "--local", "--max-ticks", "0"],
+        ["run", EXAMPLE, "--health-port", "70000"],
+        ["monitor", "--port", "-1"],
+        ["monitor", "--check-every", "1ms"],
+        ["fleet", ".", "--rescan", "0.5ms"],
+        ["tick", "--agent", "a.b.#"],
+        ["run-check", "bad.agent", "c"],
+        ["run-check", "a", "bad check*"],
+        ["tick", "--exchange", "a b#*"],
+        ["tick", "--exchange", "x" * 300],
+        ["tick", "--rabbit-url", "amqp://guest:guest@local host/"],
+        ["tick", "--rabbit-url", "amqp://guest:guest@localhost/?ssl=1"],
+        ["tick", "--rabbit-url", f"amqp://guest:guest@{'a' * 300}/"],
+        ["monitor", "--queue", ""],
+    ],
+)
+def test_bad_values_on_the_command_line_are_usage_errors(
+    args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    try:
+        code = main(args)
+        usage = False
+    except SystemExit as exit_:  # argparse's own usage errors: usage lines, then the error
+        code, usage = int(exit_.code or 0), True
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    if not usage:
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_times_at_the_end_of_the_range_work_in_every_zone(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    window = {"start": "00:00", "end": "23:59", "tz": "Pacific/Kiritimati"}
+    path = write_config(
+        {
+            "agent": "a",
+            "tz": "Asia/Tokyo",
+            "checks": {
+                "w": {"cadenceMs": 60_000, "handler": "default", "window": window},
+                "q": {"cadenceMs": 60_000, "handler": "default", "triggerOnQuarters": ["Q3"]},
+            },
+        }
+    )
+    at = "9999-12-30T23:00:00Z"
+    assert main(["plan", str(path), "--at", at]) == 0
+    assert main(["run-once", str(path), "--at", at, "--state", str(tmp_path / "s.json")]) == 0
+    assert main(["simulate", str(path), "--from", "9999-12-30T22:00Z", "--to", at]) == 0
+    assert main(["plan", str(path), "--at", "9999-12-31T00:00:00Z"]) == 2
+
+
+def test_tls_files_must_be_regular_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+    url = "amqps://guest:guest@localhost:5671/"
+    assert main(["tick", "--rabbit-url", url, "--ca-file", str(fifo)]) == 1
+    assert "ca.pem is not a regular file" in capsys.readouterr().err
+
+
+def test_state_files_that_could_not_be_saved_again_are_set_aside(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    path = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1000, "handler": "default"}}})
+    state = Path(str(path) + ".state.json")
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(300):
+        inner["a"] = {}
+        inner = inner["a"]
+    state.write_text(json.dumps({"checks": {"c": {"lastRun": 1}, "o": {"lastResult": deep}}}))
+    assert main(["status", str(path), "--json"]) == 0
+    assert "is corrupt" in capsys.readouterr().err
+    assert main(["run-once", str(path)]) == 0, "rebuilt, run, saved"
+    state.write_text(json.dumps({"checks": {"c": {"runs": 2**64 - 1, "lastRun": 1}}}))
+    assert main(["run-once", str(path)]) == 0
+    saved = orjson.loads(state.read_bytes())
+    assert saved["checks"]["c"]["runs"] == 1, "the counter was reset, then counted the run"

@@ -229,7 +229,7 @@ def test_config_files_are_regular_files_of_bounded_size(tmp_path: Path) -> None:
         handle.truncate(MAX_CONFIG_BYTES + 1)  # sparse: nothing is read to find out
     zero = tmp_path / "zero.heartbeat.json"
     zero.symlink_to("/dev/zero")
-    for path, why in ((big, "over the 16777216 byte limit"), (zero, "not a regular file")):
+    for path, why in ((big, "over the 4194304 byte limit"), (zero, "not a regular file")):
         with pytest.raises(ConfigError) as caught:
             load_config(path)
         assert why in str(caught.value)

@@ -5,6 +5,7 @@ import pytest
 
 from heartbeat_consumer.envelope import (
     EnvelopeError,
+    decode_body,
     envelope,
     parse_command,
     parse_tick,
@@ -99,7 +100,7 @@ def test_commands() -> None:
             {
                 "event_id": "e",
                 "event_type": "t",
-                "payload": {"until": "2026-01-01T00:00:00Z", "reason": "ops"},
+                "payload": {"check": "*", "until": "2026-01-01T00:00:00Z", "reason": "ops"},
             }
         ),
         "pause",
@@ -182,8 +183,14 @@ def test_names_reasons_and_ids_are_bounded() -> None:
     assert long.reason is not None and len(long.reason) == 500 and long.reason.endswith("…")
     with pytest.raises(EnvelopeError, match=r"payload\.reason must be a string"):
         parse_command(command_body({"check": "c", "reason": 5}), "pause")
-    with pytest.raises(EnvelopeError, match="at most 256 characters"):
-        parse_tick(body({"event_id": "x" * 300, "event_type": "t", "timestamp": 0}), interval_ms=1)
+    for event_id in ("x" * 201, "é" * 101):  # a correlation id is at most 255 bytes
+        with pytest.raises(EnvelopeError, match="at most 200 bytes"):
+            parse_tick(
+                body({"event_id": event_id, "event_type": "t", "timestamp": 0}), interval_ms=1
+            )
+    with pytest.raises(EnvelopeError, match=r"needs payload\.check"):
+        parse_command(command_body({}), "pause")  # stopping the whole agent must be said
+    assert parse_command(command_body({}), "resume").check == "*"
 
 
 def test_the_content_type_charset_is_honoured_and_otherwise_only_a_hint() -> None:
@@ -195,3 +202,16 @@ def test_the_content_type_charset_is_honoured_and_otherwise_only_a_hint() -> Non
         assert parse_tick(orjson.dumps(tick), interval_ms=60_000, content_type=content_type)
     with pytest.raises(EnvelopeError, match="malformed JSON"):
         parse_tick(b"\xff\xfe", interval_ms=60_000, content_type="text/plain; charset=utf-8")
+
+
+def test_charset_hints_outside_the_linear_text_codecs_are_ignored() -> None:
+    """punycode decodes in worse than linear time (a 1 MB body: a minute on the event
+    loop); zlib or base64 are no text at all. Such hints are ignored."""
+    tick = {"event_id": "t", "event_type": "tick", "timestamp": 1_795_000_000_000}
+    for charset in ("punycode", "zlib", "base64", "rot13", "idna", "x" * 100):
+        content_type = f"application/json; charset={charset}"
+        assert decode_body(b"a" * 1_000_000, content_type) == b"a" * 1_000_000
+        assert parse_tick(orjson.dumps(tick), interval_ms=60_000, content_type=content_type)
+    latin = orjson.dumps({**tick, "event_id": "é"}).decode().encode("latin-1")
+    parsed = parse_tick(latin, interval_ms=60_000, content_type="text/plain; charset=latin-1")
+    assert parsed.event_id == "é"

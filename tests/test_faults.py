@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -517,25 +517,39 @@ async def test_poison_bodies_on_an_inbox_are_dead_lettered_and_the_next_tick_run
     assert all(reason_of(m) not in ("", "None") for m in dead)
 
 
-async def test_a_poison_tick_to_a_fleet_stops_no_agent(bus: Bus, tmp_path: Path) -> None:
-    agents = [bus.agent("fp") for _ in range(3)]
+@contextlib.asynccontextmanager
+async def small_fleet(
+    bus: Bus, tmp_path: Path, prefix: str, n: int
+) -> AsyncIterator[tuple[list[str], aio_pika.abc.AbstractQueue]]:
+    """A started fleet of ``n`` agents with an every-tick check ``c``, their start-up runs
+    taken; the agents and the queue of their results."""
+    agents = [bus.agent(prefix) for _ in range(n)]
     for agent in agents:
         write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
     results = await bus.collector("heartbeat.*.c.success")
     fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
     await fleet.start()
     try:
-        await take(results, len(agents))
+        await take(results, n)
+        yield agents, results
+        for agent in agents:
+            await settled(f"agent.{agent}.inbox")
+        assert (await fleet.health()).ok
+    finally:
+        await fleet.stop()
+
+
+async def answered_by(results: aio_pika.abc.AbstractQueue, n: int) -> set[str]:
+    return {orjson.loads(m.body)["payload"]["agent"] for m in await take(results, n)}
+
+
+async def test_a_poison_tick_to_a_fleet_stops_no_agent(bus: Bus, tmp_path: Path) -> None:
+    async with small_fleet(bus, tmp_path, "fp", 3) as (agents, results):
         for content_type, body in POISON:
             await bus.publish("system.heartbeat.tick", body, content_type=content_type)
         await asyncio.sleep(1.05)
         await bus.publish("system.heartbeat.tick", slot_tick(now_ms(), "real"))
-        answered = {orjson.loads(m.body)["payload"]["agent"] for m in await take(results, 3)}
-        assert answered == set(agents)
-        for agent in agents:
-            await settled(f"agent.{agent}.inbox")
-    finally:
-        await fleet.stop()
+        assert await answered_by(results, 3) == set(agents)
 
 
 async def test_poison_bodies_do_not_freeze_the_monitor(bus: Bus, tmp_path: Path) -> None:
@@ -704,3 +718,103 @@ async def test_a_batch_that_has_run_long_returns_the_rest_to_the_queue(
         assert "back to the queue (batch held)" in caplog.text
     finally:
         unregister_handler(f"slow_{agent}")
+
+
+RAW_KINDS = [
+    "timestamp",
+    "header-timestamp",
+    "content-type",
+    "message-id",
+    "reply-to",
+    "header-name",
+]
+
+
+async def raw_publish(bus: Bus, routing_key: str, kind: str) -> None:
+    """A message with properties Python cannot decode (tests/raw_publish.py)."""
+    script = str(Path(__file__).with_name("raw_publish.py"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, script, bus.url, bus.exchange_name, routing_key, kind
+    )
+    assert await proc.wait() == 0
+
+
+async def test_properties_that_cannot_be_decoded_kill_no_connection(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Such a message used to kill the connection in its reader, again after every
+    reconnect: a whole fleet and the monitor off the bus for good."""
+    from .test_monitor import envelope, until, watching
+
+    async with (
+        small_fleet(bus, tmp_path, "fr", 2) as (agents, results),
+        watching(bus, tmp_path / "m.json") as monitor,
+    ):
+        for kind in RAW_KINDS:
+            await raw_publish(bus, "system.heartbeat.tick", kind)
+            await raw_publish(bus, "heartbeat.x.other.success", kind)
+        await asyncio.sleep(1.05)
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms(), "real"))
+        assert await answered_by(results, 2) == set(agents)
+        event = envelope("heartbeat.status", {"agent": "y", "status": "online"})
+        await bus.publish("heartbeat.y._status.online", event)
+        await until(lambda: "y" in monitor.state.agents)
+        await settled(monitor.queue.name)
+
+
+async def test_a_reply_to_on_a_delivery_is_never_answered(bus: Bus, tmp_path: Path) -> None:
+    """FastStream answers a delivery that names a reply_to (to a queue, or to
+    'key|exchange'): a neighbour could make every agent of a fleet publish, with its own
+    credentials, to any queue, or tick every other agent. Nobody answers now."""
+    from .test_monitor import envelope, until, watching
+
+    replies = await bus.collector("test.replies")
+    async with (
+        small_fleet(bus, tmp_path, "rt", 2) as (agents, results),
+        watching(bus, tmp_path / "m.json") as monitor,
+    ):
+        await asyncio.sleep(1.05)
+        for reply_to in (replies.name, f"test.replies|{bus.exchange_name}"):
+            await bus.publish("system.heartbeat.tick", slot_tick(now_ms()), reply_to=reply_to)
+            event = envelope("heartbeat.status", {"agent": "z", "status": "online"})
+            await bus.publish("heartbeat.z._status.online", event, reply_to=reply_to)
+        assert await answered_by(results, 2) == set(agents)
+        await until(lambda: "z" in monitor.state.agents)
+        await settled(monitor.queue.name)
+    assert await drain_all(replies) == [], "somebody answered a reply_to"
+
+
+async def test_a_forced_run_redelivered_after_a_lost_connection_is_not_run_again(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The run finishes while the connection is gone: its result is kept and re-sent, and
+    the redelivered command, recognised by its event id, runs nothing a second time."""
+    agent = bus.agent()
+    calls: list[str] = []
+
+    @register_handler(f"long_{agent}")
+    async def long(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        calls.append(payload["idempotency_key"])
+        await asyncio.sleep(1.5)
+        return {"status": "success"}
+
+    config = write(tmp_path, agent, {"k": {"cadenceMs": HOUR, "handler": f"long_{agent}"}})
+    results = await bus.collector(f"heartbeat.{agent}.k.success", durable=True)
+    try:
+        async with running(bus, agent, config, tick_interval_ms=1000) as consumer:
+            await take(results, 1, within=15)  # the start-up run
+            run = {**slot_tick(0, "forced-once"), "payload": {"check": "k", "force": True}}
+            await bus.publish(f"agent.{agent}.heartbeat.run", run)
+            await asyncio.sleep(0.5)
+            await rabbitmqctl("close_all_connections", "test: mid-run")
+            for _ in range(300):  # both ends reconnect (about 5 s)
+                with contextlib.suppress(Exception):
+                    if (await consumer.health()).ok and await bus.count(results.name) >= 1:
+                        break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(3)  # time for a second run, if there were one
+            await settled(f"agent.{agent}.inbox", within=20)
+        assert len(calls) == 2, f"the forced run ran {len(calls) - 1} times: {calls}"
+        assert await bus.count(results.name) == 1, "its result was re-sent, once"
+    finally:
+        unregister_handler(f"long_{agent}")

@@ -334,3 +334,10 @@ def test_a_hung_sync_handler_does_not_hold_up_exit(tmp_path: Path) -> None:
     )
     assert out.stdout.strip() == "timeout", out.stderr
     assert time.monotonic() - started < 20, "exit waited for the thread"
+
+
+async def test_output_limits_and_kept_history_are_whole_numbers_in_range() -> None:
+    for limit in (10**11, 0, -1, "4096", 1.5, True):
+        cfg = check(meta={"argv": ["true"], "maxOutputBytes": limit})
+        result = await command(dict(PAYLOAD), cfg)
+        assert result["status"] == "failed" and "maxOutputBytes" in result["error"], limit

@@ -421,3 +421,31 @@ async def test_values_out_of_range_never_take_the_status_api_down(bus: Bus, tmp_
     document = again.status(connected=False)
     assert document["agents"][0]["checks"]["c"]["next_due_at"] is None
     orjson.dumps(document)
+
+
+async def test_old_timestamps_are_dated_by_arrival_and_checks_are_capped(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from heartbeat_consumer import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "MAX_CHECK_VIEWS", 3)
+    agent = bus.agent()
+    async with watching(bus, tmp_path / "m.json") as monitor:
+        # A run "started" in 1970 with a 1 ms timeout: not a timeout the moment it arrives.
+        started = {"agent": agent, "check": "c", "timeout_ms": 1, "cadence_ms": MIN}
+        await bus.publish(f"heartbeat.{agent}.c.started", envelope("heartbeat.started", started, 0))
+        await until(lambda: agent in monitor.state.agents)
+        view = monitor.state.agents[agent].checks["c"]
+        assert view.started_at is not None and view.started_at > wall_clock_ms() - MIN
+        assert [a.kind for a in await monitor.evaluate_once()] == []
+        for name in ("d", "e", "f", "g"):  # one fleet-wide view is left, then no more
+            await bus.publish(f"heartbeat.{agent}.{name}.success", result(agent, name, "success"))
+        await settled(monitor.queue.name)
+        assert set(monitor.state.agents[agent].checks) == {"c", "d", "e"}
+        dropped = {
+            s.labels["reason"]: s.value
+            for m in monitor.metrics.events_dropped.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+        assert dropped == {"too_many_checks": 2}

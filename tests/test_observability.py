@@ -316,6 +316,55 @@ async def test_clients_that_never_read_cannot_exhaust_memory_or_hold_connections
         await server.stop()
 
 
+async def test_slow_clients_cannot_lock_out_health_and_a_failing_route_still_answers() -> None:
+    """100 connections that never finish their request: a new one takes the place of the
+    oldest, so /health is answered at once; a route that raises is a 500, not a hang."""
+
+    async def broken() -> tuple[int, str, bytes]:
+        raise TypeError("Integer exceeds 64-bit range")
+
+    async def probe() -> Health:
+        return Health(True, True)
+
+    server = HealthServer(probe, Metrics(), port=0, routes={"/broken": broken})
+    await server.start()
+    slow = []
+    try:
+        for _ in range(100):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /health HTTP/1.1\r\n")  # and never the end of the headers
+            slow.append(writer)
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            status, _, _ = await asyncio.wait_for(http(server.port, "/health"), 2)
+            assert status == 200
+        status, _, body = await asyncio.wait_for(http(server.port, "/broken"), 2)
+        assert (status, body) == (500, b"internal error\n")
+    finally:
+        for writer in slow:
+            writer.close()
+        await server.stop()
+
+
+def test_the_amqp_libraries_log_a_lost_connection_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from heartbeat_consumer.logs import setup_logging
+
+    setup_logging("INFO")
+    try:
+        raise ConnectionError("CONNECTION_FORCED - closed via management plugin")
+    except ConnectionError:
+        logging.getLogger("aiormq.connection").warning("reader exited", exc_info=True)
+        logging.getLogger("heartbeat_consumer.x").warning("ours keep it", exc_info=True)
+    lines = capsys.readouterr().err.splitlines()
+    expected = "reader exited: ConnectionError: CONNECTION_FORCED - closed via management plugin"
+    assert lines[0].endswith(expected)
+    assert lines[1].endswith("ours keep it") and lines[2].startswith("Traceback")
+
+
 # --- systemd notify protocol ---------------------------------------------------------------
 
 

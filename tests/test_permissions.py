@@ -200,8 +200,9 @@ async def test_a_signal_during_provisioning_leaves_no_temporary_user(
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(0o755)
     before = await provisioners()
+    agent = bus.agent("ps")
     proc = await asyncio.create_subprocess_exec(
-        "sh", str(SCRIPT), bus.agent("ps"),
+        "sh", str(SCRIPT), agent,
         env={**os.environ, "EXCHANGE_NAME": bus.exchange_name, "HEARTBEAT_CONSUMER": str(fake)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -210,12 +211,18 @@ async def test_a_signal_during_provisioning_leaves_no_temporary_user(
             break
         await asyncio.sleep(0.1)
     assert await provisioners() - before, "the script made no temporary user"
-    proc.send_signal(signal.SIGTERM)
-    killer = await asyncio.create_subprocess_exec("pkill", "-f", str(fake))  # its child
-    await killer.wait()
-    await asyncio.wait_for(proc.wait(), 30)
-    assert proc.returncode != 0
-    assert await provisioners() <= before, "the temporary user outlived the script"
+    try:
+        proc.send_signal(signal.SIGTERM)
+        killer = await asyncio.create_subprocess_exec("pkill", "-f", str(fake))  # its child
+        await killer.wait()
+        await asyncio.wait_for(proc.wait(), 30)
+        assert proc.returncode != 0
+        assert await provisioners() <= before, "the temporary user outlived the script"
+        assert f"heartbeat-agent-{agent}" not in await rabbitmqctl("list_users")
+    finally:
+        for user in (await provisioners() - before) | {f"heartbeat-agent-{agent}"}:
+            with contextlib.suppress(BaseException):
+                await rabbitmqctl("delete_user", user)
 
 
 async def test_an_agent_user_on_an_unprovisioned_agent_is_told_what_to_do(
