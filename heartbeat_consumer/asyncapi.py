@@ -12,7 +12,15 @@ import yaml
 
 from . import __version__
 from .state import STATUSES
-from .topology import ALERT_KINDS, DEFAULT_EXCHANGE, STATUS_EVENTS, TICK_BINDING, TICK_KEY
+from .topology import (
+    ALERT_KINDS,
+    COMMANDS,
+    DEFAULT_EXCHANGE,
+    REPLY_WORDS,
+    STATUS_EVENTS,
+    TICK_BINDING,
+    TICK_KEY,
+)
 
 __all__ = ["build", "render"]
 
@@ -129,10 +137,33 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "agent": {"type": "string"},
             "status": {"enum": list(STATUS_EVENTS)},
             "error": {"type": "string"},
+            "reason": {"type": "string", "description": "alive: why nothing was due"},
         },
     }
     check_ref = {"check": {"type": "string"}}
     messages = {
+        "reply": _message(
+            "reply",
+            "The answer to a command or to a tick sent to one agent",
+            "heartbeat.reply",
+            {
+                **obj,
+                "required": ["agent", "command", "command_id", "outcome", "reason"],
+                "properties": {
+                    "agent": {"type": "string"},
+                    "command": {"enum": list(COMMANDS)},
+                    "command_id": {
+                        "type": "string",
+                        "description": "the event_id of the command (also correlation_id)",
+                    },
+                    "outcome": {"enum": ["done", "accepted", "nothing_due", "rejected"]},
+                    "reason": {"type": "string"},
+                    "check": {"type": "string"},
+                    "status": {"enum": list(STATUSES), "description": "a run's status"},
+                    "ran": {"type": "array", "description": "a tick's runs: check, status"},
+                },
+            },
+        ),
         "tick": _message("tick", "A heartbeat tick", TICK_KEY, tick_payload),
         "run": _message(
             "run",
@@ -229,6 +260,14 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "status",
             {**agent, "status": {"enum": list(STATUS_EVENTS)}},
         ),
+        "reply": _channel(
+            "heartbeat.{agent}._command.{word}",
+            exchange,
+            "reply",
+            {**agent, "word": {"enum": list(REPLY_WORDS)}},
+            "Every command, and every tick sent to one agent, is answered (ack: done, "
+            "accepted or nothing due; error: refused), correlated by its event_id.",
+        ),
         "alert": _channel(
             "heartbeat.{agent}._alert.{kind}",
             exchange,
@@ -249,6 +288,7 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "sendStatus": _operation(
             "send", "status", "status", "On start, stop, bad config and idle ticks"
         ),
+        "sendReply": _operation("send", "reply", "reply", "After each command or agent tick"),
         "sendAlert": _operation(
             "send", "alert", "alert", "The monitor: once per incident, and when it resolves"
         ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -23,11 +24,11 @@ from pydantic import ValidationError
 from . import __version__
 from .asyncapi import render as render_asyncapi
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
-from .connection import TlsError, TlsFiles, make_broker
+from .connection import BrokerError, TlsError, TlsFiles, connect, make_broker
 from .consumer import HeartbeatConsumer
 from .deadman import WatchConfig
 from .engine import AgentRunner, RunResult, wall_clock_ms
-from .fleet import Fleet
+from .fleet import Fleet, FleetError
 from .handlers import (
     HandlerError,
     handler_names,
@@ -35,6 +36,7 @@ from .handlers import (
     load_plugins,
     plugin_modules_from_env,
 )
+from .health import ServeError
 from .local import run_local, run_once, stop_on_signals
 from .logs import LOG_FORMATS, setup_logging
 from .monitor import DEFAULT_MONITOR_QUEUE, Monitor
@@ -46,11 +48,12 @@ from .provision import (
     provision_agent,
     provision_monitor,
 )
+from .request import Answer, send_and_wait
 from .schedule import Evaluation, plan
 from .simulate import simulate
 from .state import AgentState
-from .store import StateError, StateStore, default_state_path
-from .ticker import manual_tick_key, publish_event, run_ticker
+from .store import AgentBusy, StateError, StateStore, default_state_path
+from .ticker import manual_tick_key, run_ticker
 from .timeutil import format_duration, iso, parse_duration_ms, parse_instant_ms
 from .topology import (
     DEFAULT_EXCHANGE,
@@ -83,6 +86,19 @@ ENV_HELP = (
 
 class UsageError(Exception):
     pass
+
+
+class MissingFile(Exception):
+    """The heartbeat.json named on the command line is not there (exit 1)."""
+
+
+def _require_file(path: str) -> None:
+    """``run`` and ``status`` on a file that is not there say so and exit 1."""
+    target = Path(path)
+    if not target.exists():
+        raise MissingFile(f"{path}: no such file (the agent's heartbeat.json)")
+    if not target.is_file():
+        raise MissingFile(f"{path}: not a regular file (the agent's heartbeat.json)")
 
 
 def _out(line: str = "", stream: TextIO | None = None) -> None:
@@ -261,7 +277,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 async def _emit(result: RunResult) -> None:
-    _json_line(result.to_payload())
+    """Print a run's result; a reader that has gone (``| head``) does not stop the
+    state from being saved."""
+    try:
+        _json_line(result.to_payload())
+    except BrokenPipeError:
+        _quiet_stdout()
 
 
 def _runner(args: argparse.Namespace) -> AgentRunner:
@@ -290,6 +311,7 @@ async def _run_local(runner: AgentRunner, every_ms: int, max_ticks: int | None) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _require_file(args.file)
     if not args.local:
         return _run_bus(args, args.agent or _agent_of(args.file))
     every = _duration(args.every)
@@ -361,7 +383,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         broker = make_broker(args.rabbit_url, tls=_tls(args))
-        connection = await broker.connect()
+        connection = await connect(broker, args.rabbit_url)
         try:
             await declare_exchanges(connection, args.exchange, require=True)
             _out(f"exchanges {args.exchange} and {args.exchange}.dlx ready")
@@ -481,45 +503,101 @@ def cmd_ticker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_event(event: dict[str, Any]) -> None:
+    """One line per event correlated with a command (``run-check``, ``tick --agent``)."""
+    raw = event.get("payload")
+    payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    kind = event.get("event_type")
+    if kind == "heartbeat.started":
+        _out(f"started {payload.get('check')} ({payload.get('idempotency_key')})")
+    elif kind == "heartbeat.result":
+        error = f": {payload.get('error')}" if payload.get("error") else ""
+        _out(f"{payload.get('check')}: {payload.get('status')}{error}")
+    elif kind == "heartbeat.status":
+        detail = payload.get("reason") or payload.get("error") or ""
+        _out(f"status {payload.get('status')}{f': {detail}' if detail else ''}")
+
+
+def _answer_exit(args: argparse.Namespace, what: str, answer: Answer) -> int:
+    """Print what became of a command; its exit code."""
+    agent = args.agent
+    if answer.outcome == "unroutable":
+        whom = f"no agent named {agent}" if agent else "no agent"
+        _out(
+            f"{what}: {whom} is listening on exchange {args.exchange} (no queue is bound to "
+            "the key; is the name right, and was the agent ever started?)",
+            sys.stderr,
+        )
+        return EXIT_INVALID
+    if answer.outcome == "sent":
+        note = f" ({answer.reason}: not waiting for the answer)" if answer.reason else ""
+        _out(f"{what} sent ({answer.event_id}){note}")
+        return EXIT_OK
+    if answer.outcome == "unanswered":
+        _out(
+            f"{what}: no answer from {agent} within {format_duration(_wait_ms(args))} "
+            f"(is its consumer running? the message waits in {inbox_queue(agent)})",
+            sys.stderr,
+        )
+        return EXIT_INVALID
+    if answer.outcome == "started":
+        _out(
+            f"{what}: started; no result within {format_duration(_wait_ms(args))} "
+            f"(it is published under heartbeat.{agent}.<check>.<status> when done)"
+        )
+        return EXIT_OK
+    if answer.outcome == "rejected":
+        _out(f"{what}: rejected: {answer.reason}", sys.stderr)
+        return EXIT_INVALID
+    _out(f"{what}: {answer.outcome.replace('_', ' ')}: {answer.reason}")
+    if answer.status in ("failed", "timeout"):
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def _wait_ms(args: argparse.Namespace) -> int:
+    return 0 if args.no_wait else _duration(args.wait)
+
+
+def _send(args: argparse.Namespace, key: str, event_type: str, payload: dict[str, Any]) -> Answer:
+    wait_ms = _wait_ms(args)
+    return asyncio.run(
+        send_and_wait(
+            key,
+            event_type,
+            payload,
+            agent=args.agent,
+            wait_s=wait_ms / 1000,
+            rabbit_url=args.rabbit_url,
+            exchange_name=args.exchange,
+            now_ms=payload.get("epoch_ms"),
+            tls=_tls(args),
+            declare=args.declare_exchanges,
+            on_event=_print_event,
+        )
+    )
+
+
 def cmd_tick(args: argparse.Namespace) -> int:
     if args.agent is not None:
         check_name(args.agent, "agent name")
     now = wall_clock_ms()
-    event = asyncio.run(
-        publish_event(
-            manual_tick_key(args.agent),
-            "system.heartbeat.tick",
-            {"tick_id": f"manual-{now}", "epoch_ms": now},
-            rabbit_url=args.rabbit_url,
-            exchange_name=args.exchange,
-            now_ms=now,
-            tls=_tls(args),
-            declare=args.declare_exchanges,
-        )
-    )
-    _out(f"tick {event['event_id']} sent to {manual_tick_key(args.agent)}")
-    return EXIT_OK
+    key = manual_tick_key(args.agent)
+    payload = {"tick_id": f"manual-{now}", "epoch_ms": now}
+    answer = _send(args, key, "system.heartbeat.tick", payload)
+    return _answer_exit(args, f"tick to {args.agent or 'every agent'}", answer)
 
 
 def cmd_run_check(args: argparse.Namespace) -> int:
     key = agent_key(check_name(args.agent, "agent name"), "run")
     check_name(args.check, "check name")
-    event = asyncio.run(
-        publish_event(
-            key,
-            "heartbeat.command.run",
-            {"check": args.check, "force": args.force},
-            rabbit_url=args.rabbit_url,
-            exchange_name=args.exchange,
-            tls=_tls(args),
-            declare=args.declare_exchanges,
-        )
-    )
-    _out(f"run {args.agent}/{args.check} sent ({event['event_id']})")
-    return EXIT_OK
+    payload = {"check": args.check, "force": args.force}
+    answer = _send(args, key, "heartbeat.command.run", payload)
+    return _answer_exit(args, f"run {args.agent}/{args.check}", answer)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    _require_file(args.file)
     path = _state_path(args)
     try:
         loaded: LoadedConfig | None = load_config(args.file)
@@ -637,8 +715,12 @@ def _bus_commands(sub: Any) -> None:
     bus_options(p)
     health_options(p)
     _monitor_command(sub)
-    p = sub.add_parser("tick", help="inject one tick now, to every agent or to one")
-    p.add_argument("--agent", metavar="NAME", help="only this agent")
+    p = sub.add_parser(
+        "tick",
+        help="inject one tick now, to every agent or to one (and wait for its answer)",
+    )
+    p.add_argument("--agent", metavar="NAME", help="only this agent (its answer is awaited)")
+    wait_options(p)
     bus_options(p)
     p = sub.add_parser(
         "provision",
@@ -666,6 +748,7 @@ def _bus_commands(sub: Any) -> None:
     p.add_argument("agent", metavar="AGENT")
     p.add_argument("check", metavar="CHECK")
     p.add_argument("--force", action="store_true", help="run even if not due")
+    wait_options(p)
     bus_options(p)
 
 
@@ -673,7 +756,8 @@ def _monitor_command(sub: Any) -> None:
     env = os.environ.get
     p = sub.add_parser(
         "monitor",
-        help="watch every agent's events: stale, timeout and missed alerts, status API, dashboard",
+        help="watch every agent's events: stale, timeout, missed and config_invalid alerts, "
+        "status API, dashboard",
     )
     p.add_argument(
         "--state",
@@ -713,6 +797,16 @@ def _monitor_command(sub: Any) -> None:
     p.add_argument("--forget-after", default="7d", help="drop agents silent this long (default 7d)")
     bus_options(p)
     dead_letter_options(p)
+
+
+def wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        default="10s",
+        metavar="DURATION",
+        help="how long to wait for the agent's answer (default 10s)",
+    )
+    p.add_argument("--no-wait", action="store_true", help="send, do not wait for the answer")
 
 
 def handlers_option(p: argparse.ArgumentParser) -> None:
@@ -866,6 +960,28 @@ COMMANDS = {
 }
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _os_error(exc: OSError) -> str:
+    """``cannot write /x/a.yaml: No such file or directory``, not a broker's name."""
+    why = exc.strerror or _first_line(exc)
+    if exc.filename is not None:
+        return f"{exc.filename}: {why}"
+    return why
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of a closed pipe
+    prints nothing."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -885,13 +1001,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, InvalidName, InvalidUrl) as exc:
         _out(f"{name}: {exc}", sys.stderr)
         return EXIT_USAGE
-    except (OSError, AMQPError) as exc:
+    except BrokenPipeError:  # `| head`: the reader has gone; nothing more to say
+        _quiet_stdout()
+        return EXIT_OK
+    except AMQPError as exc:  # after connecting: a channel closed, a declaration refused
         url = mask_url(
             getattr(args, "rabbit_url", None) or os.environ.get("RABBIT_URL", DEFAULT_URL)
         )
-        _out(f"{name}: cannot reach RabbitMQ at {url}: {exc}", sys.stderr)
+        _out(f"{name}: RabbitMQ at {url}: {_first_line(exc)}", sys.stderr)
         return EXIT_INVALID
-    except (HandlerError, StateError, TlsError, TopologyError) as exc:
+    except OSError as exc:  # a file, a directory, a port: named as what it is
+        _out(f"{name}: {_os_error(exc)}", sys.stderr)
+        return EXIT_INVALID
+    except (
+        BrokerError,
+        HandlerError,
+        StateError,
+        TlsError,
+        TopologyError,
+        ServeError,
+        AgentBusy,
+        FleetError,
+        MissingFile,
+    ) as exc:
         _out(f"{name}: {exc}", sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:

@@ -11,10 +11,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ProbableAuthenticationError
 from faststream.message import StreamMessage
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
@@ -27,10 +28,12 @@ amqp_decoding.install()  # no delivery's properties can kill a connection (see t
 
 __all__ = [
     "REASON_HEADER",
+    "BrokerError",
     "Redeliveries",
     "TlsFiles",
     "dead_letter",
     "is_transient",
+    "connect",
     "make_broker",
     "publish_json",
     "queue_health",
@@ -42,6 +45,12 @@ __all__ = [
 log = logging.getLogger("heartbeat_consumer.connection")
 
 REASON_HEADER = "x-heartbeat-dead-letter-reason"
+
+
+class BrokerError(Exception):
+    """The broker cannot be used: unreachable, a refused login, an unknown virtual host,
+    a lost connection. The one exception type for broker failures; its text is one line
+    that names the (masked) URL and what to check."""
 
 
 class TlsError(Exception):
@@ -95,6 +104,53 @@ def make_broker(
     return RabbitBroker(
         url, security=security, graceful_timeout=graceful_timeout_s, logger=None, fail_fast=True
     )
+
+
+class _QuietReconnects(logging.Filter):
+    """Drops the AMQP libraries' lines about the first connection attempt ("Reconnecting
+    after 5 seconds", "error when creating transport"): with ``fail_fast`` nothing
+    reconnects, and :func:`connect` says what failed in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+async def connect(broker: RabbitBroker, url: str) -> AbstractRobustConnection:
+    """Connect ``broker`` (to ``url``, for the messages); raises :class:`BrokerError`
+    with one line naming the masked URL and what to check."""
+    quiet = _QuietReconnects()
+    loggers = [logging.getLogger(n) for n in ("aio_pika.robust_connection", "aiormq.connection")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        return await broker.connect()
+    except (AMQPError, OSError, TimeoutError) as exc:
+        raise BrokerError(describe_connect_error(url, exc)) from None
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def describe_connect_error(url: str, exc: BaseException) -> str:
+    """What a failed connection attempt means, in one line."""
+    where = mask_url(url)
+    parts = urlsplit(url)
+    user = unquote(parts.username or "guest")
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    text = str(exc.args[-1] if exc.args else exc)
+    if isinstance(exc, ProbableAuthenticationError) or "ACCESS_REFUSED" in text:
+        return (
+            f"RabbitMQ at {where} refused the login of user {user!r}: check the user name "
+            "and password (RABBIT_URL)"
+        )
+    if "Connection.Close" in text:  # the broker closed the handshake: the vhost
+        return (
+            f"RabbitMQ at {where} has no virtual host {vhost!r} that user {user!r} may "
+            "use: check the URL's path (RABBIT_URL) or the user's permissions"
+        )
+    if isinstance(exc, TimeoutError):
+        text = "timed out"
+    return f"cannot reach RabbitMQ at {where}: {text} (is it running, and are host and port right?)"
 
 
 def topic_exchange(name: str) -> RabbitExchange:

@@ -16,6 +16,13 @@ reason; one that fails on the broker or the disk is requeued, and dead-lettered 
 published (with publisher confirms, persistent) and the state is saved; prefetch 1
 makes one check run at a time per agent while later ticks wait in the queue.
 
+Every command, and every tick that is not stale or a repeat of one already handled
+(same event id), gets an answer correlated with it (AMQP ``correlation_id`` = its event
+id): a command and a tick sent to this agent alone (``agent.<name>.heartbeat.tick``) get
+``heartbeat.<agent>._command.ack`` (done, accepted, nothing due; with the reason) or
+``.error`` (refused; with the reason); a tick to every agent is answered by the runs'
+events, or the ``alive`` status with the reason nothing was due, or ``config_invalid``.
+
 Commands are coalesced: when one arrives, the commands queued behind it are read too
 (up to :data:`READ_AHEAD` of them, stopping at a tick). Their pauses and resumes are
 applied with one state save, the tick (if one was reached) is handled next, then the
@@ -30,6 +37,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +51,7 @@ from .config import Pause
 from .connection import (
     Redeliveries,
     TlsFiles,
+    connect,
     dead_letter,
     is_transient,
     make_broker,
@@ -74,6 +83,7 @@ from .local import stop_on_signals
 from .metrics import Metrics
 from .provision import DeadLetterLimits, InboxOptions, TopologyError, provision_agent
 from .service import run_service
+from .store import AgentBusy, AgentLock
 from .timeutil import floor_to, iso
 from .topology import (
     COMMANDS,
@@ -87,11 +97,12 @@ from .topology import (
     inbox_bindings,
     inbox_queue,
     mask_url,
+    reply_key,
     result_key,
     status_key,
 )
 
-__all__ = ["AgentConsumer", "HeartbeatConsumer", "TopologyError"]
+__all__ = ["AgentBusy", "AgentConsumer", "HeartbeatConsumer", "TopologyError"]
 
 log = logging.getLogger("heartbeat_consumer.consumer")
 
@@ -109,6 +120,8 @@ MAX_HOLD_S = 60.0
 yet to the queue before starting another run: no delivery waits unacknowledged for
 longer than this plus one handler's timeout (at most 25 min), under RabbitMQ's
 consumer_timeout (30 min)."""
+SEEN_TICKS = 1000
+"""Event ids of recent ticks remembered (a repeat is not evaluated nor answered again)."""
 QueueKind = Literal["classic", "quorum"]
 
 
@@ -162,6 +175,7 @@ class AgentConsumer:
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []
         self._redeliveries = Redeliveries(MAX_ATTEMPTS)
+        self._seen_ticks: OrderedDict[str, None] = OrderedDict()
         self._inbox: AbstractQueue | None = None
         self._channel = channel or Channel(prefetch_count=1)
         self.subscriber = broker.subscriber(
@@ -174,6 +188,7 @@ class AgentConsumer:
             persistent=False,  # held here, so a fleet can drop a removed agent
         )
         self.subscriber(self.on_message)
+        self.lock = AgentLock(self.runner.store.path.parent, self.agent)
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -198,14 +213,18 @@ class AgentConsumer:
 
     def discard(self) -> None:
         """Take the subscriber off the broker (an agent that failed to open: the broker's
-        start must not consume its inbox)."""
+        start must not consume its inbox) and let go of the agent's lock."""
         self.broker._subscribers.discard(self.subscriber)
+        self.lock.release()
 
     async def open(self) -> None:
         """Load the state, declare the topology, say ``online`` and evaluate once.
 
         An unusable state file does not stop the agent: it is reported (a
-        ``state_error`` status event) and the state is kept in memory meanwhile."""
+        ``state_error`` status event) and the state is kept in memory meanwhile. Raises
+        :class:`~.store.AgentBusy` when another consumer of the agent runs with the same
+        state directory."""
+        self.lock.acquire()
         problem = self.runner.start(require_writable=False)
         await self.declare()
         await self.publish_status("online", pid=os.getpid())
@@ -270,13 +289,40 @@ class AgentConsumer:
         self.metrics.run(result)
         await self._send_run_event("heartbeat.result", result, result.status, result.finished_at)
 
-    async def publish_status(self, status: str, **details: Any) -> None:
+    async def publish_status(self, status: str, *, correlation: str = "", **details: Any) -> None:
         event = envelope(
             "heartbeat.status",
             {"agent": self.agent, "status": status, **details},
             timestamp_ms=wall_clock_ms(),
+            correlation_ids=[correlation] if correlation else None,
         )
-        await self._send(status_key(self.agent, status), event)
+        await self._send(status_key(self.agent, status), event, correlation)
+
+    async def reply(
+        self,
+        command: str,
+        command_id: str,
+        outcome: Literal["done", "accepted", "nothing_due", "rejected"],
+        reason: str,
+        **details: Any,
+    ) -> None:
+        """Answer a command (or a tick sent to this agent alone), correlated with it:
+        ``heartbeat.<agent>._command.ack``, or ``.error`` when it was refused."""
+        event = envelope(
+            "heartbeat.reply",
+            {
+                "agent": self.agent,
+                "command": command,
+                "command_id": command_id,
+                "outcome": outcome,
+                "reason": reason,
+                **details,
+            },
+            timestamp_ms=wall_clock_ms(),
+            correlation_ids=[command_id],
+        )
+        word = "error" if outcome == "rejected" else "ack"
+        await self._send(reply_key(self.agent, word), event, command_id)
 
     # --- deliveries ------------------------------------------------------------------------
 
@@ -326,7 +372,7 @@ class AgentConsumer:
     async def _process(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         """Pauses and resumes first (one save), then ticks, then runs (one per check)."""
         switches: list[tuple[AbstractIncomingMessage, Command]] = []
-        ticks: list[tuple[AbstractIncomingMessage, Tick]] = []
+        ticks: list[tuple[AbstractIncomingMessage, Tick, bool]] = []
         runs: dict[str, list[tuple[AbstractIncomingMessage, Command]]] = {}
         for message in batch:
             kind = self._routes.get(message.routing_key or "")
@@ -335,7 +381,8 @@ class AgentConsumer:
                     log.debug("%s: ignoring %s", self.agent, message.routing_key)
                     await message.ack()
                 elif kind == "tick":
-                    ticks.append((message, self._parse_tick(message)))
+                    alone = message.routing_key != TICK_KEY  # sent to this agent only
+                    ticks.append((message, self._parse_tick(message), alone))
                 else:
                     command = parse_command(message.body, kind, message.content_type)
                     if kind == "run":
@@ -347,16 +394,12 @@ class AgentConsumer:
         if runs:  # a run of a check the config does not have is refused here, at once
             known = await self.runner.check_names()
             unknown = [(m, c) for name in set(runs) - known for m, c in runs.pop(name)]
-            await asyncio.gather(
-                *(
-                    self._dead_letter(m, self._no_such_check(c), "invalid_command")
-                    for m, c in unknown
-                )
-            )
+            await asyncio.gather(*(self._refuse(m, c, self._no_such_check(c)) for m, c in unknown))
         if switches:
             await self._guard([m for m, _ in switches], self._switch(switches))
         work: list[tuple[list[AbstractIncomingMessage], Callable[[], Awaitable[None]]]] = [
-            ([message], functools.partial(self._on_tick, tick)) for message, tick in ticks
+            ([message], functools.partial(self._on_tick, tick, alone))
+            for message, tick, alone in ticks
         ]
         work += [([m for m, _ in g], functools.partial(self._run, g)) for g in runs.values()]
         held = asyncio.get_running_loop().time()
@@ -431,6 +474,12 @@ class AgentConsumer:
             max_body_bytes=self.dead_letter_limits.max_body_bytes,
         )
 
+    async def _refuse(self, message: AbstractIncomingMessage, command: Command, why: str) -> None:
+        """Dead-letter a refused command and tell its sender why."""
+        await self._dead_letter(message, why, "invalid_command")
+        with contextlib.suppress(Exception):  # the dead letter keeps the reason anyway
+            await self.reply(command.name, command.event_id, "rejected", why, check=command.check)
+
     def _parse_tick(self, message: AbstractIncomingMessage) -> Tick:
         tick = parse_tick(
             message.body, interval_ms=self.tick_interval_ms, content_type=message.content_type
@@ -446,20 +495,54 @@ class AgentConsumer:
             )
         return tick
 
-    async def _on_tick(self, tick: Tick) -> None:
+    async def _on_tick(self, tick: Tick, alone: bool = False) -> None:
+        """Evaluate a tick; answer it (unless stale or seen before). ``alone``: it was
+        sent to this agent only (answered with a reply, not only the runs' events)."""
         if tick.slot_ms < wall_clock_ms() - 2 * self.tick_interval_ms:
             log.debug(
                 "%s: stale tick %s (%s) ignored", self.agent, tick.event_id, iso(tick.slot_ms)
             )
             self.metrics.tick(self.agent, "stale")
-        elif self.last_slot is not None and tick.slot_ms <= self.last_slot:
+            return
+        if tick.event_id in self._seen_ticks:
+            log.debug("%s: tick %s seen before", self.agent, tick.event_id)
+            self.metrics.tick(self.agent, "duplicate")
+            return
+        self._seen_ticks[tick.event_id] = None
+        while len(self._seen_ticks) > SEEN_TICKS:
+            self._seen_ticks.popitem(last=False)
+        if self.last_slot is not None and tick.slot_ms <= self.last_slot:
             log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))
             self.metrics.tick(self.agent, "duplicate")
-        else:
-            await self._tick(tick.slot_ms, tick.envelope)
-            self.metrics.tick(self.agent, "evaluated")
+            why = (
+                f"the slot {iso(tick.slot_ms)} was evaluated already (at start-up or by an "
+                f"earlier tick; {iso(self.last_slot)} is the latest): a check runs once per "
+                "slot; run one now with run-check --force"
+            )
+            await self.reply("tick", tick.event_id, "nothing_due", why, slot=iso(tick.slot_ms))
+            return
+        report = await self._tick(tick.slot_ms, tick.envelope, answer=not alone)
+        self.metrics.tick(self.agent, "evaluated")
+        if alone:
+            await self._answer_tick(tick, report)
 
-    async def _tick(self, slot_ms: int, env: dict[str, Any]) -> TickReport:
+    async def _answer_tick(self, tick: Tick, report: TickReport) -> None:
+        slot = iso(tick.slot_ms)
+        if report.results:
+            ran = [{"check": r.check, "status": r.status} for r in report.results]
+            what = ", ".join(f"{r.check}: {r.status}" for r in report.results)
+            await self.reply("tick", tick.event_id, "done", f"ran {what}", slot=slot, ran=ran)
+        elif report.config_error is not None and report.plan is None:
+            why = f"config invalid: {report.config_error}"
+            await self.reply("tick", tick.event_id, "rejected", why, slot=slot)
+        else:
+            why = report.plan.why_nothing() if report.plan else "nothing due"
+            await self.reply("tick", tick.event_id, "nothing_due", why, slot=slot)
+
+    async def _tick(self, slot_ms: int, env: dict[str, Any], *, answer: bool = True) -> TickReport:
+        """Evaluate a slot. ``answer``: the status events (``alive``, ``config_invalid``)
+        carry the tick's event id as their correlation: the answer to a tick sent to
+        every agent."""
         async with self._lock:
             self._correlation = [str(env.get("event_id", ""))]
             report = await self.runner.tick(slot_ms, env)
@@ -468,10 +551,16 @@ class AgentConsumer:
         self.metrics.not_due(self.agent, report.plan)
         if report.results:
             await self._report_state(report.state_error)
+        correlation = str(env.get("event_id", "")) if answer else ""
         if report.config_error is not None:
-            await self.publish_status("config_invalid", error=str(report.config_error))
+            await self.publish_status(
+                "config_invalid", correlation=correlation, error=str(report.config_error)
+            )
         elif not report.results:  # the monitor's dead-man's switch hears from us anyway
-            await self.publish_status("alive", slot=iso(slot_ms))
+            why = report.plan.why_nothing() if report.plan else "nothing due"
+            await self.publish_status(
+                "alive", correlation=correlation, slot=iso(slot_ms), reason=why
+            )
         return report
 
     async def _switch(
@@ -490,14 +579,25 @@ class AgentConsumer:
         refused = []
         for (message, command), refusal in zip(items, refusals, strict=True):
             if refusal is None:
-                accepted.append(message)
+                accepted.append((message, command))
                 log.info("%s: %sd %s", self.agent, command.name, command.check)
             else:
-                refused.append(self._dead_letter(message, refusal, "invalid_command"))
+                refused.append(self._refuse(message, command, refusal))
         await asyncio.gather(*refused)
         if accepted:
             await self._report_state(error)
-        return accepted
+        saved = "" if error is None else f" (held in memory: the state was not saved: {error})"
+        for _, command in accepted:
+            until = f" until {iso(command.until_ms)}" if command.until_ms is not None else ""
+            what = f"{command.check}{until}" if command.name == "pause" else command.check
+            await self.reply(
+                command.name,
+                command.event_id,
+                "accepted",
+                f"{command.name}d {what}{saved}",
+                check=command.check,
+            )
+        return [message for message, _ in accepted]
 
     def _no_such_check(self, command: Command) -> str:
         return f"no check named {command.check!r} in the config of {self.agent}"
@@ -518,6 +618,23 @@ class AgentConsumer:
             )
         if isinstance(outcome, str):
             log.warning("%s: run %s not done: %s", self.agent, first.check, outcome)
+            if outcome.startswith("already run for request"):
+                return  # a redelivery of a run that was done (and answered) before
+            for _, command in group:
+                await self.reply("run", command.event_id, "rejected", outcome, check=first.check)
+            return
+        for _, command in group:
+            await self.reply(
+                "run",
+                command.event_id,
+                "done",
+                f"{first.check}: {outcome.status}"
+                + (f" ({outcome.error})" if outcome.error else ""),
+                check=first.check,
+                status=outcome.status,
+                idempotency_key=outcome.idempotency_key,
+                duration_ms=outcome.duration_ms,
+            )
 
 
 def _describe(exc: BaseException) -> str:
@@ -573,8 +690,14 @@ class HeartbeatConsumer:
 
     async def start(self) -> None:
         log.info("connecting to %s", mask_url(self.rabbit_url))
-        await self.broker.connect()
-        await self.agent.open()
+        await connect(self.broker, self.rabbit_url)
+        try:
+            await self.agent.open()
+        except BaseException:
+            self.agent.lock.release()
+            with contextlib.suppress(Exception):  # closed, not "reconnecting"
+                await self.broker.stop()
+            raise
         await self.broker.start()
         log.info("%s: consuming %s", self.agent.agent, self.agent.queue.name)
 
@@ -588,6 +711,7 @@ class HeartbeatConsumer:
         except Exception as exc:
             log.warning("%s: offline status not published: %s", self.agent.agent, exc)
         await self.broker.stop()
+        self.agent.lock.release()
 
     async def health(self) -> Health:
         return await unreachable(self.broker, self.rabbit_url) or await self.agent.health()

@@ -1,10 +1,20 @@
 """Fleet mode: every ``*.heartbeat.json`` of a directory in one process.
 
-One broker connection, one channel for all inboxes (prefetch 1 per consumer), one
-queue and consumer per agent. The agent of ``cack.heartbeat.json`` is ``cack``; a file
-whose name is not an agent name (``a.b.heartbeat.json``, ``#.heartbeat.json``) is
-reported once and skipped. The directory is re-scanned periodically: added files start
-an agent, removed files stop theirs (its queue stays, so nothing sent to it is lost).
+One broker connection, one channel for all inboxes (prefetch 1 per consumer: a channel
+per agent would cost the broker memory and hit the user's channel limit of
+deploy/rabbitmq/permissions.sh), one queue and consumer per agent. Each agent's topology
+is declared, or checked, on a channel of its own first (:mod:`.provision`), so that a
+refusal closes nothing the others use. The agent of ``cack.heartbeat.json`` is ``cack``;
+a file whose name is not an agent name (``a.b.heartbeat.json``, ``#.heartbeat.json``)
+is reported once and skipped. The directory is re-scanned periodically: added files
+start an agent, removed files stop theirs (its queue stays, so nothing sent to it is
+lost).
+
+An agent that fails to start (its queue or lock, a broker refusal) is that agent's
+problem: it is logged, announced (``start_failed`` status event), shown in ``/health``'s
+detail and in ``heartbeat_agent_up``, and retried with backoff (5 s doubling to 5 min)
+while the others run. The fleet is healthy only when it runs at least one agent and
+none failed to start.
 """
 
 from __future__ import annotations
@@ -13,24 +23,50 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from faststream.rabbit import Channel
 
-from .connection import TlsFiles, make_broker, unreachable
+from .connection import TlsFiles, connect, make_broker, publish_json, topic_exchange, unreachable
 from .consumer import DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
+from .engine import wall_clock_ms
+from .envelope import envelope
 from .health import Health
 from .metrics import Metrics
 from .provision import DeadLetterLimits
 from .service import run_service
-from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, InvalidName, check_name, mask_url
+from .topology import (
+    DEFAULT_EXCHANGE,
+    DEFAULT_URL,
+    InvalidName,
+    check_name,
+    mask_url,
+    status_key,
+)
 
-__all__ = ["Fleet", "agent_files"]
+__all__ = ["Fleet", "FleetError", "agent_files"]
 
 log = logging.getLogger("heartbeat_consumer.fleet")
 
 SUFFIX = ".heartbeat.json"
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+
+
+class FleetError(Exception):
+    """The fleet cannot start: its directory or state directory cannot be used."""
+
+
+@dataclass
+class _Failed:
+    """An agent that failed to start, and when to try again."""
+
+    error: str
+    attempts: int
+    retry_at: float
 
 
 def agent_files(directory: Path, rejected: dict[str, str] | None = None) -> dict[str, Path]:
@@ -74,6 +110,7 @@ class Fleet:
         self.state_dir = Path(state_dir) if state_dir else None
         self.rabbit_url = rabbit_url
         self.exchange_name = exchange_name
+        self.exchange = topic_exchange(exchange_name)
         self.tick_interval_ms = tick_interval_ms
         self.queue_type: QueueKind = queue_type
         self.single_active_consumer = single_active_consumer
@@ -86,7 +123,10 @@ class Fleet:
         self.broker = make_broker(rabbit_url, tls=tls, graceful_timeout_s=graceful_timeout_s)
         self.channel = Channel(prefetch_count=1)
         self.agents: dict[str, AgentConsumer] = {}
+        self.failed: dict[str, _Failed] = {}
+        """Agents that failed to start, retried with backoff."""
         self._started = False
+        self._empty_reported = False
         self._reported: set[str] = set()
         """File names already reported as not agent names (reported once each)."""
 
@@ -119,11 +159,38 @@ class Fleet:
                 await consumer.subscriber.stop()
             raise
         self.agents[agent] = consumer
-        log.info("fleet: %s added (%s)", agent, path.name)
+        self.metrics.agent_up.labels(agent).set(1)
+        if self.failed.pop(agent, None) is not None:
+            log.info("fleet: %s started after all (%s)", agent, path.name)
+        else:
+            log.info("fleet: %s added (%s)", agent, path.name)
+
+    async def _start_failed(self, agent: str, path: Path, exc: Exception) -> None:
+        """Report an agent that did not start; it is tried again after a backoff."""
+        earlier = self.failed.get(agent)
+        attempts = earlier.attempts + 1 if earlier else 1
+        delay = min(RETRY_FIRST_S * 2 ** (attempts - 1), RETRY_MAX_S)
+        error = _one_line(exc)
+        self.failed[agent] = _Failed(error, attempts, time.monotonic() + delay)
+        self.metrics.agent_up.labels(agent).set(0)
+        self.metrics.agent_start_failures.labels(agent).inc()
+        log.error("fleet: %s not started: %s (trying again in %.0f s)", agent, error, delay)
+        if earlier is None or earlier.error != error:  # announced once per distinct error
+            event = envelope(
+                "heartbeat.status",
+                {"agent": agent, "status": "start_failed", "error": error},
+                timestamp_ms=wall_clock_ms(),
+            )
+            with contextlib.suppress(Exception):  # not an AgentConsumer: none is registered
+                await publish_json(
+                    self.broker, self.exchange, status_key(agent, "start_failed"), event
+                )
 
     async def _remove(self, agent: str) -> None:
         consumer = self.agents.pop(agent)
         await consumer.subscriber.stop()
+        await consumer.finish_inflight(self.graceful_timeout_s)
+        consumer.discard()
         self.metrics.forget_agent(agent)
         with contextlib.suppress(Exception):
             await consumer.publish_status("offline", pid=os.getpid())
@@ -139,17 +206,53 @@ class Fleet:
         self._reported = set(rejected)
         for agent in sorted(set(self.agents) - set(found)):
             await self._remove(agent)
+        for agent in sorted(set(self.failed) - set(found)):
+            del self.failed[agent]
+            self.metrics.forget_agent(agent)
+        now = time.monotonic()
         for agent in sorted(set(found) - set(self.agents)):
+            if agent in self.failed and self.failed[agent].retry_at > now:
+                continue
             try:
                 await self._add(agent, found[agent])
             except Exception as exc:
-                log.error("fleet: %s not started: %s", agent, exc)
+                await self._start_failed(agent, found[agent], exc)
+        if not self.agents and not self.failed and not self._empty_reported:
+            log.warning(
+                "fleet: no agents: %s has no *%s file (it is read again every %g s)",
+                self.directory,
+                SUFFIX,
+                self.rescan_s,
+            )
+        self._empty_reported = not self.agents and not self.failed
+
+    def prepare(self) -> None:
+        """Check the directory and create the state directory (mode 0700) before anything
+        is connected or declared; raises :class:`FleetError`."""
+        if not self.directory.is_dir():
+            what = "is not a directory" if self.directory.exists() else "does not exist"
+            raise FleetError(f"fleet directory {self.directory} {what}")
+        if self.state_dir is not None:
+            try:
+                self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FleetError(
+                    f"cannot create the state directory {self.state_dir}: {exc.strerror or exc}"
+                ) from None
+            if not self.state_dir.is_dir():
+                raise FleetError(f"state directory {self.state_dir} is not a directory")
 
     async def start(self) -> None:
+        self.prepare()
         log.info("fleet: %s on %s", self.directory, mask_url(self.rabbit_url))
-        await self.broker.connect()
-        await self.rescan()
-        await self.broker.start()
+        await connect(self.broker, self.rabbit_url)
+        try:
+            await self.rescan()
+            await self.broker.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # closed, not "reconnecting"
+                await self.broker.stop()
+            raise
         self._started = True
 
     async def stop(self) -> None:
@@ -161,10 +264,13 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await consumer.publish_status("offline", pid=os.getpid())
         await self.broker.stop()
+        for consumer in self.agents.values():
+            consumer.discard()
 
     async def health(self) -> Health:
-        """Healthy when connected and every agent's consumer is registered on its inbox;
-        the detail names the agents that are not (one channel serves every probe)."""
+        """Healthy when connected, running at least one agent, none failed to start, and
+        every agent's consumer is registered on its inbox; the detail names the agents
+        that are not (one channel serves every probe)."""
         if down := await unreachable(self.broker, self.rabbit_url):
             return down
         connection = await self.broker.connect()
@@ -180,10 +286,17 @@ class Fleet:
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
-        return Health(not unhealthy, True, {"agents": len(self.agents), "unhealthy": unhealthy})
+        failed = {name: f.error for name, f in self.failed.items()}
+        detail: dict[str, Any] = {"agents": len(self.agents), "unhealthy": unhealthy}
+        if failed:
+            detail["failed_to_start"] = failed
+        if not self.agents:
+            detail["error"] = f"no agent runs (directory {self.directory})"
+        return Health(bool(self.agents) and not unhealthy and not failed, True, detail)
 
     def describe(self) -> str:
-        return f"fleet {self.directory}: {len(self.agents)} agent(s)"
+        failed = f", {len(self.failed)} failed to start" if self.failed else ""
+        return f"fleet {self.directory}: {len(self.agents)} agent(s){failed}"
 
     async def _rescan_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -200,3 +313,8 @@ class Fleet:
             health_host=self.health_host,
             main=lambda: self._rescan_until(stop),
         )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

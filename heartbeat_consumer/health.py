@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import orjson
 
 from .metrics import CONTENT_TYPE, Metrics
 
-__all__ = ["Health", "HealthServer", "Response", "Route"]
+__all__ = ["Health", "HealthServer", "Response", "Route", "ServeError"]
 
 log = logging.getLogger("heartbeat_consumer.health")
 
@@ -74,6 +75,10 @@ async def probe_with_timeout(probe: Probe, timeout_s: float = PROBE_TIMEOUT_S) -
         return Health(False, False, {"error": f"health probe failed: {exc}"})
 
 
+class ServeError(Exception):
+    """The HTTP port cannot be listened on (in use, not allowed, no such address)."""
+
+
 class HealthServer:
     def __init__(
         self,
@@ -108,7 +113,15 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        """Listen; raises :class:`ServeError` when the address cannot be had."""
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ServeError(
+                f"cannot serve HTTP on {self.host}:{self.port}: {why} "
+                "(another process has the port? choose another one)"
+            ) from None
         if self.port == 0:  # an ephemeral port: report the one we got
             self.port = self._server.sockets[0].getsockname()[1]
         log.info(

@@ -83,6 +83,19 @@ class Metrics:
             ["agent", "check", "reason"],
             registry=r,
         )
+        self.agent_up = Gauge(
+            "heartbeat_agent_up",
+            "1 while an agent's consumer runs on its inbox, 0 while it failed to start "
+            "(a fleet retries it with backoff)",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_start_failures = Counter(
+            "heartbeat_agent_start_failures",
+            "Failed starts of an agent's consumer (declaration, lock, channel)",
+            ["agent"],
+            registry=r,
+        )
         self.ticks_published = Counter(
             "heartbeat_ticks_published", "Ticks published by this ticker", registry=r
         )
@@ -126,6 +139,8 @@ class Metrics:
             self.config_valid,
             self.dead_lettered,
             self.avoided,
+            self.agent_up,
+            self.agent_start_failures,
         ):
             metric.remove_by_labels({"agent": agent})
 
@@ -135,7 +150,7 @@ class Metrics:
 
 class MonitorMetrics(Metrics):
     """The fleet monitor's series on top of the common ones. Labels: ``event_type`` and
-    ``reason`` from fixed sets, ``kind`` one of stale, timeout, missed, resolved."""
+    ``reason`` from fixed sets, ``kind`` one of stale, timeout, missed, config_invalid, resolved."""
 
     def __init__(self) -> None:
         super().__init__()

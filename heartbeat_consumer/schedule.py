@@ -101,6 +101,19 @@ class Plan:
         """The checks held back only because they are not due yet (a run avoided)."""
         return [ev.check for ev in self.evaluations if ev.causes == (Blocker.NOT_DUE,)]
 
+    def why_nothing(self, limit: int = 3) -> str:
+        """Why nothing runs now, in one line: the checks that come due first, with the
+        first reason of each (``nothing due: a: not due until ...; b: paused ...``)."""
+        if not self.evaluations:
+            return "nothing due: the config has no checks"
+        waiting = sorted(
+            (ev for ev in self.evaluations if not ev.due),
+            key=lambda ev: (ev.next_due is None, ev.next_due or 0, ev.check),
+        )
+        parts = [f"{ev.check}: {ev.reason}" for ev in waiting[:limit]]
+        more = len(waiting) - limit
+        return "nothing due: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
 
 def overdue_ratio(now_ms: int, last_run_ms: int | None, cadence_ms: int) -> float:
     """``(now - lastRun) / cadence``; infinite when the check never ran."""

@@ -2,8 +2,9 @@
 
 The lifecycle shared by the consumer, the fleet and the ticker:
 
-1. ``start()`` (connect, declare, consume); then ``READY=1`` to systemd and the health
-   and metrics endpoint, if a port was given;
+1. the health and metrics endpoint, if a port was given (first: a port in use is an
+   error before anything is connected, declared or run); ``start()`` (connect, declare,
+   consume); then ``READY=1`` to systemd;
 2. while running, ``WATCHDOG=1`` at half of ``WatchdogSec``. The ping stops only when the
    broker connection is up but the component has been unhealthy for ``grace_s`` (its
    consumer was cancelled, say): a restart fixes that. While the broker is unreachable
@@ -60,13 +61,18 @@ async def run_service(
     """Run ``service`` until ``stop`` is set, or, given ``main``, until ``main()`` returns.
     ``routes`` adds GET paths to the health port's server."""
     server = None
-    await service.start()
+    if health_port is not None:  # bound first: a busy port fails before anything happens
+        server = HealthServer(
+            service.health, service.metrics, port=health_port, host=health_host, routes=routes
+        )
+        await server.start()
     try:
-        if health_port is not None:
-            server = HealthServer(
-                service.health, service.metrics, port=health_port, host=health_host, routes=routes
-            )
-            await server.start()
+        await service.start()
+    except BaseException:
+        if server is not None:
+            await server.stop()
+        raise
+    try:
         notify("READY=1", f"STATUS={service.describe()}")
         interval = watchdog_interval_s()
         watchdog = asyncio.create_task(_watchdog(service, interval, grace_s)) if interval else None

@@ -8,6 +8,7 @@ the new state, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
@@ -22,6 +23,8 @@ from .state import HISTORY_LIMIT, MAX_PAUSES, AgentState, repair_ranges
 from .timeutil import iso
 
 __all__ = [
+    "AgentBusy",
+    "AgentLock",
     "StateError",
     "StateStore",
     "atomic_write",
@@ -41,6 +44,59 @@ agent's state stays far below it)."""
 
 class StateError(Exception):
     """The state file cannot be used (unwritable directory, failed write)."""
+
+
+class AgentBusy(Exception):
+    """Another consumer of the same agent holds its lock in the same state directory."""
+
+
+class AgentLock:
+    """One consumer per agent and state directory: ``<state dir>/<agent>.lock``, held
+    (flock) while the consumer runs, whichever way it was started (``run``, a fleet,
+    :class:`~.consumer.HeartbeatConsumer`). A second one, in this process or another,
+    gets :class:`AgentBusy`. The lock file names the holder's pid. A directory where no
+    lock file can be made (read-only, say) does not stop the agent: it runs unlocked,
+    with a warning, as it runs with its state in memory. Across hosts, the broker keeps
+    replicas apart: ``--single-active-consumer``."""
+
+    def __init__(self, directory: str | os.PathLike[str], agent: str) -> None:
+        self.path = Path(directory) / f"{agent}.lock"
+        self.agent = agent
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            log.warning("%s: running without a lock (%s: %s)", self.agent, self.path, exc.strerror)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise AgentBusy(
+                f"agent {self.agent} already runs with the state directory {self.path.parent} "
+                f"({self.path} is held{f' by pid {holder}' if holder else ''}); "
+                "one consumer per agent (replicas across hosts: --single-active-consumer)"
+            ) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(os.pread(fd, 32, 0).decode().strip()))
+    return ""
 
 
 def default_state_path(config_path: str | os.PathLike[str]) -> Path:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .connection import TlsFiles, make_broker, publish_json, topic_exchange
+from .connection import TlsFiles, connect, make_broker, publish_json, topic_exchange
 from .engine import wall_clock_ms
 from .envelope import envelope, tick_event_id
 from .health import Health
@@ -69,7 +69,7 @@ async def publish_event(
     """Publish one event (a manual tick, a command) with publisher confirms; ``declare``
     the exchanges first (else, or if refused, check that they exist)."""
     broker = make_broker(rabbit_url, tls=tls)
-    connection = await broker.connect()
+    connection = await connect(broker, rabbit_url)
     try:
         exchange = topic_exchange(exchange_name)
         await declare_exchanges(connection, exchange_name, declare=declare)
@@ -122,9 +122,14 @@ class Ticker:
             self.exchange_name,
             self.every_ms,
         )
-        connection = await self.broker.connect()
-        # The dead-letter exchange too: least-privileged agents only check it exists.
-        await declare_exchanges(connection, self.exchange_name, declare=self.declare_topology)
+        connection = await connect(self.broker, self.rabbit_url)
+        try:
+            # The dead-letter exchange too: least-privileged agents only check it exists.
+            await declare_exchanges(connection, self.exchange_name, declare=self.declare_topology)
+        except BaseException:
+            with contextlib.suppress(Exception):  # closed, not "reconnecting"
+                await self.broker.stop()
+            raise
 
     async def stop(self) -> None:
         await self.broker.stop()

@@ -32,6 +32,7 @@ __all__ = [
     "inbox_bindings",
     "inbox_queue",
     "mask_url",
+    "reply_key",
     "result_key",
     "status_key",
 ]
@@ -43,9 +44,20 @@ DEFAULT_EXCHANGE = "bloodbank.events.v1"
 TICK_KEY = "system.heartbeat.tick"
 TICK_BINDING = "system.heartbeat.#"
 COMMANDS = ("tick", "run", "pause", "resume")
-STATUS_EVENTS = ("online", "offline", "config_invalid", "state_error", "state_ok", "alive")
+STATUS_EVENTS = (
+    "online",
+    "offline",
+    "config_invalid",
+    "state_error",
+    "state_ok",
+    "alive",
+    "start_failed",
+)
 """``alive``: a tick was evaluated and ran nothing (the monitor hears from idle agents)."""
-ALERT_KINDS = ("stale", "timeout", "missed", "resolved")
+ALERT_KINDS = ("stale", "timeout", "missed", "config_invalid", "resolved")
+REPLY_WORDS = ("ack", "error")
+"""``heartbeat.<agent>._command.ack`` (a command or addressed tick done, accepted, or
+with nothing due) and ``.error`` (refused, with the reason)."""
 MONITOR_BINDING = "heartbeat.#"
 """The monitor's queue hears every result, started, status and alert event."""
 
@@ -144,6 +156,11 @@ def dead_letter_queue(agent: str) -> str:
 
 def result_key(agent: str, check: str, status: str) -> str:
     return f"heartbeat.{agent}.{check}.{status}"
+
+
+def reply_key(agent: str, word: str) -> str:
+    """The answer to a command or an addressed tick (``word``: ack or error)."""
+    return f"heartbeat.{agent}._command.{word}"
 
 
 def status_key(agent: str, status: str) -> str:

@@ -250,8 +250,9 @@ async def test_commands_run_pause_resume(bus: Bus, tmp_path: Path) -> None:
     async with running(bus, agent, config) as consumer:
         await take(results, 1)
         await bus.publish(f"agent.{agent}.heartbeat.run", {**command, "payload": {"check": "c"}})
-        await asyncio.sleep(0.5)
-        assert await results.get(no_ack=True, fail=False) is None, "not due: not run"
+        (refused,) = await take(results, 1, skip_status=False)  # not due: not run
+        assert refused.routing_key == f"heartbeat.{agent}._command.error"
+        assert orjson.loads(refused.body)["payload"]["reason"].startswith("not due")
         await bus.publish(
             f"agent.{agent}.heartbeat.run", {**command, "payload": {"check": "c", "force": True}}
         )
@@ -349,7 +350,7 @@ async def test_environment_mode_tick_and_run_check_commands_and_sigterm(
         assert first.routing_key == f"heartbeat.{agent}.c.success"
         opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
         code, out = await cli("tick", "--agent", agent, *opts)
-        assert code == 0 and f"sent to agent.{agent}.heartbeat.tick" in out
+        assert code == 0 and f"tick to {agent}: nothing due: the slot" in out, out
         code, out = await cli("run-check", agent, "c", "--force", *opts)
         assert code == 0, out
         (forced,) = await take(results, 1)
@@ -359,8 +360,9 @@ async def test_environment_mode_tick_and_run_check_commands_and_sigterm(
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     assert "guest:guest" not in err.decode(), "password in the logs"
-    (offline,) = await take(results, 1, skip_status=False)
-    assert offline.routing_key.endswith("._status.offline")
+    rest = await take(results, 2, skip_status=False)  # the forced run's answer, offline
+    assert rest[0].routing_key == f"heartbeat.{agent}._command.ack"
+    assert rest[1].routing_key.endswith("._status.offline")
 
 
 async def test_two_tickers_each_check_runs_once_per_slot(bus: Bus, tmp_path: Path) -> None:
@@ -512,7 +514,9 @@ async def test_single_active_consumer_hot_standby(bus: Bus, tmp_path: Path) -> N
     options: dict[str, Any] = {"tick_interval_ms": 1000, "single_active_consumer": True}
     async with running(bus, agent, config, state_path=tmp_path / "one.json", **options):
         await take(results, 1)
-        async with running(bus, agent, config, state_path=tmp_path / "two.json", **options):
+        (tmp_path / "replica").mkdir()  # replicas keep apart state directories (the lock)
+        two = tmp_path / "replica" / "two.json"
+        async with running(bus, agent, config, state_path=two, **options):
             await take(results, 1)  # each replica's start-up evaluation
             await asyncio.sleep(1.1)
             await bus.publish("system.heartbeat.tick", tick())
@@ -624,3 +628,121 @@ async def test_the_inbox_is_consumed_with_prefetch_one_also_after_a_reconnect(
                 break
             await asyncio.sleep(0.1)
         assert await prefetch() == ["1"]
+
+
+async def test_every_command_and_tick_gets_an_answer_the_cli_waits_for(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """run-check and tick --agent publish as mandatory and wait for the agent's
+    answer: done, rejected (unknown check, not due), nothing due (a slot evaluated
+    already), unroutable (no such agent), unanswered (no consumer)."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    replies = await bus.collector(f"heartbeat.{agent}._command.*")
+    opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
+    async with running(bus, agent, config, state_path=tmp_path / "s.json"):
+        code, out = await cli("run-check", agent, "c", "--force", *opts)
+        assert code == 0 and f"run {agent}/c: done: c: success" in out, out
+        code, out = await cli("run-check", agent, "c", *opts)
+        assert code == 1 and f"run {agent}/c: rejected: not due" in out, out
+        code, out = await cli("run-check", agent, "nosuch", *opts)
+        assert code == 1 and f"no check named 'nosuch' in the config of {agent}" in out, out
+        code, out = await cli("tick", "--agent", agent, *opts)
+        assert code == 0 and "nothing due: the slot" in out and "evaluated already" in out, out
+        code, out = await cli("run-check", agent, "c", "--no-wait", *opts)
+        assert code == 0 and "sent" in out, out
+        await asyncio.sleep(0.5)
+        answers = []
+        while (message := await replies.get(no_ack=True, fail=False)) is not None:
+            answers.append(message)
+        words = [m.routing_key.rsplit(".", 1)[1] for m in answers]
+        assert words.count("ack") == 2 and words.count("error") == 3, words
+        for message in answers:
+            assert message.correlation_id == orjson.loads(message.body)["payload"]["command_id"]
+    code, out = await cli("run-check", bus.agent("nobody"), "c", *opts)
+    assert code == 1 and "is listening on exchange" in out, out
+    code, out = await cli("run-check", agent, "c", "--wait", "1s", *opts)  # nobody consumes
+    assert code == 1 and f"no answer from {agent} within 1s" in out, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("problem", ["vhost", "password"])
+async def test_a_broker_that_refuses_is_one_line_naming_the_fix(
+    bus: Bus, tmp_path: Path, problem: str
+) -> None:
+    base = bus.url.rstrip("/")
+    url = f"{base}/no-such-vhost" if problem == "vhost" else base.replace(":guest@", ":wrong@")
+    code, out = await cli("run-check", "a", "c", "--rabbit-url", url)
+    expected = {
+        "vhost": "has no virtual host 'no-such-vhost' that user 'guest' may use",
+        "password": "refused the login of user 'guest': check the user name and password",
+    }[problem]
+    assert code == 1 and expected in out, out
+    assert len(out.strip().splitlines()) == 1, out  # no "Reconnecting after 5 seconds"
+    assert "wrong" not in out and "Connection.OpenOk" not in out
+
+
+async def test_a_queue_or_exchange_declared_elsewhere_is_said_in_a_line_or_two(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    await bus.channel.declare_queue(
+        f"agent.{agent}.inbox", durable=True, arguments={"x-max-length": 5}
+    )
+    opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name, "--state", "s.json"]
+    proc = await asyncio.create_subprocess_exec(
+        BIN, "run", str(config), "--agent", agent, *opts,
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(3)
+    proc.send_signal(__import__("signal").SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "exists with other arguments" in text and "Traceback" not in text, text
+    await bus.cleanup()
+    await bus.channel.declare_exchange(bus.exchange_name, aio_pika.ExchangeType.FANOUT)
+    code, out = await cli("run", str(config), "--agent", agent, *opts)
+    assert code == 1 and "with other settings" in out, out
+    assert len(out.strip().splitlines()) <= 2 and "Traceback" not in out, out
+
+
+async def test_one_consumer_per_agent_and_state_directory_whatever_the_entry_point(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Two consumers of one agent with different state files in one directory: the
+    second is refused, by the CLI, a fleet and HeartbeatConsumer alike."""
+    from heartbeat_consumer.fleet import Fleet
+    from heartbeat_consumer.store import AgentBusy
+
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    async with running(bus, agent, config, state_path=tmp_path / "one.json"):
+        opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
+        second = await asyncio.create_subprocess_exec(
+            BIN, "run", str(config), "--state", str(tmp_path / "two.json"), *opts,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out = (await asyncio.wait_for(second.communicate(), 30))[0].decode()
+        except TimeoutError:
+            second.kill()
+            await second.wait()
+            pytest.fail("a second consumer of the agent runs beside the first")
+        assert second.returncode == 1, out
+        assert f"agent {agent} already runs with the state directory" in out, out
+        twin = HeartbeatConsumer(
+            agent, config, bus.url, bus.exchange_name, state_path=tmp_path / "three.json"
+        )
+        with pytest.raises(AgentBusy):
+            await twin.start()
+        await twin.broker.stop()
+        fleet = Fleet(tmp_path, bus.url, bus.exchange_name, state_dir=tmp_path, rescan_s=3600)
+        await fleet.start()
+        try:
+            assert agent not in fleet.agents and "already runs" in fleet.failed[agent].error
+        finally:
+            await fleet.stop()
+    async with running(bus, agent, config, state_path=tmp_path / "two.json"):
+        pass  # free again once the first one stopped

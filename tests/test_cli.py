@@ -496,3 +496,124 @@ def test_state_files_that_could_not_be_saved_again_are_set_aside(
     assert main(["run-once", str(path)]) == 0
     saved = orjson.loads(state.read_bytes())
     assert saved["checks"]["c"]["runs"] == 1, "the counter was reset, then counted the run"
+
+
+def _free_port_held() -> tuple[Any, int]:
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held, held.getsockname()[1]
+
+
+def test_simulate_into_a_closed_pipe_ends_quietly() -> None:
+    """`simulate ... | head -1`: no "cannot reach RabbitMQ", no traceback, exit 0."""
+    proc = subprocess.Popen(
+        [BIN, "simulate", EXAMPLE, "--from", "2026-01-01T00:00Z", "--to", "2026-06-01T00:00Z"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0 and err == "", err
+
+
+def test_run_once_into_a_closed_pipe_still_saves_the_state(
+    write_config: WriteConfig, tmp_path: Path
+) -> None:
+    """`run-once | head`: the check ran, so its state is saved and it does not run again."""
+    config = write_config(
+        {"agent": "a", "checks": {"c": {"cadenceMs": 3_600_000, "handler": "default"}}}
+    )
+    state = tmp_path / "s.json"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before anything is written
+    done = subprocess.run(
+        [BIN, "run-once", str(config), "--state", str(state)],
+        check=False,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+    os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "RabbitMQ" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert orjson.loads(state.read_bytes())["checks"]["c"]["runs"] == 1
+
+
+def test_a_file_that_cannot_be_written_is_named_not_blamed_on_the_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "missing" / "a.yaml"
+    assert main(["asyncapi", "--output", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"heartbeat-consumer asyncapi: {target}: No such file or directory\n", err
+
+
+@pytest.mark.parametrize("command", ["run", "monitor"])
+def test_a_port_in_use_is_found_before_anything_connects_or_runs(
+    write_config: WriteConfig, tmp_path: Path, command: str
+) -> None:
+    """The port is bound first: with a broker that is not even there, the error is the
+    port's, and no check ran (no state written)."""
+    held, port = _free_port_held()
+    config = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1, "handler": "default"}}})
+    state = tmp_path / "s.json"
+    url = "amqp://guest:guest@127.0.0.1:1/"
+    args = (
+        ["run", str(config), "--state", str(state), "--health-port", str(port)]
+        if command == "run"
+        else ["monitor", "--state", str(state), "--port", str(port)]
+    )
+    try:
+        done = subprocess.run(
+            [BIN, *args, "--rabbit-url", url],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        held.close()
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "RabbitMQ" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run"], ["run", "--local", "--max-ticks", "1"], ["status"]],
+    ids=["run", "run-local", "status"],
+)
+def test_a_missing_config_file_is_an_error_that_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    missing = tmp_path / "nope.heartbeat.json"
+    assert main([*args, str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing}: no such file" in err and "--agent" not in err, err
+
+
+def test_agent_names_are_checked_wherever_a_queue_would_be_made(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from heartbeat_consumer import HeartbeatConsumer
+    from heartbeat_consumer.topology import InvalidName
+
+    config = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1}}})
+    for argv in (
+        ["provision", "--agent", "bad.name"],
+        ["run", str(config), "--agent", "bad.name"],
+        ["run-check", "bad.name", "c"],
+        ["tick", "--agent", "bad.name"],
+    ):
+        assert main(argv) == 2, argv
+        assert "invalid agent name 'bad.name'" in capsys.readouterr().err
+    with pytest.raises(InvalidName):
+        HeartbeatConsumer("bad.name", config)

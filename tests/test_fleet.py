@@ -9,7 +9,7 @@ import aio_pika
 import orjson
 import pytest
 
-from heartbeat_consumer.fleet import Fleet, agent_files
+from heartbeat_consumer.fleet import Fleet, FleetError, agent_files
 
 from .broker import Bus, rabbitmqctl, take
 from .test_bus import tick
@@ -120,3 +120,107 @@ async def test_a_file_name_that_is_no_agent_name_is_skipped_and_reported(
     assert len(reported) == 1, "reported once, not on every rescan"
     with pytest.raises((aio_pika.exceptions.ChannelNotFoundEntity, ValueError)):
         await bus.count(f"agent.{name}.inbox")  # never made (pamqp refuses '*' outright)
+
+
+async def test_fleet_creates_its_state_directory_and_saves_state(bus: Bus, tmp_path: Path) -> None:
+    """README's `fleet examples/ --state-dir /tmp/fleet-state`: the directory is made
+    (0700) and the runs are saved, not held in memory."""
+    agent = bus.agent("f")
+    (tmp_path / "configs").mkdir()
+    add_agent(tmp_path / "configs", agent)
+    state_dir = tmp_path / "new" / "state"
+    results = await bus.collector("heartbeat.*.c.*")
+    fleet = Fleet(
+        tmp_path / "configs", bus.url, bus.exchange_name, state_dir=state_dir, rescan_s=3600
+    )
+    await fleet.start()
+    try:
+        await take(results, 1)
+    finally:
+        await fleet.stop()
+    assert state_dir.is_dir() and (state_dir.stat().st_mode & 0o777) == 0o700
+    saved = orjson.loads((state_dir / f"{agent}.state.json").read_bytes())
+    assert saved["checks"]["c"]["runs"] == 1
+
+
+async def test_a_state_directory_that_cannot_be_made_stops_the_fleet_before_it_declares(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent("f")
+    add_agent(tmp_path, agent)
+    (tmp_path / "file").write_text("")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, state_dir=tmp_path / "file" / "state")
+    with pytest.raises(FleetError, match=r"cannot create the state directory .*file/state"):
+        await fleet.start()
+    await fleet.broker.stop()
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+        await bus.count(f"agent.{agent}.inbox")
+
+
+async def test_an_agent_that_cannot_start_is_reported_and_retried_while_the_others_run(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Another connection holds one agent's inbox (exclusive): that agent fails to
+    start. It is logged, announced (start_failed), in /health's detail (not ok) and
+    heartbeat_agent_up; the other agent answers ticks; once the queue is free, a retry
+    starts it."""
+    good, held = bus.agent("f"), bus.agent("f")
+    add_agent(tmp_path, good)
+    add_agent(tmp_path, held)
+    other = await aio_pika.connect(bus.url)
+    holder = await other.channel()
+    await holder.declare_queue(f"agent.{held}.inbox", exclusive=True)
+    events = await bus.collector("heartbeat.#")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    try:
+        await fleet.start()
+        keys = {m.routing_key for m in await take(events, 4, skip_status=False)}
+        assert f"heartbeat.{held}._status.start_failed" in keys, keys
+        assert f"heartbeat.{good}.c.success" in keys, keys
+        health = await fleet.health()
+        assert not health.ok and set(health.detail["failed_to_start"]) == {held}, health
+        assert "RESOURCE_LOCKED" in health.detail["failed_to_start"][held]
+        metrics = fleet.metrics.render().decode()
+        assert f'heartbeat_agent_up{{agent="{held}"}} 0.0' in metrics
+        assert f'heartbeat_agent_up{{agent="{good}"}} 1.0' in metrics
+        await asyncio.sleep(1.1)
+        await bus.publish("system.heartbeat.tick", tick())
+        (answer,) = await take(events, 1)
+        assert answer.routing_key == f"heartbeat.{good}.c.success"
+        await other.close()  # the exclusive queue goes with its connection
+        fleet.failed[held].retry_at = 0  # the backoff (5 s) has passed
+        await fleet.rescan()
+        assert set(fleet.agents) == {good, held} and not fleet.failed
+        assert (await fleet.health()).ok
+    finally:
+        await fleet.stop()
+        await other.close()
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+async def test_a_fleet_on_no_directory_is_a_clear_error(
+    bus: Bus, tmp_path: Path, what: str
+) -> None:
+    target = tmp_path / "configs"
+    if what == "file":
+        target.write_text("")
+    fleet = Fleet(target, bus.url, bus.exchange_name)
+    expected = "does not exist" if what == "missing" else "is not a directory"
+    with pytest.raises(FleetError, match=f"fleet directory .* {expected}"):
+        await fleet.start()
+    await fleet.broker.stop()
+
+
+async def test_a_fleet_with_no_agents_says_so_and_is_not_healthy(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, rescan_s=3600)
+    await fleet.start()
+    try:
+        health = await fleet.health()
+        assert not health.ok and "no agent runs" in health.detail["error"]
+        await fleet.rescan()
+    finally:
+        await fleet.stop()
+    warned = [r for r in caplog.records if "fleet: no agents" in r.getMessage()]
+    assert len(warned) == 1, "said once, not on every rescan"

@@ -104,9 +104,10 @@ else
     WRITE="^($EX|$DLX)\$"
     READ="^agent\\.$AGENT\\.inbox\$"
     # Topic permissions: publish only its own results, run announcements and status
-    # events: heartbeat.AGENT.<check>.<word> and heartbeat.AGENT._status.<word>, never
+    # events and answers: heartbeat.AGENT.<check>.<word>, heartbeat.AGENT._status.<word>
+    # and heartbeat.AGENT._command.<ack|error>, never
     # heartbeat.AGENT._alert.* (alerts are the monitor's word).
-    TOPIC_WRITE="^heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status)\\.[^.]+\$"
+    TOPIC_WRITE="^heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status|_command)\\.[^.]+\$"
     DLQ_WRITE="^agent\\.$AGENT\\.dlq\$"
     PROVISIONS="^($EX|$DLX|agent\\.$AGENT\\.(inbox|dlq))\$"
     set -- --agent "$AGENT"

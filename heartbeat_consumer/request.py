@@ -1,0 +1,194 @@
+"""Sending a command (or a manual tick) and waiting for its answer: ``run-check``, ``tick``.
+
+The message is published as mandatory on a channel with publisher confirms: a routing
+key no queue is bound to (a misspelt agent, an agent never started) comes back, and is
+reported as such instead of vanishing. To hear the answer, an exclusive, server-named
+queue is bound to ``heartbeat.<agent>.#`` *before* publishing; the events correlated
+with the message's event id are the answer (see :mod:`.consumer`): the run's
+``started`` and result events, and the final ``heartbeat.<agent>._command.ack`` or
+``.error``. A user that may not declare queues (no configure permission) cannot wait:
+the message is sent, and this is said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aio_pika import DeliveryMode, Message
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import DeliveryError
+from aiormq.exceptions import ChannelAccessRefused
+
+from .connection import TlsFiles, connect, make_broker
+from .engine import wall_clock_ms
+from .envelope import envelope
+from .provision import declare_exchanges
+from .topology import DEFAULT_EXCHANGE, DEFAULT_URL
+
+__all__ = ["Answer", "send_and_wait"]
+
+Outcome = Literal[
+    "done",
+    "accepted",
+    "nothing_due",
+    "rejected",
+    "answered",
+    "started",
+    "sent",
+    "unroutable",
+    "unanswered",
+]
+
+
+@dataclass
+class Answer:
+    """What became of a command: the final reply's outcome (done, accepted, nothing_due,
+    rejected), ``answered`` (a correlated event other than a reply: a status or result),
+    ``started`` (the run started; no result within the wait), ``sent`` (not waited
+    for), ``unroutable`` or ``unanswered``."""
+
+    event_id: str
+    outcome: Outcome
+    reason: str = ""
+    status: str | None = None
+    """A run's status, when the answer carries one."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """The correlated events, in order of arrival."""
+
+
+def _correlated(message: AbstractIncomingMessage, event_id: str) -> dict[str, Any] | None:
+    try:
+        event = orjson.loads(message.body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    ids = event.get("correlation_ids")
+    if message.correlation_id == event_id or (isinstance(ids, list) and event_id in ids):
+        return event
+    return None
+
+
+async def send_and_wait(
+    routing_key: str,
+    event_type: str,
+    payload: dict[str, Any],
+    *,
+    agent: str | None,
+    wait_s: float,
+    rabbit_url: str = DEFAULT_URL,
+    exchange_name: str = DEFAULT_EXCHANGE,
+    tls: TlsFiles | None = None,
+    declare: bool = True,
+    now_ms: int | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> Answer:
+    """Publish one event as mandatory and, given ``agent`` and ``wait_s > 0``, wait up to
+    ``wait_s`` for the final answer of that agent. ``on_event`` sees each correlated
+    event as it arrives."""
+    broker = make_broker(rabbit_url, tls=tls)
+    connection = await connect(broker, rabbit_url)
+    try:
+        await declare_exchanges(connection, exchange_name, declare=declare)
+        now = wall_clock_ms() if now_ms is None else now_ms
+        event = envelope(
+            event_type,
+            payload,
+            timestamp_ms=now,
+            event_id=str(uuid.uuid4()),
+            source_type="cli",
+        )
+        event_id = event["event_id"]
+        arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        listening = False
+        if agent is not None and wait_s > 0:
+            listening = await _listen(connection, exchange_name, agent, event_id, arrived)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(exchange_name, ensure=False)
+        try:
+            await exchange.publish(
+                Message(
+                    orjson.dumps(event),
+                    content_type="application/json",
+                    delivery_mode=DeliveryMode.PERSISTENT,
+                    message_id=event_id,
+                    type=event_type,
+                ),
+                routing_key,
+                mandatory=True,
+            )
+        except DeliveryError:  # returned: no queue is bound to the key
+            return Answer(event_id, "unroutable")
+        if not listening:
+            why = "" if agent is None or wait_s <= 0 else "no permission to declare a reply queue"
+            return Answer(event_id, "sent", why)
+        return await _wait(event_id, arrived, wait_s, on_event)
+    finally:
+        await broker.stop()
+
+
+async def _listen(
+    connection: Any,
+    exchange_name: str,
+    agent: str,
+    event_id: str,
+    arrived: asyncio.Queue[dict[str, Any]],
+) -> bool:
+    """Bind a reply queue to the agent's events; False when this user may not."""
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange_name, f"heartbeat.{agent}.#")
+    except ChannelAccessRefused:
+        return False
+
+    async def take(message: AbstractIncomingMessage) -> None:
+        if (event := _correlated(message, event_id)) is not None:
+            arrived.put_nowait(event)
+
+    await queue.consume(take, no_ack=True)
+    return True
+
+
+async def _wait(
+    event_id: str,
+    arrived: asyncio.Queue[dict[str, Any]],
+    wait_s: float,
+    on_event: Callable[[dict[str, Any]], None] | None,
+) -> Answer:
+    answer = Answer(event_id, "unanswered")
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            event = await asyncio.wait_for(arrived.get(), left)
+        except TimeoutError:
+            break
+        answer.events.append(event)
+        if on_event is not None:
+            on_event(event)
+        raw = event.get("payload")
+        payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        kind = event.get("event_type")
+        reason = str(payload.get("reason") or payload.get("error") or "")
+        if kind == "heartbeat.reply":
+            outcome = payload.get("outcome")
+            if outcome in ("done", "accepted", "nothing_due", "rejected"):
+                answer.outcome = outcome
+                answer.reason = reason
+                status = payload.get("status")
+                answer.status = status if isinstance(status, str) else None
+                return answer
+        elif kind == "heartbeat.started":
+            answer.outcome = "started"
+        elif answer.outcome == "unanswered":  # a status or result: an answer, not the last
+            answer.outcome = "answered"
+            answer.reason = reason
+            with contextlib.suppress(Exception):
+                answer.status = str(payload["status"])
+    return answer
