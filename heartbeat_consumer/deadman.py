@@ -1,7 +1,8 @@
 """The fleet monitor's rules, pure: what the bus told us, and which alerts that makes.
 
 A dead-man's switch per agent: nothing is wrong until something that should have
-happened did not. Three kinds of incident, each keyed by (agent, kind, check):
+happened did not, or the agent says it cannot work. Four kinds of incident, each keyed
+by (agent, kind, check):
 
 - ``stale``: no event at all (result or status) from an agent for longer than its stale
   threshold (default 5 min). A warning. An agent that said ``offline`` is not stale:
@@ -9,6 +10,13 @@ happened did not. Three kinds of incident, each keyed by (agent, kind, check):
 - ``timeout``: a run was announced (``started``) and no result came within its timeout
   plus a grace. An error.
 - ``missed``: a check's last success is older than its cadence plus a grace. An error.
+- ``config_invalid``: the agent's last word about its heartbeat.json is that it is
+  unusable (a ``config_invalid`` status, with the reason as the detail); from the first
+  event the monitor hears of it, even if it never had a good config. An error: it runs
+  nothing, or an outdated config, until someone fixes the file. It resolves when the
+  agent shows a usable config (see :func:`_config_verdict`); ``online`` and ``offline``
+  say nothing about the config and keep it open (stopping an agent does not fix its
+  file; it is resolved when the agent is forgotten).
 
 :func:`evaluate` opens an incident (one alert), keeps it open without re-sending (unless
 ``repeat_ms`` asks for reminders) and resolves it when the condition clears (one
@@ -50,14 +58,20 @@ __all__ = [
     "repair",
 ]
 
-Kind = Literal["stale", "timeout", "missed"]
+Kind = Literal["stale", "timeout", "missed", "config_invalid"]
 Severity = Literal["warning", "error"]
-SEVERITY: dict[str, Severity] = {"stale": "warning", "timeout": "error", "missed": "error"}
+SEVERITY: dict[str, Severity] = {
+    "stale": "warning",
+    "timeout": "error",
+    "missed": "error",
+    "config_invalid": "error",
+}
 WATCHED_EVENTS = frozenset({"heartbeat.status", "heartbeat.started", "heartbeat.result"})
 """What an agent says about itself; anything else (the monitor's own alerts) is not a
 sign of life."""
 MAX_ERROR_CHARS = 200
 MAX_KEY_CHARS = 300
+NO_REASON = "heartbeat.json unusable (no reason given)"
 _NAME = re.compile(NAME_PATTERN)
 DROP_REASONS = (
     "unexpected_key",
@@ -116,6 +130,14 @@ class AgentView:
     status: str | None = None
     """The last status the agent announced (online, alive, config_invalid, offline)."""
     checks: dict[str, CheckView] = field(default_factory=dict)
+    config_error: str | None = None
+    """Why its heartbeat.json is unusable (its last ``config_invalid``, at most
+    :data:`MAX_ERROR_CHARS`); None once it showed a usable config again."""
+    config_invalid_at: int | None = None
+    """When that ``config_invalid`` was announced."""
+    ran_slot: int | None = None
+    """While ``config_error`` is set: the slot of the first tick heard running checks
+    since that ``config_invalid`` (see :func:`_config_verdict`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +175,7 @@ class Alert:
 
     agent: str
     kind: str
-    """``stale``, ``timeout``, ``missed`` or ``resolved``."""
+    """``stale``, ``timeout``, ``missed``, ``config_invalid`` or ``resolved``."""
     check: str | None
     severity: Severity | Literal["info"]
     detail: str
@@ -257,14 +279,60 @@ def observe_agent(
     check_name = payload.get("check")
     if kind == "heartbeat.status":
         status = sys.intern(str(payload.get("status")))
-        view = replace(view, last_seen=last_seen, status=status, online=status != "offline")
+        view = replace(
+            view,
+            last_seen=last_seen,
+            status=status,
+            online=status != "offline",
+            **_config_verdict(view, kind, payload, at_ms),
+        )
     elif isinstance(check_name, str) and check_name:
         name = sys.intern(check_name)
         check = _fold_check(view.checks.get(name), kind, payload, at_ms)
-        view = replace(view, last_seen=last_seen, online=True, checks={**view.checks, name: check})
+        view = replace(
+            view,
+            last_seen=last_seen,
+            online=True,
+            checks={**view.checks, name: check},
+            **_config_verdict(view, kind, payload, at_ms),
+        )
     else:
         view = replace(view, last_seen=last_seen)
     return sys.intern(agent), view
+
+
+def _config_verdict(
+    view: AgentView, kind: str, payload: dict[str, Any], at_ms: int
+) -> dict[str, Any]:
+    """What an event changes in the agent's word about its config.
+
+    ``config_invalid`` (announced at the end of every tick while heartbeat.json is
+    unusable) opens it; ``alive`` (announced only with a usable config) clears it. A run
+    alone proves nothing: an agent keeps running its last good config, and announces
+    ``config_invalid`` after that tick's runs. So a run counts only if its slot is later
+    than the last ``config_invalid`` (not a result re-sent, not a manual run in the same
+    minute); the first such slot is kept, and a run of a later slot still shows that
+    tick ended without ``config_invalid``: the config was usable. Other statuses
+    (``online``, ``offline``, ``state_error``...) say nothing about the config."""
+    if kind == "heartbeat.status":
+        status = payload.get("status")
+        if status == "config_invalid":
+            error = payload.get("error")
+            reason = str(error)[:MAX_ERROR_CHARS] if error else NO_REASON
+            return {"config_error": reason, "config_invalid_at": at_ms, "ran_slot": None}
+        if status == "alive" and view.config_error is not None:
+            return {"config_error": None, "config_invalid_at": None, "ran_slot": None}
+        return {}
+    slot = instant_or_none(payload.get("slot"))
+    if view.config_error is None or slot is None:
+        return {}
+    if view.config_invalid_at is not None and slot <= view.config_invalid_at:
+        return {}
+    if view.ran_slot is None:
+        return {"ran_slot": slot}
+    if slot <= view.ran_slot:
+        return {}
+    return {"config_error": None, "config_invalid_at": None, "ran_slot": None}
 
 
 def _fold_check(
@@ -334,7 +402,20 @@ def repair(state: WatchState) -> tuple[WatchState, int]:
             checks[check_name] = replace(check, **changes) if changes else check
         last_seen = _instant(view.last_seen)
         fixed += last_seen != view.last_seen
-        agents[name] = replace(view, last_seen=last_seen, checks=checks)
+        invalid_at, ran_slot = _instant(view.config_invalid_at), _instant(view.ran_slot)
+        fixed += (invalid_at != view.config_invalid_at) + (ran_slot != view.ran_slot)
+        config_error = view.config_error
+        if config_error is not None and not 0 < len(config_error) <= MAX_ERROR_CHARS:
+            config_error = config_error[:MAX_ERROR_CHARS] or NO_REASON
+            fixed += 1
+        agents[name] = replace(
+            view,
+            last_seen=last_seen,
+            checks=checks,
+            config_error=config_error,
+            config_invalid_at=invalid_at,
+            ran_slot=ran_slot,
+        )
     incidents = {
         key: incident
         for key, incident in state.incidents.items()
@@ -357,6 +438,8 @@ def _conditions(state: WatchState, config: WatchConfig, now: int) -> dict[str, I
         found[incident_id(agent, kind, check)] = Incident(agent, kind, check, now, now, detail)
 
     for agent, view in state.agents.items():
+        if view.config_error is not None:  # online or not: stopping it fixes nothing
+            hold(agent, "config_invalid", None, view.config_error)
         stale_ms = config.stale_for(agent)
         if view.online and view.last_seen is not None and now - view.last_seen > stale_ms:
             hold(agent, "stale", None, f"no event for {format_duration(now - view.last_seen)}")

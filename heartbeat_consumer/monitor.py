@@ -3,7 +3,8 @@
 ``heartbeat-consumer monitor`` reads every agent's events from its own durable queue
 (default ``heartbeat.monitor``, bound to ``heartbeat.#``): the ``started`` and result
 events of each check run and the ``_status`` events (online, alive, config_invalid,
-offline). The rules of :mod:`.deadman` turn them into incidents, published as
+offline). The rules of :mod:`.deadman` turn them into incidents (``stale``,
+``timeout``, ``missed``, ``config_invalid``), published as
 ``heartbeat.<agent>._alert.<kind>`` and ``heartbeat.<agent>._alert.resolved``.
 
 - Every ``check_every`` the monitor evaluates, publishes the alerts (persistent, with
@@ -50,6 +51,7 @@ from faststream.rabbit.annotations import RabbitMessage
 from .connection import (
     Redeliveries,
     TlsFiles,
+    connect,
     dead_letter,
     is_transient,
     make_broker,
@@ -61,6 +63,7 @@ from .connection import (
 )
 from .deadman import (
     SEVERITY,
+    AgentView,
     Alert,
     WatchConfig,
     WatchState,
@@ -202,16 +205,21 @@ class Monitor:
             self.exchange.name,
             self.queue.name,
         )
-        connection = await self.broker.connect()
-        await provision_monitor(
-            connection,
-            self.queue.name,
-            self.exchange.name,
-            MONITOR_BINDING,
-            dead_letters=self.dead_letter_limits,
-            declare=self.declare_topology,
-        )
-        await self.broker.start()
+        connection = await connect(self.broker, self.rabbit_url)
+        try:
+            await provision_monitor(
+                connection,
+                self.queue.name,
+                self.exchange.name,
+                MONITOR_BINDING,
+                dead_letters=self.dead_letter_limits,
+                declare=self.declare_topology,
+            )
+            await self.broker.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # closed, not "reconnecting"
+                await self.broker.stop()
+            raise
         self.running = True
         self._gauges()
 
@@ -500,15 +508,14 @@ def status_document(
                 "failures": check.failures,
                 "alerts": [a["kind"] for a in alerts if a["check"] == check_name],
             }
-        state_word = (
-            "stale" if stale else "offline" if not view.online else "running" if active else "idle"
-        )
+        state_word = _state_word(view, stale=stale, running=active is not None)
         agents.append(
             {
                 "agent_id": name,
                 "state": state_word,
                 "online": view.online,
                 "status": view.status,
+                "config_error": view.config_error,
                 "last_seen": _iso(view.last_seen),
                 "idle_for_ms": idle,
                 "checks": checks,
@@ -546,6 +553,18 @@ def status_document(
         "incidents": incidents,
         "timestamp": iso(now),
     }
+
+
+def _state_word(view: AgentView, *, stale: bool, running: bool) -> str:
+    """An unusable config first (the agent cannot do its work, whether it still answers
+    or not: red on the dashboard), then liveness."""
+    if view.config_error is not None:
+        return "config_invalid"
+    if stale:
+        return "stale"
+    if not view.online:
+        return "offline"
+    return "running" if running else "idle"
 
 
 def _iso(ms: int | None) -> str | None:

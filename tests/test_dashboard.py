@@ -18,6 +18,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from heartbeat_consumer.deadman import WatchConfig
 
 from .broker import Bus
+from .requires import need_tool
 from .test_bus import running, write
 from .test_monitor import envelope, new_monitor, until
 from .test_observability import free_port
@@ -27,17 +28,20 @@ COLOURS = {"success": "rgb(31, 157, 85)", "failed": "rgb(214, 69, 69)"}
 
 
 def chromium() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.fail("no Chromium: install Debian's package (apt-get install chromium)")
-    return path
+    """Debian's Chromium (Playwright drives it; no `playwright install`), or $CHROMIUM."""
+    return need_tool(
+        os.environ.get("CHROMIUM") or "chromium",
+        "the dashboard's browser test",
+        "apt-get install chromium (or set CHROMIUM to a Chromium or Chrome binary)",
+    )
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
+    executable = chromium()  # before Playwright starts: a missing browser skips cleanly
     async with async_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-        launched = await p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        launched = await p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
             yield launched
         finally:
@@ -127,6 +131,50 @@ async def test_dashboard_shows_the_fleet_live(bus: Bus, tmp_path: Path, browser:
         await page.wait_for_selector("#error", state="visible", timeout=10_000)
         assert await page.inner_text("#monitor-status") == "unreachable"
         assert await page.locator(f'tr[data-agent="{good}"]').count() == 1
+    finally:
+        stop.set()
+        await task
+        await page.close()
+
+
+async def test_an_agent_with_an_unusable_config_is_red_with_its_reason(
+    bus: Bus, tmp_path: Path, browser: Browser
+) -> None:
+    """An agent whose heartbeat.json was never valid (it only says online, then
+    config_invalid) is red on the dashboard with the reason as text, not green idle;
+    once alive, it is idle again."""
+    agent = bus.agent("broken")
+    reason = "heartbeat.json: Expecting value <b>here</b> <img src=x onerror=alert(1)>"
+    port = free_port()
+    monitor = new_monitor(bus, tmp_path / "m.json", check_every_ms=200)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop, port=port))
+    page = await browser.new_page(viewport={"width": 1200, "height": 500})
+    try:
+        await until(lambda: monitor.running)
+        for word, extra in (("online", {}), ("config_invalid", {"error": reason})):
+            await bus.publish(
+                f"heartbeat.{agent}._status.{word}",
+                envelope("heartbeat.status", {"agent": agent, "status": word, **extra}),
+            )
+        await page.goto(f"http://127.0.0.1:{port}/?refresh=0.3")
+        row = f'tr[data-agent="{agent}"]'
+        await page.wait_for_selector(f'{row}[data-state="config_invalid"]', timeout=15_000)
+        assert await background(page, f"{row} .state") == COLOURS["failed"]
+        assert await page.inner_text(f"{row} .state") == "config_invalid"
+        assert reason in await page.inner_text(f"{row} .config-error")
+        await page.wait_for_selector(f"{row} .alerts li.error", timeout=15_000)
+        assert f"config_invalid: {reason}" in await page.inner_text(f"{row} .alerts")
+        assert await page.locator(f"{row} b, {row} img").count() == 0  # text, never markup
+        assert await page.inner_text("#n-config-invalid") == "1"
+
+        await bus.publish(
+            f"heartbeat.{agent}._status.alive",
+            envelope("heartbeat.status", {"agent": agent, "status": "alive"}),
+        )
+        await page.wait_for_selector(f'{row}[data-state="idle"]', timeout=15_000)
+        await page.wait_for_selector(f"{row} .alerts li", state="detached", timeout=15_000)
+        assert await page.locator(f"{row} .config-error").count() == 0
     finally:
         stop.set()
         await task

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from heartbeat_consumer.deadman import (
     evaluate,
     next_due_at,
     observe,
+    repair,
 )
 
 MIN = 60_000
@@ -190,7 +192,9 @@ def test_agents_silent_for_the_forget_period_are_dropped() -> None:
 EVENTS = st.lists(
     st.tuples(
         st.integers(0, 120),  # minute
-        st.sampled_from(["online", "offline", "started", "success", "failed"]),
+        st.sampled_from(
+            ["online", "offline", "alive", "config_invalid", "started", "success", "failed"]
+        ),
         st.sampled_from(["a", "b"]),
         st.sampled_from(["c", "d"]),
     ),
@@ -211,12 +215,13 @@ def test_every_incident_opens_once_and_resolves_once(
     for minute in range(horizon):
         for at, what, agent, check in timeline:
             if at == minute:
-                if what in ("online", "offline"):
+                if what in ("online", "offline", "alive", "config_invalid"):
                     event = status(agent, what)
                 elif what == "started":
                     event = started(agent, check, f"{agent}:{check}:{minute}")
                 else:
                     event = result(agent, check, what, f"{agent}:{check}:{minute - 1}")
+                event["payload"]["slot"] = T0 + minute * MIN
                 state = observe(state, event, T0 + minute * MIN)
         state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
         for alert in alerts:
@@ -227,3 +232,151 @@ def test_every_incident_opens_once_and_resolves_once(
         again, repeat = evaluate(state, CONFIG, T0 + minute * MIN)
         assert repeat == [] and again == state
     assert WatchState.from_json(state.to_json()) == state
+
+
+# --- config_invalid: an agent whose heartbeat.json is unusable ------------------------------
+
+
+def invalid(
+    agent: str, error: object = "heartbeat.json: Expecting value (line 1)"
+) -> dict[str, Any]:
+    event = status(agent, "config_invalid")
+    event["payload"]["error"] = error
+    return event
+
+
+def ran(agent: str, check: str, slot: int, value: str | None = None) -> dict[str, Any]:
+    """A tick's started event (``value`` None) or result, as a consumer sends them."""
+    if value is None:
+        event = started(agent, check, f"{agent}:{check}:{slot}")
+    else:
+        event = result(agent, check, value, key=f"{agent}:{check}:{slot}")
+    event["payload"]["slot"] = slot
+    return event
+
+
+def test_config_invalid_opens_from_the_first_event_of_an_agent_never_valid() -> None:
+    """The first event the monitor ever hears of the agent is its config_invalid: one
+    error alert with the reason (bounded), not sent again while the agent repeats it
+    every tick, resolved once by ``alive``."""
+    state = observe(WatchState(), invalid("a", "x" * 5000), T0)
+    state, alerts = evaluate(state, CONFIG, T0)
+    assert kinds(alerts) == [("a", "config_invalid", None)]
+    (alert,) = alerts
+    assert alert.severity == "error" and alert.incident == "a:config_invalid:*"
+    assert alert.detail == "x" * 200 and alert.to_payload()["kind"] == "config_invalid"
+    for minute in range(1, 20):  # the agent says it again on every tick
+        state = observe(state, invalid("a"), T0 + minute * MIN)
+        state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
+        assert alerts == [], minute
+    assert state.incidents["a:config_invalid:*"].detail.startswith("heartbeat.json: Expecting")
+    state = observe(state, status("a", "alive"), T0 + 20 * MIN)
+    state, alerts = evaluate(state, CONFIG, T0 + 20 * MIN)
+    assert kinds(alerts) == [("a", "resolved", None)]
+    assert alerts[0].incident == "a:config_invalid:*"
+    assert "config_invalid resolved after 20m" in alerts[0].detail and state.incidents == {}
+    state, alerts = evaluate(state, CONFIG, T0 + 21 * MIN)
+    assert alerts == []
+
+
+def test_config_invalid_without_a_reason_still_opens() -> None:
+    _, alerts = evaluate(observe(WatchState(), invalid("a", None), T0), CONFIG, T0)
+    assert kinds(alerts) == [("a", "config_invalid", None)] and "no reason" in alerts[0].detail
+
+
+def test_online_and_offline_keep_config_invalid_open_online_then_alive_resolves() -> None:
+    """Stopping a broken agent does not fix its file: offline keeps the incident (and is
+    not stale); a restart's online says nothing about the config; its alive does."""
+    state = observe(WatchState(), status("a", "online"), T0)
+    state = observe(state, invalid("a"), T0 + 1)
+    state, alerts = evaluate(state, CONFIG, T0 + 1)
+    assert kinds(alerts) == [("a", "config_invalid", None)]
+    state = observe(state, status("a", "offline"), T0 + MIN)
+    for minute in (2, 30, 600):
+        state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
+        assert alerts == [] and list(state.incidents) == ["a:config_invalid:*"]
+    state = observe(state, status("a", "online"), T0 + 601 * MIN)
+    state, alerts = evaluate(state, CONFIG, T0 + 601 * MIN)
+    assert alerts == []
+    state = observe(state, status("a", "alive"), T0 + 601 * MIN + 5)
+    state, alerts = evaluate(state, CONFIG, T0 + 601 * MIN + 5)
+    assert kinds(alerts) == [("a", "resolved", None)]
+
+
+def test_runs_of_the_last_good_config_do_not_resolve_config_invalid() -> None:
+    """An agent whose config broke keeps running its last good one and announces
+    config_invalid after each tick's runs: evaluations between a run and that
+    announcement do not resolve (no flapping). Once fixed, its ticks run without
+    announcing it: the run of the next tick resolves the incident."""
+    state = observe(WatchState(), ran("a", "c", T0, "success"), T0 + 1)
+    state = observe(state, invalid("a"), T0 + 2)
+    state, alerts = evaluate(state, CONFIG, T0 + 2)
+    assert kinds(alerts) == [("a", "config_invalid", None)]
+    for minute in range(1, 10):  # a tick: started, (evaluation), result, (evaluation), invalid
+        slot = T0 + minute * MIN
+        for offset, event in ((1, ran("a", "c", slot)), (40_000, ran("a", "c", slot, "failed"))):
+            state = observe(state, event, slot + offset)
+            state, alerts = evaluate(state, CONFIG, slot + offset + 1)
+            assert alerts == [], minute
+        state = observe(state, invalid("a"), slot + 40_002)
+    # A result re-sent after an outage and a manual run in the minute already announced
+    # (its slot is that minute), then the next tick's run: still invalid.
+    last = T0 + 9 * MIN
+    state = observe(state, ran("a", "c", T0, "success"), last + 50_000)
+    state = observe(state, ran("a", "c", last, "success"), last + 55_000)
+    state = observe(state, ran("a", "c", last + MIN), last + MIN + 1)
+    state, alerts = evaluate(state, CONFIG, last + MIN + 2)
+    assert alerts == [] and state.agents["a"].config_error is not None
+    # Fixed: that tick ends without config_invalid; the next tick's run shows it.
+    state = observe(state, ran("a", "c", last + MIN, "success"), last + MIN + 10)
+    state, alerts = evaluate(state, CONFIG, last + 2 * MIN - 1)
+    assert alerts == []
+    state = observe(state, ran("a", "c", last + 2 * MIN), last + 2 * MIN + 1)
+    state, alerts = evaluate(state, CONFIG, last + 2 * MIN + 2)
+    assert kinds(alerts) == [("a", "resolved", None)]
+    assert state.agents["a"].config_error is None
+
+
+def test_config_invalid_reminds_like_the_other_kinds() -> None:
+    config = WatchConfig(repeat_ms=10 * MIN)
+    state = WatchState()
+    sent = []
+    for minute in range(0, 31):
+        state = observe(state, invalid("a"), T0 + minute * MIN)
+        state, alerts = evaluate(state, config, T0 + minute * MIN)
+        sent += [(minute, a.kind, a.repeat) for a in alerts]
+    assert sent == [
+        (0, "config_invalid", False),
+        (10, "config_invalid", True),
+        (20, "config_invalid", True),
+        (30, "config_invalid", True),
+    ]
+
+
+def test_config_invalid_survives_a_state_save_and_load() -> None:
+    """A restarted monitor remembers the open incident and the reason, does not send it
+    again, and still resolves it; a state file of a version without the kind loads."""
+    state = observe(WatchState(), invalid("a"), T0)
+    state, alerts = evaluate(state, CONFIG, T0)
+    assert len(alerts) == 1
+    restored = WatchState.from_json(state.to_json())
+    assert restored == state and repair(restored) == (restored, 0)
+    assert restored.incidents["a:config_invalid:*"].kind == "config_invalid"
+    assert restored.agents["a"].config_error == "heartbeat.json: Expecting value (line 1)"
+    restored, alerts = evaluate(restored, CONFIG, T0 + MIN)
+    assert alerts == []
+    restored = observe(restored, status("a", "alive"), T0 + 2 * MIN)
+    restored, alerts = evaluate(restored, CONFIG, T0 + 2 * MIN)
+    assert kinds(alerts) == [("a", "resolved", None)]
+
+    raw = orjson.loads(state.to_json())
+    for key in ("config_error", "config_invalid_at", "ran_slot"):
+        del raw["agents"]["a"][key]
+    old = WatchState.from_json(orjson.dumps(raw))
+    assert old.agents["a"].config_error is None
+    # Written by hand or by another version: values out of range are repaired.
+    raw = orjson.loads(state.to_json())
+    raw["agents"]["a"].update(config_error="y" * 999, config_invalid_at=-(10**17))
+    fixed, count = repair(WatchState.from_json(orjson.dumps(raw)))
+    assert count == 2 and fixed.agents["a"].config_error == "y" * 200
+    assert fixed.agents["a"].config_invalid_at is None

@@ -449,3 +449,78 @@ async def test_old_timestamps_are_dated_by_arrival_and_checks_are_capped(
             if s.name.endswith("_total")
         }
         assert dropped == {"too_many_checks": 2}
+
+
+async def status_over_http(port: int, condition: Callable[[dict[str, Any]], bool]) -> Any:
+    """The status API's document once ``condition`` holds (it is cached for a second)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        status, _, body = await http(port, "/api/heartbeat/status")
+        document = orjson.loads(body)
+        if status == 200 and condition(document):
+            return document
+        assert asyncio.get_running_loop().time() < deadline, document
+        await asyncio.sleep(0.1)
+
+
+async def test_an_agent_never_valid_raises_config_invalid_until_it_is_alive(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The first events the monitor hears of a fresh agent are its online and
+    config_invalid: one config_invalid error alert on the bus, the agent red with the
+    reason in the status API (not idle); its alive resolves it."""
+    agent = bus.agent("broken")
+    reason = "heartbeat.json: Expecting ',' delimiter: line 3 column 5 <b>x</b>"
+    alerts = await bus.collector(f"heartbeat.{agent}._alert.#")
+    port = free_port()
+    monitor = new_monitor(bus, tmp_path / "m.json", check_every_ms=3_600_000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop, port=port))
+    try:
+        await until(lambda: monitor.running)
+        for word, extra in (("online", {}), ("config_invalid", {"error": reason})):
+            await bus.publish(
+                f"heartbeat.{agent}._status.{word}",
+                envelope("heartbeat.status", {"agent": agent, "status": word, **extra}),
+            )
+        await until(
+            lambda: (
+                agent in monitor.state.agents
+                and monitor.state.agents[agent].status == "config_invalid"
+            )
+        )
+        sent = await monitor.evaluate_once()
+        assert [(a.kind, a.agent, a.severity) for a in sent] == [("config_invalid", agent, "error")]
+        (published,) = await take(alerts, 1, skip_status=False)
+        assert published.routing_key == f"heartbeat.{agent}._alert.config_invalid"
+        payload = orjson.loads(published.body)["payload"]
+        assert payload["kind"] == "config_invalid" and payload["detail"] == reason
+        assert payload["incident"] == f"{agent}:config_invalid:*"
+        assert await monitor.evaluate_once() == []  # not re-sent
+
+        document = await status_over_http(port, lambda d: bool(d["incidents"]))
+        (row,) = document["agents"]
+        assert row["state"] == "config_invalid" and row["config_error"] == reason
+        assert [(a["kind"], a["severity"], a["detail"]) for a in row["alerts"]] == [
+            ("config_invalid", "error", reason)
+        ]
+        assert document["in_flight_agents"][0]["status"] == "config_invalid"
+        saved = WatchState.from_json((tmp_path / "m.json").read_bytes())
+        assert list(saved.incidents) == [f"{agent}:config_invalid:*"]
+
+        await bus.publish(
+            f"heartbeat.{agent}._status.alive",
+            envelope("heartbeat.status", {"agent": agent, "status": "alive"}),
+        )
+        await until(lambda: monitor.state.agents[agent].status == "alive")
+        sent = await monitor.evaluate_once()
+        assert [(a.kind, a.incident) for a in sent] == [("resolved", f"{agent}:config_invalid:*")]
+        (published,) = await take(alerts, 1, skip_status=False)
+        assert published.routing_key == f"heartbeat.{agent}._alert.resolved"
+        document = await status_over_http(port, lambda d: not d["incidents"])
+        assert document["agents"][0]["state"] == "idle"
+        assert document["agents"][0]["config_error"] is None
+    finally:
+        stop.set()
+        await task
+    assert await drain(alerts) == []
