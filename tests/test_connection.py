@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ from heartbeat_consumer.connection import TlsError, TlsFiles, make_broker
 from heartbeat_consumer.consumer import HeartbeatConsumer
 
 from .broker import Bus, take
+from .requires import need_file, need_tool
 
 SYSTEM_CA = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
 
@@ -26,8 +26,7 @@ def test_no_tls_files_means_plain_settings() -> None:
 
 
 def test_ca_file_builds_a_verifying_context() -> None:
-    if not SYSTEM_CA.exists():
-        pytest.skip("no CA bundle on this machine")
+    need_file(SYSTEM_CA, "the system CA bundle", "apt-get install ca-certificates")
     context = TlsFiles(ca_file=str(SYSTEM_CA)).context()
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     make_broker("amqps://u:p@broker.example:5671/", tls=TlsFiles(ca_file=str(SYSTEM_CA)))
@@ -46,7 +45,7 @@ def test_unusable_tls_files_are_a_clear_error(
     assert "TLS files unusable" in err and "Traceback" not in err
 
 
-def _make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
+def _make_ca_and_server_cert(directory: Path, openssl: str) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for localhost, made with the openssl CLI."""
     ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
     key, csr, crt = directory / "server.key", directory / "server.csr", directory / "server.crt"
@@ -61,16 +60,15 @@ def _make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
          "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt)],
     ]  # fmt: skip
     for step in steps:
-        subprocess.run(["openssl", *step], check=True, capture_output=True)
+        subprocess.run([openssl, *step], check=True, capture_output=True)
     return ca_crt, crt, key
 
 
 async def test_amqps_with_a_private_ca_end_to_end(bus: Bus, tmp_path: Path) -> None:
     """A TLS proxy with a private CA in front of the broker: the consumer connects over
     amqps:// with --ca-file, and a plain default context would refuse it."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    ca, crt, key = _make_ca_and_server_cert(tmp_path)
+    openssl = need_tool("openssl", "makes a private CA for the TLS test", "apt-get install openssl")
+    ca, crt, key = _make_ca_and_server_cert(tmp_path, openssl)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(crt, key)
     upstream = urlsplit(bus.url)

@@ -1,8 +1,8 @@
 """The deployment files: systemd units, the Dockerfile and the compose fleet.
 
-systemd-analyze and docker-compose check syntax where they are installed (.ci/run installs
-them); the consistency tests below run everywhere and check that the files agree with the
-CLI and with each other.
+systemd-analyze and docker-compose check syntax (skipped where they are not installed, failed
+under CI=true: .ci/run installs them); the consistency tests below run everywhere and check
+that the files agree with the CLI and with each other.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from heartbeat_consumer.cli import build_parser
 
 from .conftest import ROOT
+from .requires import need_tool
 
 DEPLOY = ROOT / "deploy"
 UNITS = DEPLOY / "systemd"
@@ -57,6 +57,11 @@ def unit(path: Path) -> dict[str, list[str]]:
     return found
 
 
+def systemd_analyze() -> str:
+    __tracebackhide__ = True
+    return need_tool("systemd-analyze", "verifies deploy/systemd", "apt-get install systemd")
+
+
 SERVICES = sorted(UNITS.glob("*.service"))
 LONG_RUNNING = [p for p in SERVICES if "run-once" not in p.name]
 
@@ -72,14 +77,13 @@ def test_the_issue_s_units_exist() -> None:
 
 @pytest.mark.parametrize("path", SERVICES + sorted(UNITS.glob("*.timer")), ids=lambda p: p.name)
 def test_systemd_analyze_verify(path: Path, tmp_path: Path) -> None:
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed (.ci/run installs it)")
+    analyze = systemd_analyze()
     for other in UNITS.iterdir():  # timers need their service beside them
         text = other.read_text().replace(INSTALLED_BIN, TEST_BIN)
         (tmp_path / other.name).write_text(text)
     name = path.name.replace("@.", "@cack.")
     out = subprocess.run(
-        ["systemd-analyze", "verify", str(tmp_path / name)],
+        [analyze, "verify", str(tmp_path / name)],
         capture_output=True,
         text=True,
         check=False,
@@ -90,13 +94,10 @@ def test_systemd_analyze_verify(path: Path, tmp_path: Path) -> None:
 
 def test_systemd_analyze_verify_catches_mistakes(tmp_path: Path) -> None:
     """The verify test above is only worth something if verify complains."""
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
+    analyze = systemd_analyze()
     bad = tmp_path / "bad.service"
     bad.write_text(f"[Service]\nTyp=notify\nProtectSystem=strickt\nExecStart={TEST_BIN}\n")
-    out = subprocess.run(
-        ["systemd-analyze", "verify", str(bad)], capture_output=True, text=True, check=False
-    )
+    out = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True, check=False)
     assert "Unknown key" in out.stderr and "strickt" in out.stderr
 
 
@@ -191,9 +192,9 @@ def compose() -> dict[str, Any]:
 
 
 def test_docker_compose_config(tmp_path: Path) -> None:
-    tool = shutil.which("docker-compose")
-    if tool is None:
-        pytest.skip("docker-compose not installed (.ci/run installs it)")
+    tool = need_tool(
+        "docker-compose", "checks deploy/docker-compose.yml", "apt-get install docker-compose"
+    )
     no_env = tmp_path / "empty.env"  # a developer's deploy/.env must not decide the test
     no_env.write_text("")
     out = subprocess.run(

@@ -20,6 +20,8 @@ from heartbeat_consumer.state import (
 )
 from heartbeat_consumer.store import StateError, StateStore, default_state_path
 
+from .requires import need_tool
+
 MIN = 60_000
 
 
@@ -144,9 +146,9 @@ def test_unwritable_state_directory_is_a_clear_error(tmp_path: Path) -> None:
             locked.chmod(0o700)
         return
     # Root writes anywhere: run the real command as an unprivileged user instead.
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv to drop privileges")
+    setpriv = need_tool(
+        "setpriv", "run as root, the test drops privileges with it", "apt-get install util-linux"
+    )
     cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m"]
     probe = subprocess.run(
         [*cmd, "heartbeat_consumer", "--version"], capture_output=True, check=False
