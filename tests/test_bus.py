@@ -690,7 +690,14 @@ async def test_a_queue_or_exchange_declared_elsewhere_is_said_in_a_line_or_two(
     await bus.channel.declare_queue(
         f"agent.{agent}.inbox", durable=True, arguments={"x-max-length": 5}
     )
-    opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name, "--state", "s.json"]
+    opts = [
+        "--rabbit-url",
+        bus.url,
+        "--exchange",
+        bus.exchange_name,
+        "--state",
+        str(tmp_path / "s.json"),
+    ]
     proc = await asyncio.create_subprocess_exec(
         BIN, "run", str(config), "--agent", agent, *opts,
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
