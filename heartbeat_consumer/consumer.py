@@ -514,10 +514,11 @@ class AgentConsumer:
         if self.last_slot is not None and tick.slot_ms <= self.last_slot:
             log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))
             self.metrics.tick(self.agent, "duplicate")
+            later = "" if tick.slot_ms == self.last_slot else f"; the latest: {iso(self.last_slot)}"
             why = (
                 f"the slot {iso(tick.slot_ms)} was evaluated already (at start-up or by an "
-                f"earlier tick; {iso(self.last_slot)} is the latest): a check runs once per "
-                "slot; run one now with run-check --force"
+                f"earlier tick{later}): a check runs once per slot; run one now with "
+                "run-check --force"
             )
             await self.reply("tick", tick.event_id, "nothing_due", why, slot=iso(tick.slot_ms))
             return
