@@ -588,16 +588,18 @@ class AgentConsumer:
         if accepted:
             await self._report_state(error)
         saved = "" if error is None else f" (held in memory: the state was not saved: {error})"
-        for _, command in accepted:
-            until = f" until {iso(command.until_ms)}" if command.until_ms is not None else ""
-            what = f"{command.check}{until}" if command.name == "pause" else command.check
-            await self.reply(
-                command.name,
-                command.event_id,
-                "accepted",
-                f"{command.name}d {what}{saved}",
-                check=command.check,
+        await asyncio.gather(  # a batch of up to READ_AHEAD answers, confirmed together
+            *(
+                self.reply(
+                    command.name,
+                    command.event_id,
+                    "accepted",
+                    f"{command.name}d {_what(command)}{saved}",
+                    check=command.check,
+                )
+                for _, command in accepted
             )
+        )
         return [message for message, _ in accepted]
 
     def _no_such_check(self, command: Command) -> str:
@@ -621,21 +623,35 @@ class AgentConsumer:
             log.warning("%s: run %s not done: %s", self.agent, first.check, outcome)
             if outcome.startswith("already run for request"):
                 return  # a redelivery of a run that was done (and answered) before
-            for _, command in group:
-                await self.reply("run", command.event_id, "rejected", outcome, check=first.check)
-            return
-        for _, command in group:
-            await self.reply(
-                "run",
-                command.event_id,
-                "done",
-                f"{first.check}: {outcome.status}"
-                + (f" ({outcome.error})" if outcome.error else ""),
-                check=first.check,
-                status=outcome.status,
-                idempotency_key=outcome.idempotency_key,
-                duration_ms=outcome.duration_ms,
+            await asyncio.gather(
+                *(
+                    self.reply("run", command.event_id, "rejected", outcome, check=first.check)
+                    for _, command in group
+                )
             )
+            return
+        done = f"{first.check}: {outcome.status}" + (f" ({outcome.error})" if outcome.error else "")
+        await asyncio.gather(
+            *(
+                self.reply(
+                    "run",
+                    command.event_id,
+                    "done",
+                    done,
+                    check=first.check,
+                    status=outcome.status,
+                    idempotency_key=outcome.idempotency_key,
+                    duration_ms=outcome.duration_ms,
+                )
+                for _, command in group
+            )
+        )
+
+
+def _what(command: Command) -> str:
+    if command.name == "pause" and command.until_ms is not None:
+        return f"{command.check} until {iso(command.until_ms)}"
+    return command.check
 
 
 def _describe(exc: BaseException) -> str:
