@@ -536,7 +536,15 @@ def _answer_exit(args: argparse.Namespace, what: str, answer: Answer) -> int:
     if answer.outcome == "unanswered":
         _out(
             f"{what}: no answer from {agent} within {format_duration(_wait_ms(args))} "
-            f"(is its consumer running? the message waits in {inbox_queue(agent)})",
+            f"(is its consumer running, or busy with a long check? the message waits in "
+            f"{inbox_queue(agent)} and is handled when the agent gets to it)",
+            sys.stderr,
+        )
+        return EXIT_INVALID
+    if answer.outcome == "lost":
+        _out(
+            f"{what}: the broker connection was lost while waiting for the answer (the "
+            "message was sent; it is handled when the agent gets to it)",
             sys.stderr,
         )
         return EXIT_INVALID

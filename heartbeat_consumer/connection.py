@@ -8,6 +8,7 @@ import logging
 import ssl
 import stat
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,20 +116,29 @@ class _QuietReconnects(logging.Filter):
         return False
 
 
-async def connect(broker: RabbitBroker, url: str) -> AbstractRobustConnection:
-    """Connect ``broker`` (to ``url``, for the messages); raises :class:`BrokerError`
-    with one line naming the masked URL and what to check."""
+@contextlib.contextmanager
+def quiet_reconnects() -> Iterator[None]:
+    """Within: the AMQP libraries' reconnect lines are dropped (a short-lived command,
+    or a first connection attempt, says what failed itself)."""
     quiet = _QuietReconnects()
     loggers = [logging.getLogger(n) for n in ("aio_pika.robust_connection", "aiormq.connection")]
     for logger in loggers:
         logger.addFilter(quiet)
     try:
-        return await broker.connect()
-    except (AMQPError, OSError, TimeoutError) as exc:
-        raise BrokerError(describe_connect_error(url, exc)) from None
+        yield
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+
+
+async def connect(broker: RabbitBroker, url: str) -> AbstractRobustConnection:
+    """Connect ``broker`` (to ``url``, for the messages); raises :class:`BrokerError`
+    with one line naming the masked URL and what to check."""
+    with quiet_reconnects():
+        try:
+            return await broker.connect()
+        except (AMQPError, OSError, TimeoutError) as exc:
+            raise BrokerError(describe_connect_error(url, exc)) from None
 
 
 def describe_connect_error(url: str, exc: BaseException) -> str:

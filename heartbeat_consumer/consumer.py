@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from faststream import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
@@ -83,7 +84,7 @@ from .local import stop_on_signals
 from .metrics import Metrics
 from .provision import DeadLetterLimits, InboxOptions, TopologyError, provision_agent
 from .service import run_service
-from .store import AgentBusy, AgentLock
+from .store import AgentBusy, AgentLock, StateError
 from .timeutil import floor_to, iso
 from .topology import (
     COMMANDS,
@@ -120,8 +121,10 @@ MAX_HOLD_S = 60.0
 yet to the queue before starting another run: no delivery waits unacknowledged for
 longer than this plus one handler's timeout (at most 25 min), under RabbitMQ's
 consumer_timeout (30 min)."""
-SEEN_TICKS = 1000
-"""Event ids of recent ticks remembered (a repeat is not evaluated nor answered again)."""
+SEEN_TICKS = 64
+"""Event ids of recent ticks remembered (a repeat is not evaluated nor answered again);
+an id is remembered once its tick was handled, so a redelivery after a failure is
+evaluated."""
 QueueKind = Literal["classic", "quorum"]
 
 
@@ -189,6 +192,12 @@ class AgentConsumer:
         )
         self.subscriber(self.on_message)
         self.lock = AgentLock(self.runner.store.path.parent, self.agent)
+        state = self.runner.store.path
+        if self.lock.path in (state, state.with_name(state.name + ".lock")):
+            raise StateError(
+                f"the state file {state} would be (or be locked by) the agent's lock file "
+                f"{self.lock.path}: give it another name (default: <config>.state.json)"
+            )
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -391,6 +400,8 @@ class AgentConsumer:
                         switches.append((message, command))
             except Exception as exc:
                 await self._fail([message], exc)
+                if kind in ("run", "pause", "resume") and isinstance(exc, EnvelopeError):
+                    await self._answer_unreadable(message, kind, exc)
         if runs:  # a run of a check the config does not have is refused here, at once
             known = await self.runner.check_names()
             unknown = [(m, c) for name in set(runs) - known for m, c in runs.pop(name)]
@@ -480,6 +491,22 @@ class AgentConsumer:
         with contextlib.suppress(Exception):  # the dead letter keeps the reason anyway
             await self.reply(command.name, command.event_id, "rejected", why, check=command.check)
 
+    async def _answer_unreadable(
+        self, message: AbstractIncomingMessage, kind: str, exc: EnvelopeError
+    ) -> None:
+        """A command that could not be used was dead-lettered; if its event id can be
+        read, its sender hears why too."""
+        if len(message.body) > 65536:
+            return
+        try:
+            event = orjson.loads(message.body)
+        except orjson.JSONDecodeError:
+            return
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        if isinstance(event_id, str) and 0 < len(event_id.encode()) <= 200:
+            with contextlib.suppress(Exception):
+                await self.reply(kind, event_id, "rejected", str(exc))
+
     def _parse_tick(self, message: AbstractIncomingMessage) -> Tick:
         tick = parse_tick(
             message.body, interval_ms=self.tick_interval_ms, content_type=message.content_type
@@ -508,12 +535,17 @@ class AgentConsumer:
             log.debug("%s: tick %s seen before", self.agent, tick.event_id)
             self.metrics.tick(self.agent, "duplicate")
             return
-        self._seen_ticks[tick.event_id] = None
+        await self._evaluate_tick(tick, alone)
+        self._seen_ticks[tick.event_id] = None  # handled: a repeat is not answered again
         while len(self._seen_ticks) > SEEN_TICKS:
             self._seen_ticks.popitem(last=False)
+
+    async def _evaluate_tick(self, tick: Tick, alone: bool) -> None:
         if self.last_slot is not None and tick.slot_ms <= self.last_slot:
             log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))
             self.metrics.tick(self.agent, "duplicate")
+            if not alone:  # a tick to every agent: no answer from each (a flood of them)
+                return
             later = "" if tick.slot_ms == self.last_slot else f"; the latest: {iso(self.last_slot)}"
             why = (
                 f"the slot {iso(tick.slot_ms)} was evaluated already (at start-up or by an "

@@ -233,6 +233,8 @@ class Fleet:
             what = "is not a directory" if self.directory.exists() else "does not exist"
             raise FleetError(f"fleet directory {self.directory} {what}")
         if self.state_dir is not None:
+            if self.state_dir.exists() and not self.state_dir.is_dir():
+                raise FleetError(f"state directory {self.state_dir} is not a directory")
             try:
                 self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:

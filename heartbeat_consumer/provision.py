@@ -216,15 +216,25 @@ async def _queue(
         for exchange, key in bindings:
             await queue.bind(exchange, routing_key=key)
 
+    mismatched = False
+
+    def warn(exc: ChannelPreconditionFailed) -> None:
+        nonlocal mismatched
+        mismatched = True
+        mismatch(exc)
+
     async def passive(channel: AbstractChannel) -> None:
-        await channel.declare_queue(name, passive=True)
+        queue = await channel.declare_queue(name, passive=True)
+        if mismatched:  # used as it is, but bound as ours is (a binding is idempotent)
+            for exchange, key in bindings:
+                await queue.bind(exchange, routing_key=key)
 
     return await _ensure(
         connection,
         f"queue {name!r}",
         declare=active if declare else None,
         check=passive,
-        mismatch=mismatch,
+        mismatch=warn,
         require=require,
     )
 

@@ -25,11 +25,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError
 from aiormq.exceptions import ChannelAccessRefused
 
-from .connection import TlsFiles, connect, make_broker
+from .connection import TlsFiles, connect, make_broker, quiet_reconnects
 from .engine import wall_clock_ms
 from .envelope import envelope
 from .provision import declare_exchanges
-from .topology import DEFAULT_EXCHANGE, DEFAULT_URL
+from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, REPLY_WORDS
 
 __all__ = ["Answer", "send_and_wait"]
 
@@ -43,6 +43,7 @@ Outcome = Literal[
     "sent",
     "unroutable",
     "unanswered",
+    "lost",
 ]
 
 
@@ -51,7 +52,8 @@ class Answer:
     """What became of a command: the final reply's outcome (done, accepted, nothing_due,
     rejected), ``answered`` (a correlated event other than a reply: a status or result),
     ``started`` (the run started; no result within the wait), ``sent`` (not waited
-    for), ``unroutable`` or ``unanswered``."""
+    for), ``unroutable``, ``unanswered`` or ``lost`` (the connection went away while
+    waiting)."""
 
     event_id: str
     outcome: Outcome
@@ -62,16 +64,46 @@ class Answer:
     """The correlated events, in order of arrival."""
 
 
-def _correlated(message: AbstractIncomingMessage, event_id: str) -> dict[str, Any] | None:
+LOST: dict[str, Any] = {"event_type": "lost"}
+"""Put in the queue of arrivals when the reply channel closes (the broker went away)."""
+
+
+def _correlated(
+    message: AbstractIncomingMessage, event_id: str, agent: str
+) -> dict[str, Any] | None:
+    """The event, if it is an answer to ``event_id`` from ``agent``: under the agent's
+    own keys (which topic permissions vouch for; a copy sent by CC keeps its sender's
+    key) and of the type its key says, naming the agent (and, for a reply, the
+    command); else None. An id is not a secret: the monitor sees every one."""
+    parts = (message.routing_key or "").split(".")
+    if len(parts) != 4 or parts[0] != "heartbeat" or parts[1] != agent:
+        return None
     try:
         event = orjson.loads(message.body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(event, dict):
+    payload = event.get("payload") if isinstance(event, dict) else None
+    if not isinstance(payload, dict) or payload.get("agent") != agent:
+        return None
+    second, word = parts[2], parts[3]
+    if second == "_command":
+        expected = "heartbeat.reply" if word in REPLY_WORDS else None
+        if payload.get("command_id") != event_id:
+            return None
+    elif second == "_status":
+        expected = "heartbeat.status"
+    elif second.startswith("_"):
+        return None  # alerts and other families: never an agent's answer
+    else:
+        expected = "heartbeat.started" if word == "started" else "heartbeat.result"
+        if payload.get("check") != second:
+            return None
+    if event.get("event_type") != expected:
         return None
     ids = event.get("correlation_ids")
     if message.correlation_id == event_id or (isinstance(ids, list) and event_id in ids):
-        return event
+        found: dict[str, Any] = event
+        return found
     return None
 
 
@@ -92,6 +124,36 @@ async def send_and_wait(
     """Publish one event as mandatory and, given ``agent`` and ``wait_s > 0``, wait up to
     ``wait_s`` for the final answer of that agent. ``on_event`` sees each correlated
     event as it arrives."""
+    with quiet_reconnects():  # a lost connection is said once, by the answer
+        return await _send_and_wait(
+            routing_key,
+            event_type,
+            payload,
+            agent=agent,
+            wait_s=wait_s,
+            rabbit_url=rabbit_url,
+            exchange_name=exchange_name,
+            tls=tls,
+            declare=declare,
+            now_ms=now_ms,
+            on_event=on_event,
+        )
+
+
+async def _send_and_wait(
+    routing_key: str,
+    event_type: str,
+    payload: dict[str, Any],
+    *,
+    agent: str | None,
+    wait_s: float,
+    rabbit_url: str,
+    exchange_name: str,
+    tls: TlsFiles | None,
+    declare: bool,
+    now_ms: int | None,
+    on_event: Callable[[dict[str, Any]], None] | None,
+) -> Answer:
     broker = make_broker(rabbit_url, tls=tls)
     connection = await connect(broker, rabbit_url)
     try:
@@ -126,7 +188,11 @@ async def send_and_wait(
         except DeliveryError:  # returned: no queue is bound to the key
             return Answer(event_id, "unroutable")
         if not listening:
-            why = "" if agent is None or wait_s <= 0 else "no permission to declare a reply queue"
+            why = (
+                ""
+                if agent is None or wait_s <= 0
+                else "no permission to declare, bind or consume a reply queue"
+            )
             return Answer(event_id, "sent", why)
         return await _wait(event_id, arrived, wait_s, on_event)
     finally:
@@ -142,17 +208,18 @@ async def _listen(
 ) -> bool:
     """Bind a reply queue to the agent's events; False when this user may not."""
     channel = await connection.channel()
+
+    async def take(message: AbstractIncomingMessage) -> None:
+        if (event := _correlated(message, event_id, agent)) is not None:
+            arrived.put_nowait(event)
+
     try:
         queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
         await queue.bind(exchange_name, f"heartbeat.{agent}.#")
+        await queue.consume(take, no_ack=True)
     except ChannelAccessRefused:
         return False
-
-    async def take(message: AbstractIncomingMessage) -> None:
-        if (event := _correlated(message, event_id)) is not None:
-            arrived.put_nowait(event)
-
-    await queue.consume(take, no_ack=True)
+    channel.close_callbacks.add(lambda *_: arrived.put_nowait(LOST))
     return True
 
 
@@ -169,6 +236,9 @@ async def _wait(
             event = await asyncio.wait_for(arrived.get(), left)
         except TimeoutError:
             break
+        if event is LOST:
+            answer.outcome = "lost"
+            return answer
         answer.events.append(event)
         if on_event is not None:
             on_event(event)

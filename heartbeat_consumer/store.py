@@ -8,6 +8,7 @@ the new state, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -70,6 +71,12 @@ class AgentLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            if not self._unlockable(exc):
+                raise AgentBusy(
+                    f"agent {self.agent}: cannot take its lock {self.path}: "
+                    f"{exc.strerror or exc} (a symbolic link, a directory or another "
+                    "user's file where the lock belongs?)"
+                ) from None
             log.warning("%s: running without a lock (%s: %s)", self.agent, self.path, exc.strerror)
             return
         try:
@@ -86,6 +93,13 @@ class AgentLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _unlockable(self, exc: OSError) -> bool:
+        """A directory where no file can be made (read-only, not ours) runs unlocked;
+        anything else in the lock's place is an error."""
+        if exc.errno == errno.EROFS:
+            return True
+        return exc.errno in (errno.EACCES, errno.EPERM) and not os.path.lexists(self.path)
 
     def release(self) -> None:
         if self._fd is not None:

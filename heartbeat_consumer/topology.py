@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 __all__ = [
     "COMMANDS",
@@ -108,7 +108,10 @@ def check_url(url: str) -> str:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidUrl(f"broker URL {shown} is malformed: {exc}") from None
+        why = str(exc) if parts_password_free(url) else "a bad port, or a password with #, / or ?"
+        raise InvalidUrl(
+            f"broker URL {shown} is malformed: {why} (percent-encode such characters: %23 %2F %3F)"
+        ) from None
     if parts.scheme not in ("amqp", "amqps"):
         raise InvalidUrl(
             f"broker URL {shown} must start with amqp:// or amqps://, not {parts.scheme or '?'}://"
@@ -129,6 +132,11 @@ def check_url(url: str) -> str:
             "not in the query"
         )
     return url
+
+
+def parts_password_free(url: str) -> bool:
+    """True when ``url`` holds no password (an error text about it cannot leak one)."""
+    return mask_url(url) == url
 
 
 def inbox_queue(agent: str) -> str:
@@ -173,15 +181,11 @@ def alert_key(agent: str, kind: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # a bad port, say: mask what looks like user:password@
-        return re.sub(r"(//[^/@:]*:)[^@]*@", r"\1***@", url)
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with its password replaced by ``***`` (for logs): everything between the
+    user name and the last ``@`` of the part after ``://``, so that a password with a
+    ``#``, ``/`` or ``?`` that was not percent-encoded is masked too."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"

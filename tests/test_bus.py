@@ -753,3 +753,117 @@ async def test_one_consumer_per_agent_and_state_directory_whatever_the_entry_poi
             await fleet.stop()
     async with running(bus, agent, config, state_path=tmp_path / "two.json"):
         pass  # free again once the first one stopped
+
+
+async def test_a_flood_of_ticks_to_every_agent_in_an_evaluated_slot_draws_no_answers(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A tick to every agent is answered by runs or alive only: ticks with fresh ids for a
+    slot evaluated already (a flood from the ticker's user) are not answered by each."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    replies = await bus.collector(f"heartbeat.{agent}._command.*")
+    async with running(bus, agent, config, state_path=tmp_path / "s.json"):
+        now = datetime.now(UTC)
+        for n in range(30):
+            await bus.publish("system.heartbeat.tick", {**tick(now), "event_id": f"flood-{n}"})
+        await bus.publish(f"agent.{agent}.heartbeat.tick", {**tick(now), "event_id": "mine"})
+        (answer,) = await take(replies, 1, skip_status=False)
+        await asyncio.sleep(0.3)
+        assert await replies.get(no_ack=True, fail=False) is None
+    assert orjson.loads(answer.body)["payload"]["command_id"] == "mine"
+
+
+async def test_a_tick_that_failed_on_the_broker_is_evaluated_when_it_comes_back(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    async with running(bus, agent, config, tick_interval_ms=1000) as consumer:
+        await take(results, 1)  # start-up
+        runner = consumer.agent.runner
+        announce = runner.on_start
+        assert announce is not None
+        failures = [ConnectionError("the broker went away")]
+
+        async def flaky(run: Any) -> None:
+            if failures:
+                raise failures.pop()
+            await announce(run)
+
+        runner.on_start = flaky
+        await asyncio.sleep(1.1)
+        await bus.publish(f"agent.{agent}.heartbeat.tick", tick())
+        (result,) = await take(results, 1)
+    assert not failures and result.routing_key == f"heartbeat.{agent}.c.success"
+
+
+async def test_an_unreadable_command_is_dead_lettered_and_answered(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    replies = await bus.collector(f"heartbeat.{agent}._command.*")
+    async with running(bus, agent, config, state_path=tmp_path / "s.json"):
+        await bus.publish(
+            f"agent.{agent}.heartbeat.pause",
+            {**tick(), "event_id": "no-check", "payload": {"reason": "which one?"}},
+        )
+        (answer,) = await take(replies, 1, skip_status=False)
+    assert answer.routing_key == f"heartbeat.{agent}._command.error"
+    payload = orjson.loads(answer.body)["payload"]
+    assert payload["command_id"] == "no-check" and payload["outcome"] == "rejected"
+
+
+async def test_an_inbox_with_other_arguments_and_no_bindings_still_gets_its_ticks(
+    bus: Bus, tmp_path: Path
+) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    await bus.channel.declare_queue(
+        f"agent.{agent}.inbox", durable=True, arguments={"x-max-length": 50}
+    )
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    async with running(bus, agent, config, tick_interval_ms=1000):
+        await take(results, 1)
+        await asyncio.sleep(1.1)
+        await bus.publish("system.heartbeat.tick", tick())
+        await take(results, 1)  # bound as ours is, although declared elsewhere
+
+
+async def test_the_cli_believes_only_the_agent_s_own_answers() -> None:
+    """An answer counts only under the agent's own keys, of the type its key says and
+    naming the agent and command: a forged reply on an alert key (which the monitor's
+    user may publish) or on another agent's key (a CC copy keeps it) is ignored."""
+    from types import SimpleNamespace
+
+    from heartbeat_consumer.request import _correlated
+
+    def message(key: str, event_type: str, **payload: Any) -> Any:
+        body = {"event_type": event_type, "correlation_ids": ["id"], "payload": payload}
+        return SimpleNamespace(routing_key=key, body=orjson.dumps(body), correlation_id="id")
+
+    reply = {"agent": "a", "command_id": "id", "outcome": "done", "reason": "ok"}
+    assert _correlated(message("heartbeat.a._command.ack", "heartbeat.reply", **reply), "id", "a")
+    for forged in (
+        message("heartbeat.a._alert.stale", "heartbeat.reply", **reply),
+        message("heartbeat.evil._command.ack", "heartbeat.reply", **reply),
+        message("heartbeat.a._command.ack", "heartbeat.reply", **{**reply, "agent": "b"}),
+        message("heartbeat.a._command.ack", "heartbeat.reply", **{**reply, "command_id": "x"}),
+        message("heartbeat.a._command.ack", "heartbeat.result", **reply),
+        message("heartbeat.a.c.success", "heartbeat.reply", **reply),
+        message("heartbeat.a.c.success", "heartbeat.result", agent="a", check="d"),
+    ):
+        assert _correlated(forged, "id", "a") is None, forged.routing_key
+    result = message("heartbeat.a.c.success", "heartbeat.result", agent="a", check="c")
+    assert _correlated(result, "id", "a")
+
+
+async def test_waiting_ends_when_the_connection_is_lost() -> None:
+    from heartbeat_consumer.request import LOST, _wait
+
+    arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    arrived.put_nowait(LOST)
+    answer = await asyncio.wait_for(_wait("id", arrived, 60, None), 5)
+    assert answer.outcome == "lost"

@@ -617,3 +617,13 @@ def test_agent_names_are_checked_wherever_a_queue_would_be_made(
         assert "invalid agent name 'bad.name'" in capsys.readouterr().err
     with pytest.raises(InvalidName):
         HeartbeatConsumer("bad.name", config)
+
+
+@pytest.mark.parametrize("url", ["amqp://u:SECRET#x@h:5672/", "amqp://u:SE/CRET@h/"])
+def test_a_password_with_unencoded_characters_is_masked_too(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run-check", "a", "c", "--rabbit-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "CRET" not in err and "u:***@h" in err, err
+    assert "%23" in err, "says how to write such a password"

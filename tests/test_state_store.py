@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -214,3 +215,20 @@ def test_state_file_survives_sigkill_during_writes(tmp_path: Path) -> None:
         state, warning = StateStore(path).load()
         assert warning is None, warning
         assert len(state.history) >= 20
+
+
+def test_the_agent_lock_is_not_taken_through_a_link_or_instead_of_the_state(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    from heartbeat_consumer import HeartbeatConsumer
+    from heartbeat_consumer.store import AgentBusy, AgentLock
+
+    (tmp_path / "x").write_text("")
+    (tmp_path / "a.lock").symlink_to(tmp_path / "x")
+    with pytest.raises(AgentBusy, match="cannot take its lock"):
+        AgentLock(tmp_path, "a").acquire()
+    assert (tmp_path / "x").read_text() == "", "nothing written through the link"
+    config = write_config({"agent": "b", "checks": {"c": {"cadenceMs": 1, "handler": "default"}}})
+    for state in ("b.lock", "b"):
+        with pytest.raises(StateError, match=r"would be .* the agent.s lock file"):
+            HeartbeatConsumer("b", config, state_path=tmp_path / state)
