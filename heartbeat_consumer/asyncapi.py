@@ -93,10 +93,16 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         **obj,
         "description": "The slot is payload.epoch_ms if given, else the envelope timestamp.",
         "properties": {
+            "tick": {"type": "integer", "description": "intervals since the epoch"},
             "tick_id": {"type": "string"},
+            "timestamp": {"type": "string", "format": "date-time"},
             "epoch_ms": {"type": "integer"},
             "interval_ms": {"type": "integer"},
-            "quarter": {"type": "string"},
+            "quarter": {"enum": ["Q1", "Q2", "Q3", "Q4"], "description": "of the year, UTC"},
+            "quarter_of_day": {"enum": ["Q1", "Q2", "Q3", "Q4"], "description": "6 h, UTC"},
+            "day_of_week": {"type": "string", "description": "Monday..Sunday, UTC"},
+            "hour": {"type": "integer", "description": "0-23, UTC"},
+            "minute": {"type": "integer"},
         },
     }
     result_payload = {

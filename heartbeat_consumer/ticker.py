@@ -14,6 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from .connection import TlsFiles, connect, make_broker, publish_json, topic_exchange
@@ -40,14 +41,26 @@ log = logging.getLogger("heartbeat_consumer.ticker")
 
 
 def tick_envelope(exchange: str, slot_ms: int, every_ms: int) -> dict[str, Any]:
-    """The tick for ``slot_ms``: identical from every ticker on the same exchange."""
+    """The tick for ``slot_ms``: identical from every ticker on the same exchange. The
+    payload has the fields of Bloodbank's tick publisher, which that ecosystem's
+    consumers read (all in UTC: ``quarter`` of the year, ``day_of_week`` by name,
+    ``hour``, ``minute``; ``tick`` counts intervals since the epoch, so it increases
+    and is the same from every ticker), and ours (``tick_id``, ``interval_ms``,
+    ``quarter_of_day``)."""
+    utc = datetime.fromtimestamp(slot_ms / 1000, UTC)
     return envelope(
         "system.heartbeat.tick",
         {
+            "tick": slot_ms // every_ms,
             "tick_id": str(slot_ms // every_ms),
+            "timestamp": iso(slot_ms),
             "epoch_ms": slot_ms,
             "interval_ms": every_ms,
-            "quarter": quarter_at(slot_ms, zone("UTC")),
+            "quarter": quarter_at(slot_ms, zone("UTC"), "year"),
+            "quarter_of_day": quarter_at(slot_ms, zone("UTC")),
+            "day_of_week": _DAYS[utc.weekday()],
+            "hour": utc.hour,
+            "minute": utc.minute,
         },
         timestamp_ms=slot_ms,
         event_id=tick_event_id(exchange, slot_ms),
@@ -84,6 +97,10 @@ async def publish_event(
         return event
     finally:
         await broker.stop()
+
+
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+"""English names, whatever the locale (strftime's %A is the locale's)."""
 
 
 def manual_tick_key(agent: str | None) -> str:

@@ -215,3 +215,28 @@ def test_charset_hints_outside_the_linear_text_codecs_are_ignored() -> None:
     latin = orjson.dumps({**tick, "event_id": "é"}).decode().encode("latin-1")
     parsed = parse_tick(latin, interval_ms=60_000, content_type="text/plain; charset=latin-1")
     assert parsed.event_id == "é"
+
+
+@pytest.mark.parametrize(
+    ("at", "quarter", "day", "hour", "minute"),
+    [
+        ("2026-03-31T23:59:00Z", "Q1", "Tuesday", 23, 59),
+        ("2026-04-01T00:00:00Z", "Q2", "Wednesday", 0, 0),
+        ("2026-12-31T18:30:00Z", "Q4", "Thursday", 18, 30),
+    ],
+)
+def test_ticker_payload_has_the_fields_bloodbank_consumers_read(
+    at: str, quarter: str, day: str, hour: int, minute: int
+) -> None:
+    """Bloodbank's publisher sends tick, timestamp, epoch_ms, quarter (of the year),
+    day_of_week, hour and minute, all UTC; consumers of that ecosystem schedule by them."""
+    from heartbeat_consumer.ticker import tick_envelope
+    from heartbeat_consumer.timeutil import parse_instant_ms
+
+    slot = parse_instant_ms(at)
+    payload = tick_envelope("x", slot, 60_000)["payload"]
+    assert payload["tick"] == slot // 60_000 and payload["epoch_ms"] == slot
+    assert payload["timestamp"].startswith(at[:16])
+    assert (payload["quarter"], payload["day_of_week"]) == (quarter, day)
+    assert (payload["hour"], payload["minute"]) == (hour, minute)
+    assert tick_envelope("x", slot, 60_000) == tick_envelope("x", slot, 60_000), "deterministic"
