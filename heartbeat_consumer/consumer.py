@@ -285,7 +285,7 @@ class AgentConsumer:
             event_type,
             run.to_payload(),
             timestamp_ms=at_ms,
-            event_id=result_event_id(run.idempotency_key, word),
+            event_id=result_event_id(run.idempotency_key, word, run.started_at),
             correlation_ids=list(self._correlation),
         )
         key = result_key(self.agent, run.check, word)

@@ -83,8 +83,11 @@ def tick_event_id(exchange: str, slot_ms: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"tick:{exchange}:{slot_ms}"))
 
 
-def result_event_id(idempotency_key: str, status: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"result:{idempotency_key}:{status}"))
+def result_event_id(idempotency_key: str, status: str, started_ms: int) -> str:
+    """The id of a run's event: the same when the same run's result is sent again (after
+    a failed publish), another for another run of the check in the same slot (a forced
+    one), whose idempotency key is the same."""
+    return str(uuid.uuid5(_NAMESPACE, f"result:{idempotency_key}:{started_ms}:{status}"))
 
 
 def envelope(

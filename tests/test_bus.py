@@ -867,3 +867,21 @@ async def test_waiting_ends_when_the_connection_is_lost() -> None:
     arrived.put_nowait(LOST)
     answer = await asyncio.wait_for(_wait("id", arrived, 60, None), 5)
     assert answer.outcome == "lost"
+
+
+async def test_two_forced_runs_in_one_slot_have_two_result_ids(bus: Bus, tmp_path: Path) -> None:
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.success")
+    opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
+    hourly = {"tick_interval_ms": 3_600_000}  # one slot for the whole test
+    async with running(bus, agent, config, state_path=tmp_path / "s.json", **hourly):
+        (startup,) = await take(results, 1)
+        for _ in range(2):
+            code, out = await cli("run-check", agent, "c", "--force", *opts)
+            assert code == 0, out
+        forced = await take(results, 2)
+    events = [orjson.loads(m.body) for m in (startup, *forced)]
+    keys = {e["payload"]["idempotency_key"] for e in events}
+    assert len({e["event_id"] for e in events}) == 3, "stores keyed on the id keep all three"
+    assert len(keys) == 1, "one slot: one idempotency key"
