@@ -349,6 +349,7 @@ def _run_bus(args: argparse.Namespace, agent: str) -> int:
         health_port=args.health_port,
         health_host=args.health_host,
         dead_letters=_dead_letters(args),
+        alive_every_ms=_duration(args.alive_every),
     )
     with consumer.agent.runner.exclusive() as mine:
         if not mine:
@@ -429,6 +430,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         health_host=args.health_host,
         dead_letters=_dead_letters(args),
+        alive_every_ms=_duration(args.alive_every),
     )
 
     async def run() -> None:
@@ -791,7 +793,9 @@ def _monitor_command(sub: Any) -> None:
     )
     p.add_argument("--check-every", default="30s", help="evaluation interval (default 30s)")
     p.add_argument(
-        "--stale-after", default="5m", help="silence that makes an agent stale (default 5m)"
+        "--stale-after",
+        default="10m",
+        help="silence that makes an agent stale (default 10m: twice the consumers' --alive-every)",
     )
     p.add_argument(
         "--stale-for",
@@ -827,6 +831,12 @@ def handlers_option(p: argparse.ArgumentParser) -> None:
 
 
 def consumer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--alive-every",
+        default=os.environ.get("ALIVE_EVERY", "5m"),
+        metavar="DURATION",
+        help="an idle agent says alive at most this often (env ALIVE_EVERY; default 5m)",
+    )
     bus_options(p)
     health_options(p)
     inbox_options(p)

@@ -121,6 +121,9 @@ MAX_HOLD_S = 60.0
 yet to the queue before starting another run: no delivery waits unacknowledged for
 longer than this plus one handler's timeout (at most 25 min), under RabbitMQ's
 consumer_timeout (30 min)."""
+DEFAULT_ALIVE_EVERY_MS = 300_000
+"""An idle agent says ``alive`` at most this often (the monitor's default stale
+threshold, 10 min, is twice as long)."""
 SEEN_TICKS = 64
 """Event ids of recent ticks remembered (a repeat is not evaluated nor answered again);
 an id is remembered once its tick was handled, so a redelivery after a failure is
@@ -146,6 +149,7 @@ class AgentConsumer:
         declare_exchanges: bool = True,
         metrics: Metrics | None = None,
         dead_letters: DeadLetterLimits | None = None,
+        alive_every_ms: int = DEFAULT_ALIVE_EVERY_MS,
     ) -> None:
         """``declare_exchanges=False`` declares nothing and only checks that the exchanges
         and queues exist (a passive declare, which needs no configure permission: see
@@ -159,6 +163,10 @@ class AgentConsumer:
         self.declare_topology = declare_exchanges
         self.inbox_options = InboxOptions(queue_type, single_active_consumer)
         self.tick_interval_ms = tick_interval_ms
+        self.alive_every_ms = alive_every_ms
+        self._heard_at: int | None = None
+        """The slot of our last run or ``alive``: an idle agent says ``alive`` when its
+        last word is ``alive_every_ms`` old (not on every tick)."""
         # Passive for FastStream: provision_agent declared it (or an admin did).
         self.queue = RabbitQueue(
             inbox_queue(agent), durable=True, declare=False, routing_key=inbox_bindings(agent)[0]
@@ -589,11 +597,15 @@ class AgentConsumer:
             await self.publish_status(
                 "config_invalid", correlation=correlation, error=str(report.config_error)
             )
-        elif not report.results:  # the monitor's dead-man's switch hears from us anyway
+        elif report.results:
+            self._heard_at = slot_ms
+        elif self._heard_at is None or slot_ms - self._heard_at >= self.alive_every_ms:
+            # The monitor's dead-man's switch hears from an idle agent, now and then.
             why = report.plan.why_nothing() if report.plan else "nothing due"
             await self.publish_status(
                 "alive", correlation=correlation, slot=iso(slot_ms), reason=why
             )
+            self._heard_at = slot_ms
         return report
 
     async def _switch(
@@ -716,6 +728,7 @@ class HeartbeatConsumer:
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
         dead_letters: DeadLetterLimits | None = None,
+        alive_every_ms: int = DEFAULT_ALIVE_EVERY_MS,
     ) -> None:
         self.rabbit_url = rabbit_url
         self.health_port = health_port
@@ -735,6 +748,7 @@ class HeartbeatConsumer:
             declare_exchanges=declare_exchanges,
             metrics=self.metrics,
             dead_letters=dead_letters,
+            alive_every_ms=alive_every_ms,
         )
 
     async def start(self) -> None:

@@ -88,7 +88,9 @@ DROP_REASONS = (
 class WatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    stale_ms: int = Field(default=300_000, gt=0)
+    stale_ms: int = Field(default=600_000, gt=0)
+    """Twice the consumers' default ``--alive-every`` (5 min): an idle agent is heard
+    at least that often."""
     stale_ms_by_agent: dict[str, int] = Field(default_factory=dict)
     """Per-agent stale thresholds, overriding ``stale_ms``."""
     timeout_grace_ms: int = Field(default=30_000, ge=0)

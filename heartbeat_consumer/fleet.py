@@ -31,7 +31,7 @@ from typing import Any
 from faststream.rabbit import Channel
 
 from .connection import TlsFiles, connect, make_broker, publish_json, topic_exchange, unreachable
-from .consumer import DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
+from .consumer import DEFAULT_ALIVE_EVERY_MS, DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
 from .engine import wall_clock_ms
 from .envelope import envelope
 from .health import Health
@@ -104,8 +104,10 @@ class Fleet:
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
         dead_letters: DeadLetterLimits | None = None,
+        alive_every_ms: int = DEFAULT_ALIVE_EVERY_MS,
     ) -> None:
         self.directory = Path(directory)
+        self.alive_every_ms = alive_every_ms
         self.dead_letters = dead_letters
         self.state_dir = Path(state_dir) if state_dir else None
         self.rabbit_url = rabbit_url
@@ -145,6 +147,7 @@ class Fleet:
             declare_exchanges=self.declare_exchanges,
             metrics=self.metrics,
             dead_letters=self.dead_letters,
+            alive_every_ms=self.alive_every_ms,
         )
 
     async def _add(self, agent: str, path: Path) -> None:

@@ -589,7 +589,7 @@ async def test_started_announces_each_run_and_alive_reports_idle_ticks(
         tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default", "timeoutMs": 5000}}
     )
     events = await bus.collector(f"heartbeat.{agent}.#")
-    async with running(bus, agent, config):
+    async with running(bus, agent, config, alive_every_ms=60_000):
         online, started, result = await take(events, 3, skip_status=False)
         assert online.routing_key == f"heartbeat.{agent}._status.online"
         assert started.routing_key == f"heartbeat.{agent}.c.started"
@@ -885,3 +885,30 @@ async def test_two_forced_runs_in_one_slot_have_two_result_ids(bus: Bus, tmp_pat
     keys = {e["payload"]["idempotency_key"] for e in events}
     assert len({e["event_id"] for e in events}) == 3, "stores keyed on the id keep all three"
     assert len(keys) == 1, "one slot: one idempotency key"
+
+
+async def test_an_idle_agent_says_alive_now_and_then_not_on_every_tick(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """`alive` at most once per --alive-every: 1,440 events a day per idle agent on
+    one-minute ticks were noise in stores that keep everything."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
+    events = await bus.collector(f"heartbeat.{agent}._status.alive")
+    options: dict[str, Any] = {"tick_interval_ms": 1000, "alive_every_ms": 3000}
+    async with running(bus, agent, config, **options):
+        start = datetime.now(UTC).replace(microsecond=0)
+        for second in range(1, 7):  # ticks for the next six one-second slots
+            await bus.publish("system.heartbeat.tick", tick(start + timedelta(seconds=second)))
+        await asyncio.sleep(1.5)
+    slots = [orjson.loads(m.body)["payload"]["slot"] for m in await drain_all(events)]
+    assert len(slots) == 2, slots  # the run at start-up was heard; then every 3 s
+
+
+async def drain_all(
+    queue: aio_pika.abc.AbstractQueue,
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    found = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        found.append(message)
+    return found

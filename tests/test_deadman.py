@@ -57,7 +57,7 @@ def kinds(alerts: list[Alert]) -> list[tuple[str, str, str | None]]:
     return [(a.agent, a.kind, a.check) for a in alerts]
 
 
-CONFIG = WatchConfig()
+CONFIG = WatchConfig(stale_ms=5 * MIN)  # the rules at a 5-minute threshold (the default is 10)
 
 
 def test_an_agent_that_goes_silent_is_stale_once_then_resolved() -> None:
@@ -76,7 +76,7 @@ def test_an_agent_that_goes_silent_is_stale_once_then_resolved() -> None:
 
 
 def test_repeat_reminds_at_the_configured_interval() -> None:
-    config = WatchConfig(repeat_ms=10 * MIN)
+    config = WatchConfig(stale_ms=5 * MIN, repeat_ms=10 * MIN)
     state = observe(WatchState(), status("a", "online"), T0)
     sent = []
     for minute in range(0, 40):

@@ -88,7 +88,7 @@ async def test_alert_subscriber_prints_and_forwards_a_monitor_alert(
             online = envelope("heartbeat.status", {"agent": "db", "status": "online"})
             await bus.publish("heartbeat.db._status.online", online)
             await until(lambda: "db" in monitor.state.agents)
-            clock.offset = 6 * 60_000
+            clock.offset = 11 * 60_000  # past the default stale threshold, 10 min
             assert [a.kind for a in await monitor.evaluate_once()] == ["stale"]
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert line.decode().split()[:3] == ["WARNING", "stale", "db:"]

@@ -121,7 +121,7 @@ def test_status_document_has_the_reference_shape_and_per_check_detail() -> None:
     assert doc["success"] is True and doc["status"] == "online"
     assert doc["monitor"]["running"] is True
     assert doc["monitor"]["agents_monitoring"] == 2 and doc["monitor"]["agents"] == ["dev", "pm"]
-    assert doc["monitor"]["config"]["stale_threshold_ms"] == 300_000
+    assert doc["monitor"]["config"]["stale_threshold_ms"] == 600_000
     assert doc["timestamp"] == "2027-01-15T08:05:00.000Z"
     flights = {f["agent_id"]: f for f in doc["in_flight_agents"]}
     assert flights["dev"] == {
@@ -167,7 +167,7 @@ async def test_monitor_hears_real_consumers_and_alerts_once_per_incident(
             envelope("heartbeat.status", {"agent": agent, "status": "online"}),
         )
         await until(lambda: monitor.state.agents[agent].online)
-        clock.offset = 6 * MIN
+        clock.offset = 11 * MIN  # past the default stale threshold, 10 min
         sent = await monitor.evaluate_once()
         assert [(a.kind, a.agent) for a in sent] == [("stale", agent)]
         (published,) = await take(alerts, 1, skip_status=False)
