@@ -28,6 +28,7 @@ from .connection import BrokerError, TlsError, TlsFiles, connect, make_broker
 from .consumer import HeartbeatConsumer
 from .deadman import WatchConfig
 from .engine import AgentRunner, RunResult, wall_clock_ms
+from .fleet import SUFFIX as FLEET_SUFFIX
 from .fleet import Fleet, FleetError
 from .handlers import (
     HandlerError,
@@ -86,6 +87,37 @@ ENV_HELP = (
 
 class UsageError(Exception):
     pass
+
+
+ENV_ALIASES = {
+    "RABBIT_URL": "RABBITMQ_URL",
+    "EXCHANGE_NAME": "BLOODBANK_EXCHANGE",
+    "HEARTBEAT_PATH": "HEARTBEAT_JSON",
+    "FLEET_DIR": "AGENT_CONFIGS",
+}
+"""Our environment variable -> the name Bloodbank's heartbeat_tick uses for it: a
+container configured for that ecosystem works as it is. Ours wins when both are set."""
+_env_conflicts: set[str] = set()
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """``name`` from the environment, else its ecosystem alias (see ENV_ALIASES), else
+    ``default``. When both are set and differ, ours is used and a warning says so."""
+    ours = os.environ.get(name)
+    alias = ENV_ALIASES.get(name)
+    theirs = os.environ.get(alias) if alias else None
+    if ours is not None and theirs is not None and ours != theirs:
+        _env_conflicts.add(name)
+    if ours is not None:
+        return ours
+    return theirs if theirs is not None else default
+
+
+def _warn_env_conflicts() -> None:
+    for name in sorted(_env_conflicts):
+        logging.getLogger("heartbeat_consumer").warning(
+            "both %s and %s are set; using %s", name, ENV_ALIASES[name], name
+        )
 
 
 class MissingFile(Exception):
@@ -416,10 +448,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
+    if not args.directory:
+        raise UsageError("name the directory of the agents' configs: fleet DIR (or FLEET_DIR)")
     fleet = Fleet(
         args.directory,
         args.rabbit_url,
         args.exchange,
+        pattern=args.pattern,
         state_dir=args.state_dir,
         tick_interval_ms=_duration(args.every),
         queue_type=args.queue_type,
@@ -706,14 +741,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the heartbeat.v1 JSON Schema")
     p = sub.add_parser("asyncapi", help="write the AsyncAPI document of every channel")
     p.add_argument("--output", default="-", metavar="FILE", help="default: standard output")
-    p.add_argument("--exchange", default=os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE))
+    p.add_argument("--exchange", default=env("EXCHANGE_NAME", DEFAULT_EXCHANGE))
     _bus_commands(sub)
     return parser
 
 
 def _bus_commands(sub: Any) -> None:
     p = sub.add_parser("fleet", help="run the consumers of every *.heartbeat.json in DIR")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument(
+        "directory",
+        metavar="DIR",
+        nargs="?",
+        default=env("FLEET_DIR"),
+        help="the agents' configs (env FLEET_DIR or AGENT_CONFIGS)",
+    )
+    p.add_argument(
+        "--pattern",
+        default=env("FLEET_PATTERN", "*" + FLEET_SUFFIX),
+        metavar="GLOB",
+        help="which files are agents: '*SUFFIX', the agent being the name without SUFFIX "
+        "(env FLEET_PATTERN; default *.heartbeat.json; '*.json' for Bloodbank's layout)",
+    )
     p.add_argument("--state-dir", metavar="DIR", help="state files (default: beside each config)")
     p.add_argument("--every", default="60s", help="tick interval (default 60s)")
     p.add_argument("--rescan", default="5s", help="how often DIR is re-read (default 5s)")
@@ -763,7 +811,6 @@ def _bus_commands(sub: Any) -> None:
 
 
 def _monitor_command(sub: Any) -> None:
-    env = os.environ.get
     p = sub.add_parser(
         "monitor",
         help="watch every agent's events: stale, timeout, missed and config_invalid alerts, "
@@ -853,7 +900,6 @@ def inbox_options(p: argparse.ArgumentParser) -> None:
 
 
 def dead_letter_options(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
     p.add_argument(
         "--dlq-max-length",
         type=int,
@@ -911,16 +957,18 @@ def health_options(p: argparse.ArgumentParser) -> None:
 def bus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rabbit-url",
-        default=os.environ.get("RABBIT_URL", DEFAULT_URL),
-        help="env RABBIT_URL (default amqp://guest:guest@localhost:5672/)",
+        default=env("RABBIT_URL", DEFAULT_URL),
+        help="env RABBIT_URL or RABBITMQ_URL (default amqp://guest:guest@localhost:5672/)",
     )
     p.add_argument(
         "--exchange",
-        default=os.environ.get("EXCHANGE_NAME", DEFAULT_EXCHANGE),
-        help=f"env EXCHANGE_NAME (default {DEFAULT_EXCHANGE})",
+        default=env("EXCHANGE_NAME", DEFAULT_EXCHANGE),
+        help=f"env EXCHANGE_NAME or BLOODBANK_EXCHANGE (default {DEFAULT_EXCHANGE})",
     )
-    for option, env in (("ca", "RABBIT_CA_FILE"), ("cert", "RABBIT_CERT_FILE")):
-        p.add_argument(f"--{option}-file", default=os.environ.get(env), help=f"amqps: env {env}")
+    for option, variable in (("ca", "RABBIT_CA_FILE"), ("cert", "RABBIT_CERT_FILE")):
+        p.add_argument(
+            f"--{option}-file", default=os.environ.get(variable), help=f"amqps: env {variable}"
+        )
     p.add_argument(
         "--key-file", default=os.environ.get("RABBIT_KEY_FILE"), help="env RABBIT_KEY_FILE"
     )
@@ -944,7 +992,7 @@ def _run_from_environment(parser: argparse.ArgumentParser) -> int:
     """No command: the reference design's environment variables run the bus consumer,
     exactly as ``run $HEARTBEAT_PATH --agent $AGENT_NAME`` (which reads the rest of the
     environment: RABBIT_URL, EXCHANGE_NAME, HEARTBEAT_STATE_PATH, ...)."""
-    agent, path = os.environ.get("AGENT_NAME"), os.environ.get("HEARTBEAT_PATH")
+    agent, path = os.environ.get("AGENT_NAME"), env("HEARTBEAT_PATH")
     if not agent or not path:
         _out(ENV_HELP, sys.stderr)
         return EXIT_USAGE
@@ -1009,6 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_format not in LOG_FORMATS:
         parser.error(f"unknown log format {args.log_format!r} (use text or json)")
     setup_logging(level, args.log_format)
+    _warn_env_conflicts()
     name = f"heartbeat-consumer {args.command}" if args.command else "heartbeat-consumer"
     try:
         if args.command is None:
@@ -1024,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except AMQPError as exc:  # after connecting: a channel closed, a declaration refused
         url = mask_url(
-            getattr(args, "rabbit_url", None) or os.environ.get("RABBIT_URL", DEFAULT_URL)
+            getattr(args, "rabbit_url", None) or env("RABBIT_URL", DEFAULT_URL) or DEFAULT_URL
         )
         _out(f"{name}: RabbitMQ at {url}: {_first_line(exc)}", sys.stderr)
         return EXIT_INVALID

@@ -47,11 +47,12 @@ from .topology import (
     status_key,
 )
 
-__all__ = ["Fleet", "FleetError", "agent_files"]
+__all__ = ["Fleet", "FleetError", "agent_files", "pattern_suffix"]
 
 log = logging.getLogger("heartbeat_consumer.fleet")
 
 SUFFIX = ".heartbeat.json"
+STATE_SUFFIX = ".state.json"
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 
@@ -69,14 +70,32 @@ class _Failed:
     retry_at: float
 
 
-def agent_files(directory: Path, rejected: dict[str, str] | None = None) -> dict[str, Path]:
-    """Agent name -> config file, for every ``<agent>.heartbeat.json`` in ``directory``
-    whose ``<agent>`` is an agent name; the others go into ``rejected`` (file name ->
+def pattern_suffix(pattern: str) -> str:
+    """The SUFFIX of a ``*SUFFIX`` pattern; raises ValueError for any other pattern."""
+    suffix = pattern[1:]
+    if not pattern.startswith("*") or not suffix or any(c in suffix for c in "*?[]/"):
+        raise ValueError(
+            f"fleet pattern {pattern!r}: use '*SUFFIX' (such as '*.heartbeat.json' or "
+            "'*.json'); the agent is the file name without SUFFIX"
+        )
+    return suffix
+
+
+def agent_files(
+    directory: Path,
+    rejected: dict[str, str] | None = None,
+    *,
+    pattern: str = f"*{SUFFIX}",
+) -> dict[str, Path]:
+    """Agent name -> config file, for every file matching ``pattern`` (``*SUFFIX``) in
+    ``directory`` whose name without SUFFIX is an agent name (state files,
+    ``*.state.json``, are never agents); the others go into ``rejected`` (file name ->
     why), if given."""
+    suffix = pattern_suffix(pattern)
     found = {}
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
-        name = path.name[: -len(SUFFIX)]
-        if not path.is_file() or not name:
+    for path in sorted(directory.glob(f"*{suffix}")):
+        name = path.name[: -len(suffix)]
+        if not path.is_file() or not name or path.name.endswith(STATE_SUFFIX):
             continue
         try:
             found[check_name(name, "agent name")] = path
@@ -105,8 +124,12 @@ class Fleet:
         health_host: str = "127.0.0.1",
         dead_letters: DeadLetterLimits | None = None,
         alive_every_ms: int = DEFAULT_ALIVE_EVERY_MS,
+        pattern: str = f"*{SUFFIX}",
     ) -> None:
         self.directory = Path(directory)
+        pattern_suffix(pattern)  # a bad pattern is an error before anything starts
+        self.pattern = pattern
+        self._skipped_reported = False
         self.alive_every_ms = alive_every_ms
         self.dead_letters = dead_letters
         self.state_dir = Path(state_dir) if state_dir else None
@@ -202,7 +225,8 @@ class Fleet:
     async def rescan(self) -> None:
         """Start agents whose files appeared, stop those whose files went."""
         rejected: dict[str, str] = {}
-        found = agent_files(self.directory, rejected)
+        found = agent_files(self.directory, rejected, pattern=self.pattern)
+        self._report_skipped(found)
         for name, why in rejected.items():
             if name not in self._reported:
                 log.error("fleet: %s skipped: %s", name, why)
@@ -228,6 +252,33 @@ class Fleet:
                 self.rescan_s,
             )
         self._empty_reported = not self.agents and not self.failed
+
+    def _report_skipped(self, found: dict[str, Path]) -> None:
+        """Once: JSON files the pattern leaves out (a directory laid out for another
+        pattern, such as Bloodbank's ``<agent>.json``, would run no agent at all)."""
+        if self._skipped_reported:
+            return
+        taken = {path.name for path in found.values()}
+        skipped = sorted(
+            path.name
+            for path in self.directory.glob("*.json")
+            if path.name not in taken
+            and not path.name.endswith(STATE_SUFFIX)
+            and not path.match(self.pattern)
+        )
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (
+                f" and {len(skipped) - 5} more" if skipped[5:] else ""
+            )
+            log.warning(
+                "fleet: %d JSON file(s) in %s do not match --pattern %s and are not agents: "
+                "%s (--pattern '*.json' takes <agent>.json files)",
+                len(skipped),
+                self.directory,
+                self.pattern,
+                shown,
+            )
+            self._skipped_reported = True
 
     def prepare(self) -> None:
         """Check the directory and create the state directory (mode 0700) before anything

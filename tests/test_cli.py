@@ -627,3 +627,42 @@ def test_a_password_with_unencoded_characters_is_masked_too(
     err = capsys.readouterr().err
     assert "SECRET" not in err and "CRET" not in err and "u:***@h" in err, err
     assert "%23" in err, "says how to write such a password"
+
+
+def test_the_ecosystem_s_environment_names_are_aliases_and_ours_win(tmp_path: Path) -> None:
+    """RABBITMQ_URL, BLOODBANK_EXCHANGE, HEARTBEAT_JSON and AGENT_CONFIGS (Bloodbank's
+    heartbeat_tick) are read when ours are not set; when both are, ours wins, with a
+    warning. Seen through the one-line error naming the (masked) URL it tried."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RABBIT_URL", "EXCHANGE_NAME")}
+    theirs = {**base, "RABBITMQ_URL": "amqp://bb:s3cret@127.0.0.1:1/"}
+    done = subprocess.run(
+        [BIN, "tick"], env=theirs, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 1 and "amqp://bb:***@127.0.0.1:1/" in done.stderr, done.stderr
+    both = {**theirs, "RABBIT_URL": "amqp://ours:x@127.0.0.1:2/"}
+    done = subprocess.run(
+        [BIN, "tick"], env=both, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert "amqp://ours:***@127.0.0.1:2/" in done.stderr, done.stderr
+    assert "both RABBIT_URL and RABBITMQ_URL are set; using RABBIT_URL" in done.stderr
+    missing = {**base, "AGENT_CONFIGS": str(tmp_path / "nope"), "RABBITMQ_URL": "amqp://h:1/"}
+    done = subprocess.run(
+        [BIN, "fleet"], env=missing, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 1 and f"fleet directory {tmp_path / 'nope'} does not exist" in (
+        done.stderr
+    ), done.stderr
+    config = tmp_path / "a.json"
+    config.write_text('{"agent": "a", "checks": {}}')
+    env_mode = {
+        **base,
+        "AGENT_NAME": "a",
+        "HEARTBEAT_JSON": str(config),
+        "RABBITMQ_URL": "amqp://h:1/",
+    }
+    done = subprocess.run(
+        [BIN], env=env_mode, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 1 and "cannot reach RabbitMQ at amqp://h:1/" in done.stderr, (
+        done.stderr
+    )

@@ -224,3 +224,30 @@ async def test_a_fleet_with_no_agents_says_so_and_is_not_healthy(
         await fleet.stop()
     warned = [r for r in caplog.records if "fleet: no agents" in r.getMessage()]
     assert len(warned) == 1, "said once, not on every rescan"
+
+
+async def test_a_bloodbank_layout_runs_with_pattern_and_is_pointed_out_without(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bloodbank's multi-consumer reads `<agent>.json` files: --pattern '*.json' runs
+    them (state files are never agents); the default pattern says what it skipped."""
+    agent = bus.agent("f")
+    path = add_agent(tmp_path, agent)
+    path.rename(tmp_path / f"{agent}.json")
+    (tmp_path / f"{agent}.json.state.json").write_text("{}")
+    results = await bus.collector("heartbeat.*.c.*")
+    skipping = Fleet(tmp_path, bus.url, bus.exchange_name, rescan_s=3600)
+    await skipping.start()
+    await skipping.stop()
+    warned = [r.getMessage() for r in caplog.records if "do not match --pattern" in r.getMessage()]
+    assert len(warned) == 1 and f"{agent}.json" in warned[0] and "state" not in warned[0]
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, rescan_s=3600, pattern="*.json")
+    await fleet.start()
+    try:
+        (result,) = await take(results, 1)
+        assert result.routing_key == f"heartbeat.{agent}.c.success"
+        assert set(fleet.agents) == {agent}
+    finally:
+        await fleet.stop()
+    with pytest.raises(ValueError, match="use '\\*SUFFIX'"):
+        Fleet(tmp_path, bus.url, bus.exchange_name, pattern="a*.json")
