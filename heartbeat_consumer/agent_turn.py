@@ -4,7 +4,8 @@ Settings in the check's ``meta``:
 
 - ``argv`` (required): the agent command, no shell. The prompt is appended as the last
   argument, or written to stdin with ``promptVia: "stdin"``.
-- ``prompt``: default :data:`~.heartbeat_md.DEFAULT_PROMPT`.
+- ``prompt``: default :data:`~.heartbeat_md.DEFAULT_PROMPT` (also for a prompt of only
+  whitespace).
 - ``checklist``: path of a HEARTBEAT.md (relative to ``workdir``). An effectively empty
   one skips the turn (status skipped, reason ``empty-checklist``); a missing one runs.
 - ``workdir``: the agent's working directory.
@@ -34,13 +35,13 @@ from .handlers import RunContext, current_run, register_handler
 from .heartbeat_md import (
     DEDUP_WINDOW_MS,
     DEFAULT_ACK_MAX_CHARS,
-    DEFAULT_PROMPT,
     checklist_is_empty,
     classify_failure,
     fingerprint,
     is_duplicate,
     parse_reply,
     remember_alert,
+    resolve_prompt,
 )
 from .process import BASE_ENV, child_env, meta_argv, output_limit, run_process
 from .state import CheckState
@@ -59,7 +60,7 @@ MAX_CHECKLIST_BYTES = 1024 * 1024
 class _Settings:
     def __init__(self, meta: dict[str, Any]) -> None:
         self.argv = meta_argv(meta)
-        self.prompt = str(meta.get("prompt") or DEFAULT_PROMPT)
+        self.prompt = resolve_prompt(meta.get("prompt"))
         self.via = meta.get("promptVia", "argument")
         if self.via not in ("argument", "stdin"):
             raise ValueError('meta.promptVia must be "argument" or "stdin"')

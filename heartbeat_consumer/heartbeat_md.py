@@ -4,11 +4,13 @@ An agent turn costs money, so :mod:`.agent_turn` asks these functions first:
 
 - :func:`checklist_is_empty`: a checklist with nothing to do (blank lines, headers, HTML
   comments, empty list items, code-fence markers) means no turn at all;
+- :func:`resolve_prompt`: the configured prompt, or :data:`DEFAULT_PROMPT` when it is
+  missing or only whitespace;
 - :func:`parse_reply`: ``HEARTBEAT_OK`` at the start or end of the reply (also wrapped
-  in markdown or HTML, with up to 4 trailing punctuation marks) is stripped; if at most
-  ``ack_max_chars`` remain the turn was a silent success, otherwise the rest is an
-  alert. A token in the middle of the text is not stripped; a reply without a token is
-  an alert, however short;
+  in markdown or HTML, followed by up to 4 symbols: punctuation, dashes, an ellipsis,
+  an emoji) is stripped; if at most ``ack_max_chars`` remain the turn was a silent
+  success, otherwise the rest is an alert. A token in the middle of the text is not
+  stripped; a reply without a token is an alert, however short;
 - :func:`fingerprint` and :func:`is_duplicate`: the same alert from the same check is
   not raised twice within 24 h;
 - :func:`classify_failure`: an authentication or quota failure, which retrying every
@@ -34,6 +36,7 @@ __all__ = [
     "is_duplicate",
     "parse_reply",
     "remember_alert",
+    "resolve_prompt",
 ]
 
 TOKEN = "HEARTBEAT_OK"  # noqa: S105 (the reply token, not a password)
@@ -43,6 +46,14 @@ DEFAULT_PROMPT = (
 )
 DEFAULT_ACK_MAX_CHARS = 300
 DEDUP_WINDOW_MS = 24 * 3_600_000
+
+
+def resolve_prompt(configured: object) -> str:
+    """The configured prompt without surrounding whitespace; the default when that leaves
+    nothing (a prompt of only spaces is no instruction)."""
+    text = str(configured).strip() if configured else ""
+    return text or DEFAULT_PROMPT
+
 
 # --- the checklist --------------------------------------------------------------------------
 
@@ -72,10 +83,12 @@ def checklist_is_empty(text: str) -> bool:
 _TAGS = "b|strong|em|i|code|p|span|mark"
 _OPEN = rf"(?:\*{{1,2}}|_{{1,2}}|`{{1,3}}|~~|<(?:{_TAGS})>)*"
 _CLOSE = rf"(?:\*{{1,2}}|_{{1,2}}|`{{1,3}}|~~|</(?:{_TAGS})>)*"
-_PUNCT = r"[.!?,;:]{0,4}"
-_WRAPPED = rf"{_OPEN}{TOKEN}(?:{_PUNCT}{_CLOSE}|{_CLOSE}{_PUNCT})"
-_AT_START = re.compile(rf"^\s*{_WRAPPED}(?=\s|$)")
-_AT_END = re.compile(rf"(?:^|(?<=\s)){_WRAPPED}\s*$")
+_SYMBOLS = r"[^\w\s]{0,4}"  # after the token: ".", "!!!", "---", "...", "✅", "🦞"
+_WRAPPED = rf"{_OPEN}{TOKEN}{_CLOSE}"
+_AT_START = re.compile(rf"^\s*{_WRAPPED}{_SYMBOLS}{_CLOSE}(?=\s|$)")
+# At the end the symbols may be set off by spaces ("HEARTBEAT_OK ✅", "HEARTBEAT_OK ...");
+# they are kept, as they may end the sentence before the token ("... respond HEARTBEAT_OK.").
+_AT_END = re.compile(rf"(?:^|(?<=\s)){_WRAPPED}(?P<tail>(?:\s*[^\w\s]){{0,4}}{_CLOSE})\s*$")
 
 
 @dataclass(frozen=True)
@@ -92,9 +105,11 @@ class Reply:
 def parse_reply(text: str, ack_max_chars: int = DEFAULT_ACK_MAX_CHARS) -> Reply:
     """Apply the HEARTBEAT_OK contract to an agent's reply."""
     rest, found_start = _AT_START.subn("", text, count=1)
-    rest, found_end = _AT_END.subn("", rest, count=1)
+    end = _AT_END.search(rest)
+    if end:
+        rest = rest[: end.start()].rstrip() + end["tail"]
     message = rest.strip()
-    token = bool(found_start or found_end)
+    token = bool(found_start or end)
     if not message and not text.strip():
         return Reply("success", True, "", False)  # said nothing: nothing to tell
     if token and len(message) <= ack_max_chars:

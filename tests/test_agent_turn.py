@@ -106,6 +106,14 @@ async def test_a_missing_checklist_still_runs_with_the_default_prompt(
     assert agent.calls[0]["prompt"] == DEFAULT_PROMPT
 
 
+async def test_a_prompt_of_only_whitespace_falls_back_to_the_default(
+    tmp_path: Path, agent: Agent
+) -> None:
+    run, results = runner(tmp_path, agent, prompt="   \n")
+    await turn(run, results, T0)
+    assert agent.calls[0]["prompt"] == DEFAULT_PROMPT
+
+
 async def test_the_prompt_on_stdin_and_only_allowed_variables_reach_the_agent(
     tmp_path: Path, agent: Agent, monkeypatch: pytest.MonkeyPatch
 ) -> None:

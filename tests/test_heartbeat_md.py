@@ -6,8 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from heartbeat_consumer import heartbeat_md
 from heartbeat_consumer.heartbeat_md import (
     DEDUP_WINDOW_MS,
+    DEFAULT_ACK_MAX_CHARS,
+    DEFAULT_PROMPT,
     TOKEN,
     checklist_is_empty,
     classify_failure,
@@ -145,3 +148,126 @@ def test_duplicates_within_24_hours_and_forgetting_older_ones() -> None:
 )
 def test_failures_worth_not_paying_for_again(text: str, kind: str | None) -> None:
     assert classify_failure(text) == kind
+
+
+# --- OpenClaw's own cases ----------------------------------------------------------------
+#
+# The reply contract as OpenClaw has it, restated as data from the test files of the public
+# repository openclaw/openclaw. Upstream's "skip" (nothing delivered) is our silent success;
+# upstream's remaining text is our message.
+# (reply, ack_max_chars, silent, token found, message)
+LONG = "A" * (DEFAULT_ACK_MAX_CHARS + 1)
+OPENCLAW_REPLIES = [
+    # src/auto-reply/heartbeat.test.ts, stripHeartbeatToken
+    pytest.param("  ", 300, True, False, "", id="hb-blank"),
+    pytest.param(TOKEN, 300, True, True, "", id="hb-token-only"),
+    pytest.param(f"{TOKEN} 🦞", 300, True, True, "🦞", id="hb-token-then-emoji"),
+    pytest.param(f"🦞 {TOKEN}", 300, True, True, "🦞", id="hb-emoji-then-token"),
+    pytest.param(f"ALERT {TOKEN}", 300, True, True, "ALERT", id="hb-short-rest"),
+    pytest.param(f"{LONG} {TOKEN}", 300, False, True, LONG, id="hb-rest-over-max"),
+    pytest.param(f"{TOKEN} hello", 300, True, True, "hello", id="hb-start"),
+    pytest.param(f"hello {TOKEN}", 300, True, True, "hello", id="hb-end"),
+    pytest.param(f"hello {TOKEN} there", 300, False, False, f"hello {TOKEN} there", id="hb-middle"),
+    pytest.param(f"<b>{TOKEN}</b>", 300, True, True, "", id="hb-html"),
+    pytest.param(f"**{TOKEN}**", 300, True, True, "", id="hb-markdown"),
+    pytest.param(f"<code>{TOKEN}</code> all good", 300, True, True, "all good", id="hb-code"),
+    pytest.param(f"{TOKEN}.", 300, True, True, "", id="hb-dot"),
+    pytest.param(f"{TOKEN}!!!", 300, True, True, "", id="hb-bangs"),
+    pytest.param(f"{TOKEN}---", 300, True, True, "", id="hb-dashes"),
+    pytest.param(
+        f"I should not respond {TOKEN}.",
+        300,
+        True,
+        True,
+        "I should not respond.",
+        id="hb-sentence-keeps-its-dot",
+    ),
+    pytest.param(f"All clear. {TOKEN}", 300, True, True, "All clear.", id="hb-text-dot-token"),
+    # src/auto-reply/heartbeat-filter.test.ts, isHeartbeatOkResponse (text replies)
+    pytest.param(f"**{TOKEN}**", 300, True, True, "", id="filter-bold"),
+    pytest.param(
+        f"You have 3 unread urgent emails. {TOKEN}",
+        300,
+        True,
+        True,
+        "You have 3 unread urgent emails.",
+        id="filter-short-text-then-token",
+    ),
+    pytest.param(
+        f"Status {TOKEN} due to watchdog failure",
+        300,
+        False,
+        False,
+        f"Status {TOKEN} due to watchdog failure",
+        id="filter-middle",
+    ),
+    pytest.param(f"{TOKEN} all good", 0, False, True, "all good", id="filter-ack-max-0"),
+    # issue 15: a final token followed by what upstream's "up to 4 non-word characters"
+    # allows (src/auto-reply/heartbeat.ts, stripTokenAtEdges)
+    pytest.param(f"All quiet. {TOKEN} ✅", 300, True, True, "All quiet. ✅", id="end-emoji"),
+    pytest.param(f"All quiet. {TOKEN} ...", 300, True, True, "All quiet. ...", id="end-ellipsis"),
+    pytest.param(f"All quiet. {TOKEN}---", 300, True, True, "All quiet.---", id="end-dashes"),
+    pytest.param(f"All quiet. {TOKEN} !", 300, True, True, "All quiet. !", id="end-space-bang"),
+    pytest.param(f"All quiet. **{TOKEN}** ✅", 300, True, True, "All quiet. ✅", id="end-bold"),
+    pytest.param(f"{TOKEN} ✅", 300, True, True, "✅", id="only-emoji"),
+    pytest.param(f"{TOKEN}...", 300, True, True, "", id="only-ellipsis"),
+    pytest.param(f"{TOKEN}…", 300, True, True, "", id="only-ellipsis-char"),
+]
+
+
+@pytest.mark.parametrize(("reply", "ack_max", "silent", "token", "message"), OPENCLAW_REPLIES)
+def test_openclaw_reply_cases(
+    reply: str, ack_max: int, silent: bool, token: bool, message: str
+) -> None:
+    parsed = parse_reply(reply, ack_max_chars=ack_max)
+    assert (parsed.silent, parsed.token, parsed.message) == (silent, token, message)
+    assert parsed.status == ("success" if silent else "alert")
+
+
+# src/auto-reply/heartbeat.test.ts, isHeartbeatContentEffectivelyEmpty (a missing file is
+# not empty: agent_turn then runs with the prompt alone, see test_agent_turn.py)
+OPENCLAW_CHECKLISTS = [
+    pytest.param("", True, id="empty"),
+    pytest.param("   ", True, id="spaces"),
+    pytest.param("\n\n\n", True, id="newlines"),
+    pytest.param("  \n  \n  ", True, id="spaces-and-newlines"),
+    pytest.param("\t\t", True, id="tabs"),
+    pytest.param("# HEARTBEAT.md", True, id="header"),
+    pytest.param("# HEARTBEAT.md\n", True, id="header-newline"),
+    pytest.param("# HEARTBEAT.md\n\n\n", True, id="header-blank-lines"),
+    pytest.param("# Header\n# Another comment", True, id="two-headers"),
+    pytest.param("## Subheader\n### Another", True, id="subheaders"),
+    pytest.param("# HEARTBEAT.md\n## Section 1\n### Subsection\n", True, id="headers-only"),
+    pytest.param(
+        "# HEARTBEAT.md\n\nKeep this file empty unless you want a tiny checklist. Keep it small.\n",
+        False,
+        id="template-with-text",
+    ),
+    pytest.param("- Check email", False, id="task"),
+    pytest.param("# HEARTBEAT.md\n- Task 1", False, id="header-and-task"),
+    pytest.param("Remind me to call mom", False, id="plain-text"),
+    pytest.param("# HEARTBEAT.md\n\n- Task 1\n- Task 2\n", False, id="tasks-after-header"),
+    pytest.param("# HEARTBEAT.md\n## Tasks\nCheck the server logs\n", False, id="mixed"),
+]
+
+
+@pytest.mark.parametrize(("text", "empty"), OPENCLAW_CHECKLISTS)
+def test_openclaw_checklist_cases(text: str, empty: bool) -> None:
+    assert checklist_is_empty(text) is empty
+
+
+# src/auto-reply/heartbeat.ts, resolveHeartbeatPrompt: trimmed, and the default when that
+# leaves nothing
+@pytest.mark.parametrize(
+    ("configured", "prompt"),
+    [
+        pytest.param(None, DEFAULT_PROMPT, id="unset"),
+        pytest.param("", DEFAULT_PROMPT, id="empty"),
+        pytest.param("  ", DEFAULT_PROMPT, id="spaces"),
+        pytest.param("\t\n ", DEFAULT_PROMPT, id="whitespace"),
+        pytest.param("Check open tickets.", "Check open tickets.", id="custom"),
+        pytest.param("  Check open tickets.\n", "Check open tickets.", id="custom-trimmed"),
+    ],
+)
+def test_openclaw_prompt_cases(configured: str | None, prompt: str) -> None:
+    assert heartbeat_md.resolve_prompt(configured) == prompt
