@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from . import __version__
 from .asyncapi import render as render_asyncapi
 from .config import ConfigError, LoadedConfig, Problem, load_config, schema
-from .connection import BrokerError, TlsError, TlsFiles, connect, make_broker
+from .connection import BrokerError, TlsError, TlsFiles, connect, first_line, make_broker
 from .consumer import HeartbeatConsumer
 from .deadman import WatchConfig
 from .engine import AgentRunner, RunResult, wall_clock_ms
@@ -1026,14 +1026,9 @@ COMMANDS = {
 }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _os_error(exc: OSError) -> str:
     """``cannot write /x/a.yaml: No such file or directory``, not a broker's name."""
-    why = exc.strerror or _first_line(exc)
+    why = exc.strerror or first_line(exc)
     if exc.filename is not None:
         return f"{exc.filename}: {why}"
     return why
@@ -1075,7 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = mask_url(
             getattr(args, "rabbit_url", None) or env("RABBIT_URL", DEFAULT_URL) or DEFAULT_URL
         )
-        _out(f"{name}: RabbitMQ at {url}: {_first_line(exc)}", sys.stderr)
+        _out(f"{name}: RabbitMQ at {url}: {first_line(exc)}", sys.stderr)
         return EXIT_INVALID
     except OSError as exc:  # a file, a directory, a port: named as what it is
         _out(f"{name}: {_os_error(exc)}", sys.stderr)

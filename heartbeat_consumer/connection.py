@@ -8,7 +8,7 @@ import logging
 import ssl
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ amqp_decoding.install()  # no delivery's properties can kill a connection (see t
 __all__ = [
     "REASON_HEADER",
     "BrokerError",
+    "closed_on_failure",
+    "first_line",
     "Redeliveries",
     "TlsFiles",
     "dead_letter",
@@ -129,6 +131,24 @@ def quiet_reconnects() -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+
+
+@contextlib.asynccontextmanager
+async def closed_on_failure(broker: RabbitBroker) -> AsyncIterator[None]:
+    """Within: a start-up step that fails closes ``broker`` before the error goes on, so
+    the process ends with the connection closed, not "Reconnecting after 5 seconds"."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await broker.stop()
+        raise
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def connect(broker: RabbitBroker, url: str) -> AbstractRobustConnection:

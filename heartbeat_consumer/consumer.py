@@ -52,6 +52,7 @@ from .config import Pause
 from .connection import (
     Redeliveries,
     TlsFiles,
+    closed_on_failure,
     connect,
     dead_letter,
     is_transient,
@@ -755,11 +756,10 @@ class HeartbeatConsumer:
         log.info("connecting to %s", mask_url(self.rabbit_url))
         await connect(self.broker, self.rabbit_url)
         try:
-            await self.agent.open()
+            async with closed_on_failure(self.broker):
+                await self.agent.open()
         except BaseException:
             self.agent.lock.release()
-            with contextlib.suppress(Exception):  # closed, not "reconnecting"
-                await self.broker.stop()
             raise
         await self.broker.start()
         log.info("%s: consuming %s", self.agent.agent, self.agent.queue.name)

@@ -30,7 +30,16 @@ from typing import Any
 
 from faststream.rabbit import Channel
 
-from .connection import TlsFiles, connect, make_broker, publish_json, topic_exchange, unreachable
+from .connection import (
+    TlsFiles,
+    closed_on_failure,
+    connect,
+    first_line,
+    make_broker,
+    publish_json,
+    topic_exchange,
+    unreachable,
+)
 from .consumer import DEFAULT_ALIVE_EVERY_MS, DEFAULT_TICK_INTERVAL_MS, AgentConsumer, QueueKind
 from .engine import wall_clock_ms
 from .envelope import envelope
@@ -191,12 +200,12 @@ class Fleet:
         else:
             log.info("fleet: %s added (%s)", agent, path.name)
 
-    async def _start_failed(self, agent: str, path: Path, exc: Exception) -> None:
+    async def _start_failed(self, agent: str, exc: Exception) -> None:
         """Report an agent that did not start; it is tried again after a backoff."""
         earlier = self.failed.get(agent)
         attempts = earlier.attempts + 1 if earlier else 1
         delay = min(RETRY_FIRST_S * 2 ** (attempts - 1), RETRY_MAX_S)
-        error = _one_line(exc)
+        error = first_line(exc)
         self.failed[agent] = _Failed(error, attempts, time.monotonic() + delay)
         self.metrics.agent_up.labels(agent).set(0)
         self.metrics.agent_start_failures.labels(agent).inc()
@@ -243,7 +252,7 @@ class Fleet:
             try:
                 await self._add(agent, found[agent])
             except Exception as exc:
-                await self._start_failed(agent, found[agent], exc)
+                await self._start_failed(agent, exc)
         if not self.agents and not self.failed and not self._empty_reported:
             log.warning(
                 "fleet: no agents: %s has no *%s file (it is read again every %g s)",
@@ -302,13 +311,9 @@ class Fleet:
         self.prepare()
         log.info("fleet: %s on %s", self.directory, mask_url(self.rabbit_url))
         await connect(self.broker, self.rabbit_url)
-        try:
+        async with closed_on_failure(self.broker):
             await self.rescan()
             await self.broker.start()
-        except BaseException:
-            with contextlib.suppress(Exception):  # closed, not "reconnecting"
-                await self.broker.stop()
-            raise
         self._started = True
 
     async def stop(self) -> None:
@@ -369,8 +374,3 @@ class Fleet:
             health_host=self.health_host,
             main=lambda: self._rescan_until(stop),
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

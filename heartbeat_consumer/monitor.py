@@ -51,6 +51,7 @@ from faststream.rabbit.annotations import RabbitMessage
 from .connection import (
     Redeliveries,
     TlsFiles,
+    closed_on_failure,
     connect,
     dead_letter,
     is_transient,
@@ -206,7 +207,7 @@ class Monitor:
             self.queue.name,
         )
         connection = await connect(self.broker, self.rabbit_url)
-        try:
+        async with closed_on_failure(self.broker):
             await provision_monitor(
                 connection,
                 self.queue.name,
@@ -216,10 +217,6 @@ class Monitor:
                 declare=self.declare_topology,
             )
             await self.broker.start()
-        except BaseException:
-            with contextlib.suppress(Exception):  # closed, not "reconnecting"
-                await self.broker.stop()
-            raise
         self.running = True
         self._gauges()
 

@@ -125,78 +125,49 @@ async def send_and_wait(
     ``wait_s`` for the final answer of that agent. ``on_event`` sees each correlated
     event as it arrives."""
     with quiet_reconnects():  # a lost connection is said once, by the answer
-        return await _send_and_wait(
-            routing_key,
-            event_type,
-            payload,
-            agent=agent,
-            wait_s=wait_s,
-            rabbit_url=rabbit_url,
-            exchange_name=exchange_name,
-            tls=tls,
-            declare=declare,
-            now_ms=now_ms,
-            on_event=on_event,
-        )
-
-
-async def _send_and_wait(
-    routing_key: str,
-    event_type: str,
-    payload: dict[str, Any],
-    *,
-    agent: str | None,
-    wait_s: float,
-    rabbit_url: str,
-    exchange_name: str,
-    tls: TlsFiles | None,
-    declare: bool,
-    now_ms: int | None,
-    on_event: Callable[[dict[str, Any]], None] | None,
-) -> Answer:
-    broker = make_broker(rabbit_url, tls=tls)
-    connection = await connect(broker, rabbit_url)
-    try:
-        await declare_exchanges(connection, exchange_name, declare=declare)
-        now = wall_clock_ms() if now_ms is None else now_ms
-        event = envelope(
-            event_type,
-            payload,
-            timestamp_ms=now,
-            event_id=str(uuid.uuid4()),
-            source_type="cli",
-        )
-        event_id = event["event_id"]
-        arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        listening = False
-        if agent is not None and wait_s > 0:
-            listening = await _listen(connection, exchange_name, agent, event_id, arrived)
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await channel.get_exchange(exchange_name, ensure=False)
+        broker = make_broker(rabbit_url, tls=tls)
+        connection = await connect(broker, rabbit_url)
         try:
-            await exchange.publish(
-                Message(
-                    orjson.dumps(event),
-                    content_type="application/json",
-                    delivery_mode=DeliveryMode.PERSISTENT,
-                    message_id=event_id,
-                    type=event_type,
-                ),
-                routing_key,
-                mandatory=True,
+            await declare_exchanges(connection, exchange_name, declare=declare)
+            now = wall_clock_ms() if now_ms is None else now_ms
+            event = envelope(
+                event_type,
+                payload,
+                timestamp_ms=now,
+                event_id=str(uuid.uuid4()),
+                source_type="cli",
             )
-        except DeliveryError:  # returned: no queue is bound to the key
-            return Answer(event_id, "unroutable")
-        if not listening:
-            why = (
-                ""
-                if agent is None or wait_s <= 0
-                else "no permission to declare, bind or consume a reply queue"
-            )
-            return Answer(event_id, "sent", why)
-        return await _wait(event_id, arrived, wait_s, on_event)
-    finally:
-        await broker.stop()
+            event_id = event["event_id"]
+            arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            listening = False
+            if agent is not None and wait_s > 0:
+                listening = await _listen(connection, exchange_name, agent, event_id, arrived)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await channel.get_exchange(exchange_name, ensure=False)
+            try:
+                await exchange.publish(
+                    Message(
+                        orjson.dumps(event),
+                        content_type="application/json",
+                        delivery_mode=DeliveryMode.PERSISTENT,
+                        message_id=event_id,
+                        type=event_type,
+                    ),
+                    routing_key,
+                    mandatory=True,
+                )
+            except DeliveryError:  # returned: no queue is bound to the key
+                return Answer(event_id, "unroutable")
+            if not listening:
+                why = (
+                    ""
+                    if agent is None or wait_s <= 0
+                    else "no permission to declare, bind or consume a reply queue"
+                )
+                return Answer(event_id, "sent", why)
+            return await _wait(event_id, arrived, wait_s, on_event)
+        finally:
+            await broker.stop()
 
 
 async def _listen(

@@ -17,7 +17,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from .connection import TlsFiles, connect, make_broker, publish_json, topic_exchange
+from .connection import (
+    TlsFiles,
+    closed_on_failure,
+    connect,
+    make_broker,
+    publish_json,
+    topic_exchange,
+)
 from .engine import wall_clock_ms
 from .envelope import envelope, tick_event_id
 from .health import Health
@@ -140,13 +147,9 @@ class Ticker:
             self.every_ms,
         )
         connection = await connect(self.broker, self.rabbit_url)
-        try:
+        async with closed_on_failure(self.broker):
             # The dead-letter exchange too: least-privileged agents only check it exists.
             await declare_exchanges(connection, self.exchange_name, declare=self.declare_topology)
-        except BaseException:
-            with contextlib.suppress(Exception):  # closed, not "reconnecting"
-                await self.broker.stop()
-            raise
 
     async def stop(self) -> None:
         await self.broker.stop()
