@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from . import agent_turn as _agent_turn
 from . import builtin_handlers as _builtin_handlers
+from . import openclaw as _openclaw
 from .config import (
     CheckConfig,
     ConfigError,
@@ -34,7 +35,7 @@ from .state import AgentState, CheckState
 from .store import StateError
 from .ticker import Ticker
 
-del _agent_turn, _builtin_handlers
+del _agent_turn, _builtin_handlers, _openclaw
 
 __all__ = [
     "AgentRunner",
