@@ -1,7 +1,9 @@
 """The AsyncAPI 3.0 document of the wire contract, built from :mod:`topology` (pure).
 
 It lists every channel, including the inbox's manually bound ``system.heartbeat.#``
-key, which FastStream's own generator cannot see.
+key, which FastStream's own generator cannot see. Every message is a Bloodbank
+``EventEnvelope`` (UUID ids, ``event_type`` the routing key, ``source.type`` a trigger
+type, ``payload.agent_name`` beside ``payload.agent``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .envelope import APP, TRIGGER_TYPES
 from .state import STATUSES
 from .topology import (
     ALERT_KINDS,
@@ -20,39 +23,94 @@ from .topology import (
     STATUS_EVENTS,
     TICK_BINDING,
     TICK_KEY,
+    agent_key,
+    alert_key,
+    reply_key,
+    result_key,
+    status_key,
 )
 
 __all__ = ["build", "render"]
 
 AGENT = {"description": "Agent name, ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"}
 CHECK = {"description": "Check name, ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"}
+AGENT_NAME = {"type": "string", "description": "the same as agent (the ecosystem's name)"}
+EXAMPLE, EXAMPLE_CHECK = "pm", "triage"
+"""The agent and check named in the examples."""
+SOURCE_TYPES = (
+    "heartbeat: the consumer (results, started, status, replies); scheduled: the ticker; "
+    "manual: the CLI (run-check, tick); service: the monitor (alerts)"
+)
 
 
-def _envelope(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+EVENT_ID = {
+    "type": "string",
+    "format": "uuid",
+    "description": "a UUID in what is sent; any non-empty string is read",
+}
+SOURCE = {
+    "type": "object",
+    "required": ["host", "type"],
+    "properties": {
+        "host": {"type": "string"},
+        "type": {"enum": list(TRIGGER_TYPES), "description": SOURCE_TYPES},
+        "app": {"type": "string", "examples": [APP]},
+        "meta": {
+            "type": "object",
+            "properties": {
+                "component": {
+                    "type": "string",
+                    "description": "consumer, fleet, ticker, cli, monitor, startup, local or "
+                    "run-once",
+                }
+            },
+        },
+    },
+}
+CORRELATION_IDS = {
+    "type": "array",
+    "items": {"type": "string", "format": "uuid"},
+    "description": "the causing events' ids as UUIDs (an id that is not a UUID as its "
+    "uuid5); the AMQP correlation_id carries the first id as it came",
+}
+"""The parts every envelope shares (one object each: the YAML names them once)."""
+
+
+def _envelope(
+    event_types: list[str], legacy: str | None, payload: dict[str, Any]
+) -> dict[str, Any]:
+    before = f"; {legacy} (sent before) is still read" if legacy else ""
     return {
         "type": "object",
         "required": ["event_id", "event_type", "payload"],
         "properties": {
-            "event_id": {"type": "string"},
-            "event_type": {"type": "string", "examples": [event_type]},
+            "event_id": EVENT_ID,
+            "event_type": {
+                "type": "string",
+                "description": f"the routing key the event is published under{before}",
+                "examples": event_types,
+            },
             "timestamp": {"type": "string", "format": "date-time"},
             "version": {"type": "string", "examples": ["1.0.0"]},
-            "source": {
-                "type": "object",
-                "properties": {n: {"type": "string"} for n in ("host", "type", "app")},
-            },
-            "correlation_ids": {"type": "array", "items": {"type": "string"}},
+            "source": SOURCE,
+            "correlation_ids": CORRELATION_IDS,
             "payload": payload,
         },
     }
 
 
-def _message(name: str, summary: str, event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _message(
+    name: str,
+    summary: str,
+    event_types: list[str],
+    payload: dict[str, Any],
+    legacy: str | None = None,
+) -> dict[str, Any]:
     return {
         "name": name,
         "summary": summary,
         "contentType": "application/json",
-        "payload": _envelope(event_type, payload),
+        "payload": _envelope(event_types, legacy, payload),
     }
 
 
@@ -109,6 +167,7 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         **obj,
         "properties": {
             "agent": {"type": "string"},
+            "agent_name": AGENT_NAME,
             "check": {"type": "string"},
             "handler": {"type": "string"},
             "status": {"enum": list(STATUSES)},
@@ -128,6 +187,7 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         **obj,
         "properties": {
             "agent": {"type": "string"},
+            "agent_name": AGENT_NAME,
             "check": {"type": "string"},
             "handler": {"type": "string"},
             "slot": {"type": "string", "format": "date-time"},
@@ -141,6 +201,7 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         **obj,
         "properties": {
             "agent": {"type": "string"},
+            "agent_name": AGENT_NAME,
             "status": {"enum": list(STATUS_EVENTS)},
             "error": {"type": "string"},
             "reason": {"type": "string", "description": "alive: why nothing was due"},
@@ -151,12 +212,13 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "reply": _message(
             "reply",
             "The answer to a command or to a tick sent to one agent",
-            "heartbeat.reply",
+            [reply_key(EXAMPLE, word) for word in REPLY_WORDS],
             {
                 **obj,
                 "required": ["agent", "command", "command_id", "outcome", "reason"],
                 "properties": {
                     "agent": {"type": "string"},
+                    "agent_name": AGENT_NAME,
                     "command": {"enum": list(COMMANDS)},
                     "command_id": {
                         "type": "string",
@@ -169,22 +231,26 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
                     "ran": {"type": "array", "description": "a tick's runs: check, status"},
                 },
             },
+            "heartbeat.reply",
         ),
-        "tick": _message("tick", "A heartbeat tick", TICK_KEY, tick_payload),
+        "tick": _message(
+            "tick", "A heartbeat tick", [TICK_KEY, agent_key(EXAMPLE, "tick")], tick_payload
+        ),
         "run": _message(
             "run",
             "Run a check now",
-            "heartbeat.command.run",
+            [agent_key(EXAMPLE, "run")],
             {
                 **obj,
                 "required": ["check"],
                 "properties": {**check_ref, "force": {"type": "boolean"}},
             },
+            "heartbeat.command.run",
         ),
         "pause": _message(
             "pause",
             "Pause a check, or the agent with '*'",
-            "heartbeat.command.pause",
+            [agent_key(EXAMPLE, "pause")],
             {
                 **obj,
                 "required": ["check"],
@@ -194,28 +260,46 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
                     "reason": {"type": "string", "maxLength": 500},
                 },
             },
+            "heartbeat.command.pause",
         ),
         "resume": _message(
-            "resume", "Resume a check", "heartbeat.command.resume", {**obj, "properties": check_ref}
+            "resume",
+            "Resume a check",
+            [agent_key(EXAMPLE, "resume")],
+            {**obj, "properties": check_ref},
+            "heartbeat.command.resume",
         ),
         "result": _message(
-            "result", "The result of one check run", "heartbeat.result", result_payload
+            "result",
+            "The result of one check run",
+            [result_key(EXAMPLE, EXAMPLE_CHECK, "success")],
+            result_payload,
+            "heartbeat.result",
         ),
         "started": _message(
-            "started", "A check run is starting", "heartbeat.started", started_payload
+            "started",
+            "A check run is starting",
+            [result_key(EXAMPLE, EXAMPLE_CHECK, "started")],
+            started_payload,
+            "heartbeat.started",
         ),
         "status": _message(
-            "status", "An agent's consumer status", "heartbeat.status", status_payload
+            "status",
+            "An agent's consumer status",
+            [status_key(EXAMPLE, "alive"), status_key(EXAMPLE, "config_invalid")],
+            status_payload,
+            "heartbeat.status",
         ),
         "alert": _message(
             "alert",
             "The monitor opened, reminded of or resolved an incident",
-            "heartbeat.alert",
+            [alert_key(EXAMPLE, "stale"), alert_key(EXAMPLE, "resolved")],
             {
                 **obj,
                 "required": ["agent", "kind", "severity", "incident", "detail", "opened_at"],
                 "properties": {
                     "agent": {"type": "string"},
+                    "agent_name": AGENT_NAME,
                     "kind": {"enum": [*ALERT_KINDS]},
                     "check": {"type": ["string", "null"]},
                     "severity": {"enum": ["warning", "error", "info"]},
@@ -228,6 +312,7 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
                     "repeat": {"type": "boolean", "description": "a reminder (--repeat)"},
                 },
             },
+            "heartbeat.alert",
         ),
     }
     agent = {"agent": AGENT}

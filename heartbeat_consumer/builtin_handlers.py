@@ -1,9 +1,10 @@
-"""Built-in handlers: default, sub_health, quarterly_compaction, command."""
+"""Built-in handlers: default, sub_health, quarterly_compaction, command, publish."""
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import time
 from typing import Any
@@ -13,12 +14,14 @@ from .handlers import current_run, register_handler
 from .process import child_env, meta_argv, output_limit, run_process
 from .state import compact_history
 from .timeutil import iso
+from .topology import dispatch_key
 
-__all__ = ["command", "default", "quarterly_compaction", "sub_health"]
+__all__ = ["command", "default", "publish", "quarterly_compaction", "sub_health"]
 
 DEFAULT_MAX_OUTPUT_BYTES = 4096
 DEFAULT_KEEP_PER_CHECK = 20
 DEFAULT_ALERT_AFTER_FAILURES = 3
+_ROUTING_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}(?!\n)$")
 
 
 @register_handler("default")
@@ -103,3 +106,41 @@ async def command(tick_payload: dict[str, Any], check_config: CheckConfig) -> di
     if code == 0:
         return {"status": "success", **result}
     return {"status": "failed", "error": f"exit code {code}", **result}
+
+
+@register_handler("publish")
+async def publish(tick_payload: dict[str, Any], check_config: CheckConfig) -> dict[str, Any]:
+    """Publish an event to the bus, under ``meta.eventType`` (default
+    ``heartbeat.<agent>.<check>.dispatch``), which is also its ``event_type``.
+
+    The payload is ``meta.payload`` (an object, default empty) with ``agent``,
+    ``agent_name``, ``check``, ``check_id``, ``description``, ``slot`` and
+    ``idempotency_key`` set. Skipped where there is no bus (``run --local``,
+    ``run-once``). Bloodbank's ``action: publish`` is this handler.
+    """
+    ctx = current_run()
+    if ctx is None or ctx.publish is None:
+        return {"status": "skipped", "reason": "no bus to publish to (a local run)"}
+    meta = check_config.meta
+    key = meta.get("eventType") or dispatch_key(ctx.agent, check_config.name)
+    if not isinstance(key, str) or len(key) > 255 or not _ROUTING_KEY.fullmatch(key):
+        return {
+            "status": "failed",
+            "error": "meta.eventType must be a routing key: words of letters, digits, "
+            "'_' or '-' joined by '.', no wildcards, at most 255 characters",
+        }
+    extra = meta.get("payload", {})
+    if not isinstance(extra, dict):
+        return {"status": "failed", "error": "meta.payload must be an object"}
+    payload = {
+        **extra,
+        "agent": ctx.agent,
+        "agent_name": ctx.agent,
+        "check": check_config.name,
+        "check_id": check_config.name,
+        "description": check_config.description or "",
+        "slot": iso(ctx.slot_ms),
+        "idempotency_key": tick_payload.get("idempotency_key"),
+    }
+    await ctx.publish(key, payload)
+    return {"status": "success", "published": key}

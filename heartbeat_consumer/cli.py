@@ -23,19 +23,32 @@ from pydantic import ValidationError
 
 from . import __version__
 from .asyncapi import render as render_asyncapi
-from .config import ConfigError, LoadedConfig, Problem, load_config, schema
+from .config import (
+    ConfigError,
+    HeartbeatConfig,
+    LoadedConfig,
+    Problem,
+    load_config,
+    normalise_config,
+    read_config_bytes,
+    schema,
+    with_default_handler,
+)
 from .connection import BrokerError, TlsError, TlsFiles, connect, first_line, make_broker
 from .consumer import HeartbeatConsumer
 from .deadman import WatchConfig
 from .engine import AgentRunner, RunResult, wall_clock_ms
+from .envelope import event_kind
 from .fleet import SUFFIX as FLEET_SUFFIX
 from .fleet import Fleet, FleetError
 from .handlers import (
     HandlerError,
+    default_handler,
     handler_names,
     load_entry_points,
     load_plugins,
     plugin_modules_from_env,
+    set_default_handler,
 )
 from .health import ServeError
 from .local import run_local, run_once, stop_on_signals
@@ -167,6 +180,13 @@ def _load_handlers(args: argparse.Namespace) -> None:
     The built-ins are registered by importing the package."""
     load_entry_points()
     load_plugins([*(args.handlers or []), *plugin_modules_from_env()])
+    default = getattr(args, "default_handler", None) or None
+    if default is not None and default not in handler_names():
+        raise UsageError(
+            f"--default-handler {default!r} is not a registered handler "
+            f"(registered: {', '.join(sorted(handler_names()))})"
+        )
+    set_default_handler(default)
 
 
 def _state_path(args: argparse.Namespace) -> Path:
@@ -180,17 +200,34 @@ def _print_problems(source: str, problems: Sequence[Problem]) -> None:
         _out(f"  {problem}", sys.stderr)
 
 
-def _load(path: str) -> LoadedConfig | None:
+def _load(path: str, *, strict: bool = False) -> LoadedConfig | None:
+    """The config with unregistered handlers sent to the default handler; its warnings
+    printed. None (the problems printed) when it cannot be used."""
     try:
-        return load_config(path)
+        loaded = load_config(path, strict=strict)
     except ConfigError as exc:
         _print_problems(exc.source, exc.problems)
         return None
+    for warning in loaded.warnings:
+        _out(f"warning: {path}: {warning} (ignored)", sys.stderr)
+    return with_default_handler(loaded, handler_names(), default_handler())
+
+
+def _format(loaded: LoadedConfig) -> str:
+    if loaded.format == "bloodbank":
+        return "format bloodbank (heartbeat_tick's array of checks)"
+    return f"format {loaded.format}"
 
 
 def _unknown_handler_problems(loaded: LoadedConfig) -> list[Problem]:
     known = handler_names()
-    return [
+    default = loaded.config.default_handler
+    unknown_default = (
+        [Problem("$.defaultHandler", f"unknown handler {default!r}")]
+        if default is not None and default not in known
+        else []
+    )
+    return unknown_default + [
         Problem(
             f"$.checks.{check.name}.handler",
             f"unknown handler {check.handler!r} (registered: {', '.join(sorted(known))})",
@@ -202,7 +239,7 @@ def _unknown_handler_problems(loaded: LoadedConfig) -> list[Problem]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    loaded = _load(args.file)
+    loaded = _load(args.file, strict=args.strict)
     if loaded is None:
         return EXIT_INVALID
     problems = loaded.problems + _unknown_handler_problems(loaded)
@@ -210,7 +247,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _print_problems(args.file, problems)
         return EXIT_INVALID
     config = loaded.config
-    _out(f"ok: {args.file}: agent {config.agent}, {len(config.checks)} check(s)")
+    defaulted = sum(1 for c in config.checks.values() if c.declared_handler is not None)
+    via = f", {defaulted} by handler {_default_of(config)}" if defaulted else ""
+    _out(
+        f"ok: {args.file}: {_format(loaded)}, agent {config.agent}, "
+        f"{len(config.checks)} check(s){via}"
+    )
+    return EXIT_OK
+
+
+def _default_of(config: HeartbeatConfig) -> str:
+    return repr(config.default_handler or default_handler())
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """The file as heartbeat.v1 on stdout: every problem is an error, every dropped field a
+    warning on stderr."""
+    try:
+        normal, problems = normalise_config(read_config_bytes(args.file), source=args.file)
+    except ConfigError as exc:
+        problems, normal = exc.problems, None
+    if normal is None or problems:
+        _print_problems(args.file, problems)
+        return EXIT_INVALID
+    for warning in normal.warnings:
+        _out(f"warning: {args.file}: {warning} (not converted)", sys.stderr)
+    data = {"$schema": "heartbeat.v1", "agent": normal.data.get("agent"), **normal.data}
+    _out(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     return EXIT_OK
 
 
@@ -262,13 +325,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _json_line(
             {
                 "agent": loaded.config.agent,
+                "format": loaded.format,
                 "at": iso(now),
                 "checks": [_evaluation_json(ev, ev.check in chosen) for ev in result.evaluations],
             }
         )
         return EXIT_OK
     config = loaded.config
-    _out(f"agent {config.agent} at {iso(now)}  (state: {_state_path(args)})")
+    _out(f"agent {config.agent} at {iso(now)}  ({_format(loaded)}; state: {_state_path(args)})")
     _out(f"selection: {config.selection}, at most {config.max_checks_per_tick} check(s) per tick")
     width = max([len(ev.check) for ev in result.evaluations] + [5])
     _out(f"  {'CHECK':<{width}}  {'PRIO':>4}  {'RATIO':>6}  {'LAST RUN':<24}  VERDICT")
@@ -541,16 +605,17 @@ def cmd_ticker(args: argparse.Namespace) -> int:
 
 
 def _print_event(event: dict[str, Any]) -> None:
-    """One line per event correlated with a command (``run-check``, ``tick --agent``)."""
+    """One line per event correlated with a command (``run-check``, ``tick --agent``),
+    by its kind (its event_type is its routing key, or the word older consumers send)."""
     raw = event.get("payload")
     payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    kind = event.get("event_type")
-    if kind == "heartbeat.started":
+    kind = event_kind(event.get("event_type"))
+    if kind == "started":
         _out(f"started {payload.get('check')} ({payload.get('idempotency_key')})")
-    elif kind == "heartbeat.result":
+    elif kind == "result":
         error = f": {payload.get('error')}" if payload.get("error") else ""
         _out(f"{payload.get('check')}: {payload.get('status')}{error}")
-    elif kind == "heartbeat.status":
+    elif kind == "status":
         detail = payload.get("reason") or payload.get("error") or ""
         _out(f"status {payload.get('status')}{f': {detail}' if detail else ''}")
 
@@ -717,7 +782,16 @@ def build_parser() -> argparse.ArgumentParser:
             )
         return p
 
-    command("validate", "check a heartbeat.json; print every problem", state=False)
+    p = command("validate", "check a heartbeat.json; print every problem", state=False)
+    p.add_argument(
+        "--strict", action="store_true", help="fields that are not understood are errors"
+    )
+    p = sub.add_parser(
+        "convert",
+        help="print a heartbeat.json (any accepted format) as heartbeat.v1",
+        description="print a heartbeat.json (any accepted format) as heartbeat.v1",
+    )
+    p.add_argument("file", metavar="FILE", help="heartbeat.json")
     p = command("plan", "show every check: due or not, and why")
     p.add_argument("--at", default="now", metavar="TIME", help="ISO 8601 or epoch ms (default now)")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -875,6 +949,13 @@ def handlers_option(p: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="import a handler plugin module or file.py (repeatable; env HEARTBEAT_HANDLERS)",
     )
+    p.add_argument(
+        "--default-handler",
+        default=os.environ.get("HEARTBEAT_DEFAULT_HANDLER"),
+        metavar="NAME",
+        help="handler for checks whose handler is not registered, in files without a "
+        "defaultHandler (their description is the prompt; env HEARTBEAT_DEFAULT_HANDLER)",
+    )
 
 
 def consumer_options(p: argparse.ArgumentParser) -> None:
@@ -1004,12 +1085,13 @@ def _run_from_environment(parser: argparse.ArgumentParser) -> int:
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 BROKER_ONLY = frozenset(
-    {"schema", "asyncapi", "ticker", "tick", "run-check", "monitor", "provision"}
+    {"schema", "asyncapi", "convert", "ticker", "tick", "run-check", "monitor", "provision"}
 )
 """Commands that run no handlers, so load no plugins."""
 
 COMMANDS = {
     "validate": cmd_validate,
+    "convert": cmd_convert,
     "plan": cmd_plan,
     "simulate": cmd_simulate,
     "run-once": cmd_run_once,

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,9 @@ from jsonschema.exceptions import ValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as ModelError
 
+from .formats import DAYS, V1, Format, Normalised, day_index, normalise
+from .problems import Problem
+from .problems import json_path as _json_path
 from .timeutil import MS_PER_MINUTE, parse_instant_ms, zone
 
 __all__ = [
@@ -43,22 +47,29 @@ __all__ = [
     "CheckConfig",
     "ConfigError",
     "ConfigSource",
+    "Format",
     "HeartbeatConfig",
     "LoadedConfig",
     "Pause",
     "Problem",
     "Window",
     "load_config",
+    "normalise_config",
     "parse_config",
     "read_bounded",
     "schema",
+    "with_default_handler",
 ]
+
+log = logging.getLogger("heartbeat_consumer.config")
 
 DEFAULT_PRIORITY = 100
 DEFAULT_TIMEOUT_CAP_MS = 5 * MS_PER_MINUTE
 MAX_TIMEOUT_MS = 25 * MS_PER_MINUTE
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 """A heartbeat.json larger than this is refused (10,000 checks take about 2 MB)."""
+MAX_DEPTH = 64
+"""Objects and arrays nested deeper than this are refused (``meta`` included)."""
 _INTEGER_FIELDS = ("cadenceMs", "priority", "timeoutMs", "lastRun")
 
 Quarter = Literal["Q1", "Q2", "Q3", "Q4"]
@@ -75,18 +86,6 @@ def schema() -> dict[str, Any]:
 @cache
 def _validator() -> Draft202012Validator:
     return Draft202012Validator(schema())
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a config, at a JSON path like ``$.checks.ping.cadenceMs``."""
-
-    path: str
-    message: str
-    check: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -110,20 +109,29 @@ def _minute(hhmm: str) -> int:
 
 
 class Window(_Model):
-    """Local time-of-day window; start inclusive, end minute inclusive, may cross midnight."""
+    """Local days and time of day; start inclusive, end minute inclusive, may cross
+    midnight. Without start and end, the whole of each of ``days``."""
 
-    start: str
-    end: str
+    start: str | None = None
+    end: str | None = None
     tz: str | None = None
+    days: frozenset[int] | None = None
+    """Days of the week (0 = Monday) of the local moment; None: every day."""
 
     @cached_property
     def start_minute(self) -> int:
-        return _minute(self.start)
+        return 0 if self.start is None else _minute(self.start)
 
     @cached_property
     def end_minute(self) -> int:
         """Last minute of day inside the window (24:00 -> 1439)."""
-        return min(_minute(self.end), 24 * 60 - 1)
+        return 24 * 60 - 1 if self.end is None else min(_minute(self.end), 24 * 60 - 1)
+
+    def describe(self) -> str:
+        """``Mon,Tue 09:00-17:00`` (days, then the time of day, each if set)."""
+        days = ",".join(DAYS[d][:3] for d in sorted(self.days)) if self.days else ""
+        times = f"{self.start}-{self.end}" if self.start is not None else ""
+        return " ".join(part for part in (days, times) if part)
 
 
 class Pause(_Model):
@@ -151,6 +159,9 @@ class CheckConfig(_Model):
     meta: dict[str, Any] = Field(default_factory=dict)
     last_run: int | None = Field(default=None, alias="lastRun")
     description: str | None = None
+    declared_handler: str | None = None
+    """The handler the file names, when it is not registered and ``handler`` is the
+    file's (or the process's) default handler instead."""
     tz: str = "UTC"
     """Effective zone for windows and quarters: window.tz, else the agent's tz, else UTC."""
 
@@ -172,6 +183,7 @@ class HeartbeatConfig(_Model):
     tz: str = "UTC"
     max_checks_per_tick: int = Field(default=1, alias="maxChecksPerTick")
     selection: Literal["priority", "overdue"] = "priority"
+    default_handler: str | None = Field(default=None, alias="defaultHandler")
     checks: dict[str, CheckConfig] = Field(default_factory=dict)
     paused: dict[str, Pause] = Field(default_factory=dict)
 
@@ -182,23 +194,14 @@ class LoadedConfig:
 
     config: HeartbeatConfig
     invalid_checks: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
+    format: Format = V1
+    """The format the file was written in (``heartbeat.v1`` or ``bloodbank``)."""
+    warnings: tuple[Problem, ...] = ()
+    """Fields that were not understood and were ignored."""
 
     @property
     def problems(self) -> list[Problem]:
         return [p for problems in self.invalid_checks.values() for p in problems]
-
-
-def _json_path(parts: list[str | int] | tuple[str | int, ...]) -> str:
-    """``$.checks.ping.cadenceMs``; names that are not identifiers go in brackets."""
-    out = "$"
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.isidentifier():
-            out += f".{part}"
-        else:
-            out += "[" + json.dumps(part) + "]"
-    return out
 
 
 def _describe(error: ValidationError) -> str:
@@ -302,7 +305,13 @@ def _build(data: dict[str, Any], invalid: set[str]) -> HeartbeatConfig:
         if quarters is not None:
             fields["triggerOnQuarters"] = tuple(quarters)
         if window is not None:
-            fields["window"] = Window(**window)
+            days = window.get("days")
+            fields["window"] = Window(
+                **{
+                    **window,
+                    "days": None if days is None else frozenset(map(_day, days)),
+                }
+            )
         checks[name] = CheckConfig(**fields)
     paused = {
         name: Pause(
@@ -317,20 +326,66 @@ def _build(data: dict[str, Any], invalid: set[str]) -> HeartbeatConfig:
         tz=agent_tz,
         max_checks_per_tick=_integer(data.get("maxChecksPerTick", 1)),
         selection=data.get("selection", "priority"),
+        default_handler=data.get("defaultHandler"),
         checks=checks,
         paused=paused,
     )
 
 
-def parse_config(text: str | bytes, *, source: str = "<config>") -> LoadedConfig:
-    """Validate and build a config. Raises :class:`ConfigError` when it is unusable."""
+def _day(name: str) -> int:
+    index = day_index(name)
+    if index is None:  # the schema lets only day names through
+        raise ValueError(f"{name!r} is not a day of the week")
+    return index
+
+
+def normalise_config(
+    text: str | bytes, *, source: str = "<config>", strict: bool = False
+) -> tuple[Normalised, list[Problem]]:
+    """The file as a heartbeat.v1 object (whichever format it is in), and every problem
+    with it (paths as the file has them). Raises :class:`ConfigError` when it is not a
+    JSON object."""
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(source, [Problem("$", f"invalid JSON: {exc}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [Problem("$", "the top level must be a JSON object")])
-    problems = _schema_problems(data) + _semantic_problems(data)
+    if _too_deep(data, MAX_DEPTH):
+        raise ConfigError(source, [Problem("$", f"nested deeper than {MAX_DEPTH} levels")])
+    try:
+        normal = normalise(data, schema(), strict=strict)
+        found = _schema_problems(normal.data) + _semantic_problems(normal.data)
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+        # Every shape should be a problem with a path; if one slips through, the file
+        # is still refused in one line, never with a traceback.
+        raise ConfigError(source, [Problem("$", f"cannot read this config: {exc}")]) from None
+    problems = normal.problems + [normal.source_path(p) for p in found]
+    return normal, problems
+
+
+def _too_deep(data: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` deep (iteratively)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_config(
+    text: str | bytes, *, source: str = "<config>", strict: bool = False
+) -> LoadedConfig:
+    """Validate and build a config. Raises :class:`ConfigError` when it is unusable.
+
+    Fields that are not understood are ignored with a warning (``LoadedConfig.warnings``);
+    with ``strict`` they are problems."""
+    normal, problems = normalise_config(text, source=source, strict=strict)
+    data = normal.data
     fatal = [p for p in problems if p.check is None]
     if fatal:
         raise ConfigError(source, problems)
@@ -343,7 +398,35 @@ def parse_config(text: str | bytes, *, source: str = "<config>") -> LoadedConfig
         # The schema and the models should agree; if they ever do not, the file is
         # still refused with a path, never with a traceback.
         raise ConfigError(source, _model_problems(exc)) from None
-    return LoadedConfig(config, {name: tuple(ps) for name, ps in invalid.items()})
+    return LoadedConfig(
+        config,
+        {name: tuple(ps) for name, ps in invalid.items()},
+        format=normal.format,
+        warnings=tuple(normal.warnings),
+    )
+
+
+def with_default_handler(
+    loaded: LoadedConfig, known: Container[str], fallback: str | None = None
+) -> LoadedConfig:
+    """``loaded`` with every check whose handler is not in ``known`` sent to the file's
+    ``defaultHandler`` when it is known, else to ``fallback`` (a process-wide
+    ``--default-handler``) when that one is; ``declared_handler`` keeps the name the
+    file gave. Pure."""
+    default = loaded.config.default_handler
+    if default is None or default not in known:
+        default = fallback
+    if default is None or default not in known:
+        return loaded
+    moved = {
+        name: check.model_copy(update={"handler": default, "declared_handler": check.handler})
+        for name, check in loaded.config.checks.items()
+        if check.handler not in known
+    }
+    if not moved:
+        return loaded
+    config = loaded.config.model_copy(update={"checks": {**loaded.config.checks, **moved}})
+    return replace(loaded, config=config)
 
 
 def _model_problems(exc: Exception) -> list[Problem]:
@@ -401,9 +484,9 @@ def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
     raise ConfigError(str(path), [Problem("$", text)])
 
 
-def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
+def load_config(path: str | os.PathLike[str], *, strict: bool = False) -> LoadedConfig:
     """Read and validate a heartbeat.json file. Raises :class:`ConfigError`."""
-    return parse_config(read_config_bytes(path), source=str(path))
+    return parse_config(read_config_bytes(path), source=str(path), strict=strict)
 
 
 class ConfigSource:
@@ -457,3 +540,7 @@ class ConfigSource:
         else:
             self._good, self._error = outcome, None
             self.generation += 1
+            for warning in outcome.warnings[:10]:
+                log.warning("%s: %s (ignored)", self.path, warning)
+            if len(outcome.warnings) > 10:
+                log.warning("%s: and %d more unknown fields", self.path, len(outcome.warnings) - 10)

@@ -178,6 +178,7 @@ class AgentConsumer:
             on_result=self._on_result,
             on_start=self._on_start,
             agent=agent,
+            publish=self._publish_event,
         )
         self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
@@ -285,36 +286,46 @@ class AgentConsumer:
             self.broker, self.exchange, routing_key, event, correlation_id=correlation or None
         )
 
-    async def _send_run_event(
-        self, event_type: str, run: StartedRun, word: str, at_ms: int
-    ) -> None:
-        """A run's started or result event, correlated with the tick or command that
-        caused it, under ``heartbeat.<agent>.<check>.<word>``."""
+    async def _publish_event(self, routing_key: str, payload: dict[str, Any]) -> None:
+        """An event a handler publishes (``publish``), under its own routing key."""
         event = envelope(
-            event_type,
+            routing_key,
+            payload,
+            timestamp_ms=wall_clock_ms(),
+            correlation_ids=list(self._correlation),
+        )
+        await self._send(routing_key, event, self._correlation[0] if self._correlation else "")
+
+    async def _send_run_event(self, run: StartedRun, word: str, at_ms: int) -> None:
+        """A run's started or result event, correlated with the tick or command that
+        caused it (``correlation_ids``: as UUIDs; the AMQP ``correlation_id``: the first
+        id as it came), under ``heartbeat.<agent>.<check>.<word>``, its event_type."""
+        key = result_key(self.agent, run.check, word)
+        event = envelope(
+            key,
             run.to_payload(),
             timestamp_ms=at_ms,
             event_id=result_event_id(run.idempotency_key, word, run.started_at),
             correlation_ids=list(self._correlation),
         )
-        key = result_key(self.agent, run.check, word)
         await self._send(key, event, self._correlation[0] if self._correlation else "")
 
     async def _on_start(self, run: StartedRun) -> None:
-        await self._send_run_event("heartbeat.started", run, "started", run.started_at)
+        await self._send_run_event(run, "started", run.started_at)
 
     async def _on_result(self, result: RunResult) -> None:
         self.metrics.run(result)
-        await self._send_run_event("heartbeat.result", result, result.status, result.finished_at)
+        await self._send_run_event(result, result.status, result.finished_at)
 
     async def publish_status(self, status: str, *, correlation: str = "", **details: Any) -> None:
+        key = status_key(self.agent, status)
         event = envelope(
-            "heartbeat.status",
+            key,
             {"agent": self.agent, "status": status, **details},
             timestamp_ms=wall_clock_ms(),
-            correlation_ids=[correlation] if correlation else None,
+            correlation_ids=[correlation],
         )
-        await self._send(status_key(self.agent, status), event, correlation)
+        await self._send(key, event, correlation)
 
     async def reply(
         self,
@@ -326,8 +337,9 @@ class AgentConsumer:
     ) -> None:
         """Answer a command (or a tick sent to this agent alone), correlated with it:
         ``heartbeat.<agent>._command.ack``, or ``.error`` when it was refused."""
+        key = reply_key(self.agent, "error" if outcome == "rejected" else "ack")
         event = envelope(
-            "heartbeat.reply",
+            key,
             {
                 "agent": self.agent,
                 "command": command,
@@ -339,8 +351,7 @@ class AgentConsumer:
             timestamp_ms=wall_clock_ms(),
             correlation_ids=[command_id],
         )
-        word = "error" if outcome == "rejected" else "ack"
-        await self._send(reply_key(self.agent, word), event, command_id)
+        await self._send(key, event, command_id)
 
     # --- deliveries ------------------------------------------------------------------------
 

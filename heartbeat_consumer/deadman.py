@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from .envelope import event_kind, event_type_fits
 from .state import FAILED_STATUSES, OK_STATUSES
 from .timeutil import MAX_DURATION_MS, format_duration, in_instant_range, instant_or_none
 from .topology import NAME_PATTERN
@@ -66,9 +67,9 @@ SEVERITY: dict[str, Severity] = {
     "missed": "error",
     "config_invalid": "error",
 }
-WATCHED_EVENTS = frozenset({"heartbeat.status", "heartbeat.started", "heartbeat.result"})
-"""What an agent says about itself; anything else (the monitor's own alerts) is not a
-sign of life."""
+WATCHED_KINDS = frozenset({"status", "started", "result"})
+"""What an agent says about itself (see :func:`~.envelope.event_kind`); anything else
+(the monitor's own alerts) is not a sign of life."""
 MAX_ERROR_CHARS = 200
 MAX_KEY_CHARS = 300
 NO_REASON = "heartbeat.json unusable (no reason given)"
@@ -235,27 +236,29 @@ def event_source(routing_key: str, event: dict[str, Any]) -> tuple[str | None, s
     its key, a key of another shape); ``(None, None)`` for keys that are not agent events.
 
     Topic permissions confine each agent's user to ``heartbeat.<agent>.*``, so the key is
-    what the broker vouches for; the payload is only what the publisher says."""
+    what the broker vouches for; the payload is only what the publisher says. The
+    ``event_type`` must be the key (what consumers send), or the word they sent before
+    for the key's kind (``heartbeat.status``, ``heartbeat.started``, ``heartbeat.result``)."""
     parts = routing_key.split(".")
     if len(parts) != 4 or parts[0] != "heartbeat" or not _NAME.fullmatch(parts[1]):
         return None, "unexpected_key"
     agent, second, word = parts[1], parts[2], parts[3]
     if second == "_status":
-        expected, check = "heartbeat.status", None
+        started, check = False, None
     elif second.startswith("_"):
         return None, None  # another family of events (alerts, ...): not an agent's word
     elif _NAME.fullmatch(second):
-        expected, check = ("heartbeat.started" if word == "started" else "heartbeat.result"), second
+        started, check = word == "started", second
     else:
         return None, "unexpected_key"
     payload = event.get("payload") or {}
-    if event.get("event_type") != expected:
+    if not event_type_fits(event.get("event_type"), routing_key):
         return None, "kind_mismatch"
     if payload.get("agent", agent) != agent:
         return None, "agent_mismatch"
     if check is not None and payload.get("check", check) != check:
         return None, "check_mismatch"
-    if expected != "heartbeat.started" and payload.get("status", word) != word:
+    if not started and payload.get("status", word) != word:
         return None, "status_mismatch"
     return agent, None
 
@@ -273,13 +276,13 @@ def observe_agent(
     payload = event.get("payload") or {}
     if agent is None:
         agent = payload.get("agent")
-    kind = event.get("event_type")
-    if not isinstance(agent, str) or not agent or kind not in WATCHED_EVENTS:
+    kind = event_kind(event.get("event_type"))
+    if not isinstance(agent, str) or not agent or kind not in WATCHED_KINDS:
         return None
     view = agents.get(agent) or AgentView()
     last_seen = max(at_ms, view.last_seen or at_ms)
     check_name = payload.get("check")
-    if kind == "heartbeat.status":
+    if kind == "status":
         status = sys.intern(str(payload.get("status")))
         view = replace(
             view,
@@ -316,7 +319,7 @@ def _config_verdict(
     minute); the first such slot is kept, and a run of a later slot still shows that
     tick ended without ``config_invalid``: the config was usable. Other statuses
     (``online``, ``offline``, ``state_error``...) say nothing about the config."""
-    if kind == "heartbeat.status":
+    if kind == "status":
         status = payload.get("status")
         if status == "config_invalid":
             error = payload.get("error")
@@ -344,7 +347,7 @@ def _fold_check(
     cadence = _duration(payload.get("cadence_ms"))
     if cadence:
         check = replace(check, cadence_ms=cadence)
-    if kind == "heartbeat.started":
+    if kind == "started":
         return replace(
             check,
             running_key=str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS],

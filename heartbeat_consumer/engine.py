@@ -21,9 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ConfigSource, HeartbeatConfig, LoadedConfig, Pause, Problem
+from .config import (
+    ConfigError,
+    ConfigSource,
+    HeartbeatConfig,
+    LoadedConfig,
+    Pause,
+    Problem,
+    with_default_handler,
+)
 from .envelope import envelope as make_envelope
-from .handlers import RunContext, get_handler, handler_names, invoke
+from .envelope import local_event_id
+from .handlers import EventSink, RunContext, default_handler, get_handler, handler_names, invoke
 from .schedule import Blocker, Evaluation, Plan, plan
 from .state import (
     HISTORY_LIMIT,
@@ -60,13 +69,17 @@ def wall_clock_ms() -> int:
 
 
 def local_envelope(slot_ms: int, *, source_type: str = "local") -> dict[str, Any]:
-    """The tick envelope used when no broker delivers one."""
+    """The tick envelope used when no broker delivers one: a Bloodbank envelope whose
+    ``source.type`` is ``heartbeat``; ``source_type`` says what made it (``local``,
+    ``run-once``, ``startup``) and goes in ``source.meta.component``. Its event id is a
+    UUID derived from the slot (the events of its runs are correlated with it)."""
     return make_envelope(
         "system.heartbeat.tick",
         {"tick_id": str(slot_ms), "epoch_ms": slot_ms},
         timestamp_ms=slot_ms,
-        event_id=f"local:{slot_ms}",
-        source_type=source_type,
+        event_id=local_event_id(slot_ms),
+        source_type="heartbeat",
+        component=source_type,
     )
 
 
@@ -177,14 +190,17 @@ class AgentRunner:
         clock: Callable[[], int] = wall_clock_ms,
         agent: str | None = None,
         on_start: StartSink | None = None,
+        publish: EventSink | None = None,
     ) -> None:
-        """``agent`` overrides the config's ``agent`` (the bus names the queue after it)."""
+        """``agent`` overrides the config's ``agent`` (the bus names the queue after it);
+        ``publish`` is how handlers publish events of their own (``publish`` handler)."""
         self.agent = agent
         self.config_path = Path(config_path)
         self.source = ConfigSource(self.config_path)
         self.store = StateStore(state_path or default_state_path(self.config_path))
         self.on_result = on_result
         self.on_start = on_start
+        self.publish = publish
         self.clock = clock
         self.started_ms = clock()
         self.state = AgentState()
@@ -192,6 +208,9 @@ class AgentRunner:
         """Ticks each check was not due since the last save (the state file is written
         with runs, not with every tick)."""
         self._reported_generation = 0
+        self._resolved_for: tuple[tuple[int, frozenset[str], str | None], LoadedConfig] | None = (
+            None
+        )
         self._started = False
         self._manual_runs: OrderedDict[str, str] = OrderedDict()
         """Requests (command event ids) that ran a check by hand: idempotency key."""
@@ -237,10 +256,20 @@ class AgentRunner:
 
     async def _config(self) -> tuple[LoadedConfig | None, ConfigError | None]:
         loaded, error = await self.source.current_async()
+        if loaded is not None:
+            loaded = self._resolved(loaded)
         if error is not None:
             kept = "keeping the last good config" if loaded else "no good config yet: nothing runs"
             log.error("config invalid (%s): %s", kept, error)
         return loaded, error
+
+    def _resolved(self, loaded: LoadedConfig) -> LoadedConfig:
+        """``loaded`` with unregistered handlers sent to the default handler (cached until
+        the config, the registry or the default changes)."""
+        key = (self.source.generation, handler_names(), default_handler())
+        if self._resolved_for is None or self._resolved_for[0] != key:
+            self._resolved_for = (key, with_default_handler(loaded, key[1], key[2]))
+        return self._resolved_for[1]
 
     def _plan(self, loaded: LoadedConfig, slot_ms: int) -> Plan:
         return plan(
@@ -466,6 +495,7 @@ class AgentRunner:
             state=self.state,
             slot_ms=slot_ms,
             process_started_ms=self.started_ms,
+            publish=self.publish,
         )
         handler = get_handler(check.handler)
         started = self.clock()

@@ -1,11 +1,19 @@
 """Bus events: parsing what arrives, building what is sent (pure).
 
 Every event is an envelope ``{event_id, event_type, timestamp, version, source,
-correlation_ids, payload}``. Parsing is lenient where it can be (extra fields, missing
-optional ones, the manual tick snippet's ``{"tick_id": ...}`` payload, the bloodbank
-publisher's ``{tick, epoch_ms, quarter, ...}``) and exact where it must be: a body that is
-not a JSON object, or lacks an ``event_id``, ``event_type`` or a usable time, is an
-:class:`EnvelopeError` whose text is the dead-letter reason.
+correlation_ids, payload}``. What is sent is a valid Bloodbank ``EventEnvelope``: a UUID
+``event_id``, ``event_type`` the routing key it is published under, ``source.type`` one
+of Bloodbank's trigger types (:data:`TRIGGER_TYPES`), only UUIDs in ``correlation_ids``
+(:func:`correlation_uuid`), and ``payload.agent_name`` beside ``payload.agent``.
+
+What arrives is read as before: any non-empty string id, and an ``event_type`` that is
+either a routing key or one of the fixed words sent before (``heartbeat.result``,
+``heartbeat.status``, ...): :func:`event_kind` and :func:`event_type_fits` read both.
+Parsing is lenient where it can be (extra fields, missing optional ones, the manual tick
+snippet's ``{"tick_id": ...}`` payload, the bloodbank publisher's ``{tick, epoch_ms,
+quarter, ...}``) and exact where it must be: a body that is not a JSON object, or lacks
+an ``event_id``, ``event_type`` or a usable time, is an :class:`EnvelopeError` whose
+text is the dead-letter reason.
 
 The body is decoded here, never by the transport: a ``charset`` in the content type is
 honoured when Python knows it, and anything else about the content type is only a hint.
@@ -20,19 +28,30 @@ import re
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import orjson
 
+from .state import STATUSES
 from .timeutil import floor_to, iso, parse_instant_ms
-from .topology import NAME_PATTERN
+from .topology import NAME_PATTERN, REPLY_WORDS, TICK_KEY
 
 __all__ = [
+    "APP",
+    "LEGACY_EVENT_TYPES",
+    "TRIGGER_TYPES",
     "Command",
     "EnvelopeError",
+    "EventKind",
     "Tick",
+    "TriggerType",
+    "correlation_uuid",
     "decode_body",
     "envelope",
+    "event_kind",
+    "event_type_fits",
+    "key_kind",
+    "local_event_id",
     "parse_command",
     "parse_envelope",
     "parse_tick",
@@ -46,6 +65,32 @@ MAX_REASON_CHARS = 500
 _NAME = re.compile(NAME_PATTERN)
 _UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 _NAMESPACE = uuid.UUID("6f1c1f4e-4b7e-4f53-9a55-8c1e0b2a7d10")
+APP = "heartbeat-consumer"
+"""``source.app`` of every event we send; ``source.meta.component`` says which part."""
+
+TriggerType = Literal[
+    "manual", "agent", "scheduled", "heartbeat", "file_watch", "hook", "webhook", "service"
+]
+"""Bloodbank's ``TriggerType``: what ``source.type`` may be. Ours: ``heartbeat`` (the
+consumer: results, started, status, replies; start-up and local runs), ``scheduled``
+(the ticker, as Bloodbank's own tick publisher), ``manual`` (the CLI's commands and
+ticks), ``service`` (the monitor's alerts)."""
+TRIGGER_TYPES: tuple[str, ...] = get_args(TriggerType)
+
+EventKind = Literal["tick", "command", "result", "started", "status", "reply", "alert"]
+LEGACY_EVENT_TYPES: dict[str, EventKind] = {
+    TICK_KEY: "tick",
+    "heartbeat.command.run": "command",
+    "heartbeat.command.pause": "command",
+    "heartbeat.command.resume": "command",
+    "heartbeat.result": "result",
+    "heartbeat.started": "started",
+    "heartbeat.status": "status",
+    "heartbeat.reply": "reply",
+    "heartbeat.alert": "alert",
+}
+"""The fixed ``event_type`` words sent before it became the routing key: still read."""
+AGENT_COMMANDS = frozenset({"run", "pause", "resume"})
 
 
 class EnvelopeError(ValueError):
@@ -90,6 +135,21 @@ def result_event_id(idempotency_key: str, status: str, started_ms: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"result:{idempotency_key}:{started_ms}:{status}"))
 
 
+def correlation_uuid(event_id: str) -> str:
+    """``event_id`` as it goes in ``correlation_ids``, which Bloodbank types as UUIDs: the
+    id itself (in canonical form) if it is a UUID, else a UUID derived from it (uuid5),
+    the same for the same id. The raw id is the message's AMQP ``correlation_id``."""
+    try:
+        return str(uuid.UUID(event_id))
+    except ValueError:
+        return str(uuid.uuid5(_NAMESPACE, f"correlation:{event_id}"))
+
+
+def local_event_id(slot_ms: int) -> str:
+    """The id of the tick made up when no broker delivers one (start-up, local runs)."""
+    return str(uuid.uuid5(_NAMESPACE, f"local:{slot_ms}"))
+
+
 def envelope(
     event_type: str,
     payload: dict[str, Any],
@@ -97,17 +157,98 @@ def envelope(
     timestamp_ms: int,
     event_id: str | None = None,
     correlation_ids: list[str] | None = None,
-    source_type: str = "heartbeat-consumer",
+    source_type: TriggerType = "heartbeat",
+    component: str = "consumer",
 ) -> dict[str, Any]:
+    """An event as Bloodbank's ``EventEnvelope`` has it. ``event_type``: the routing key
+    it is published under. ``correlation_ids``: the ids of the events that caused it, as
+    they came (each is sent as :func:`correlation_uuid`; empty ones are left out).
+    ``source_type``: one of :data:`TRIGGER_TYPES`. ``component``: which part of
+    heartbeat-consumer sends it (``source.meta.component``). A payload naming an
+    ``agent`` gets ``agent_name`` too (the ecosystem's name for it)."""
+    if source_type not in TRIGGER_TYPES:
+        raise ValueError(f"source type {source_type!r} is not one of {', '.join(TRIGGER_TYPES)}")
+    if "agent" in payload and "agent_name" not in payload:
+        payload = _with_agent_name(payload)
     return {
         "event_id": event_id or str(uuid.uuid4()),
         "event_type": event_type,
         "timestamp": iso(timestamp_ms),
         "version": VERSION,
-        "source": {"host": socket.gethostname(), "type": source_type, "app": "heartbeat-consumer"},
-        "correlation_ids": correlation_ids or [],
+        "source": {
+            "host": socket.gethostname(),
+            "type": source_type,
+            "app": APP,
+            "meta": {"component": component},
+        },
+        "correlation_ids": [correlation_uuid(c) for c in correlation_ids or () if c],
         "payload": payload,
     }
+
+
+def _with_agent_name(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with ``agent_name`` right after ``agent``."""
+    named: dict[str, Any] = {}
+    for key, value in payload.items():
+        named[key] = value
+        if key == "agent":
+            named["agent_name"] = value
+    return named
+
+
+def key_kind(routing_key: str, *, any_status: bool = False) -> EventKind | None:
+    """What an event under ``routing_key`` is, by the key's shape (see :mod:`.topology`):
+    ``tick`` (``system.heartbeat.tick``, ``agent.<a>.heartbeat.tick``), ``command``
+    (``agent.<a>.heartbeat.run|pause|resume``), ``result`` (``heartbeat.<a>.<check>.
+    <status>``, a run's status), ``started`` (``heartbeat.<a>.<check>.started``),
+    ``status`` (``heartbeat.<a>._status.<word>``), ``reply``
+    (``heartbeat.<a>._command.ack|error``), ``alert`` (``heartbeat.<a>._alert.<kind>``);
+    None for any other key (``heartbeat.<a>.<check>.dispatch``, a handler's own event,
+    is no result). ``any_status``: any last word is a status (after a check, a result's),
+    as keys were read with the old ``event_type`` words."""
+    if routing_key == TICK_KEY:
+        return "tick"
+    parts = routing_key.split(".")
+    if len(parts) != 4 or not _NAME.fullmatch(parts[1]):
+        return None
+    first, second, word = parts[0], parts[2], parts[3]
+    if first == "agent":
+        if second != "heartbeat":
+            return None
+        return "tick" if word == "tick" else "command" if word in AGENT_COMMANDS else None
+    if first != "heartbeat" or not (any_status or _NAME.fullmatch(word)):
+        return None
+    if second == "_status":
+        return "status"
+    if second == "_command":
+        return "reply" if word in REPLY_WORDS else None
+    if second == "_alert":
+        return "alert"
+    if _NAME.fullmatch(second):
+        if word == "started":
+            return "started"
+        return "result" if any_status or word in STATUSES else None
+    return None
+
+
+def event_kind(event_type: object) -> EventKind | None:
+    """What an ``event_type`` says the event is: a routing key (what we send) by its
+    shape (:func:`key_kind`), or one of the words sent before (:data:`LEGACY_EVENT_TYPES`)."""
+    if not isinstance(event_type, str):
+        return None
+    return LEGACY_EVENT_TYPES.get(event_type) or key_kind(event_type)
+
+
+def event_type_fits(event_type: object, routing_key: str) -> bool:
+    """True when an event's ``event_type`` says what its routing key says: it is the key
+    (Bloodbank's convention, and ours) and the key is one of :func:`key_kind`'s, or it is
+    the old word for the key's kind (read as before: any status word after a check)."""
+    if not isinstance(event_type, str):
+        return False
+    if event_type == routing_key:
+        return key_kind(routing_key) is not None
+    legacy = LEGACY_EVENT_TYPES.get(event_type)
+    return legacy is not None and legacy == key_kind(routing_key, any_status=True)
 
 
 _CHARSETS = frozenset(

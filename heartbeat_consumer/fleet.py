@@ -211,15 +211,15 @@ class Fleet:
         self.metrics.agent_start_failures.labels(agent).inc()
         log.error("fleet: %s not started: %s (trying again in %.0f s)", agent, error, delay)
         if earlier is None or earlier.error != error:  # announced once per distinct error
+            key = status_key(agent, "start_failed")
             event = envelope(
-                "heartbeat.status",
+                key,
                 {"agent": agent, "status": "start_failed", "error": error},
                 timestamp_ms=wall_clock_ms(),
+                component="fleet",
             )
             with contextlib.suppress(Exception):  # not an AgentConsumer: none is registered
-                await publish_json(
-                    self.broker, self.exchange, status_key(agent, "start_failed"), event
-                )
+                await publish_json(self.broker, self.exchange, key, event)
 
     async def _remove(self, agent: str) -> None:
         consumer = self.agents.pop(agent)

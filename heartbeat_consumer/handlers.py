@@ -37,11 +37,13 @@ from .state import AgentState, Status
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "EventSink",
     "Handler",
     "HandlerError",
     "Outcome",
     "RunContext",
     "current_run",
+    "default_handler",
     "get_handler",
     "handler_names",
     "invoke",
@@ -49,6 +51,7 @@ __all__ = [
     "load_plugins",
     "plugin_modules_from_env",
     "register_handler",
+    "set_default_handler",
 ]
 
 log = logging.getLogger("heartbeat_consumer.handlers")
@@ -60,6 +63,7 @@ MAX_RESULT_BYTES = 64 * 1024
 """A result bigger than this (as JSON) is sent and stored as a preview."""
 RESULT_PREVIEW_CHARS = 1000
 
+EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], CheckConfig], Awaitable[dict[str, Any]] | dict[str, Any]]
 H = TypeVar("H", bound=Handler)
 
@@ -109,6 +113,20 @@ def get_handler(name: str) -> Handler | None:
 
 def handler_names() -> frozenset[str]:
     return frozenset(_registry)
+
+
+_default_handler: str | None = None
+
+
+def set_default_handler(name: str | None) -> None:
+    """The process-wide ``--default-handler``: where checks go whose handler is not
+    registered, in files without a ``defaultHandler`` of their own."""
+    global _default_handler
+    _default_handler = name
+
+
+def default_handler() -> str | None:
+    return _default_handler
 
 
 def _import(spec: str) -> None:
@@ -188,6 +206,8 @@ class RunContext:
     slot_ms: int
     process_started_ms: int
     extra: dict[str, Any] = field(default_factory=dict)
+    publish: EventSink | None = None
+    """Publishes ``(routing_key, payload)`` as an event to the bus; None without one."""
 
 
 _current: ContextVar[RunContext | None] = ContextVar("heartbeat_run", default=None)

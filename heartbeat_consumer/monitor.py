@@ -75,7 +75,7 @@ from .deadman import (
     repair,
 )
 from .engine import wall_clock_ms
-from .envelope import EnvelopeError, envelope, parse_envelope
+from .envelope import EnvelopeError, envelope, event_kind, parse_envelope
 from .health import Health, Response, Route
 from .local import stop_on_signals
 from .metrics import MonitorMetrics
@@ -97,6 +97,7 @@ __all__ = [
     "ALERT_EVENT",
     "DEFAULT_MONITOR_QUEUE",
     "Monitor",
+    "alert_envelope",
     "status_document",
 ]
 
@@ -104,12 +105,8 @@ log = logging.getLogger("heartbeat_consumer.monitor")
 
 DEFAULT_MONITOR_QUEUE = "heartbeat.monitor"
 ALERT_EVENT = "heartbeat.alert"
+"""The ``event_type`` alerts had before it became their routing key (still read)."""
 ALERT_SEGMENT = "._alert."
-EVENT_KINDS = {
-    "heartbeat.status": "status",
-    "heartbeat.started": "started",
-    "heartbeat.result": "result",
-}
 STATUS_CACHE_S = 1.0
 MAX_AGENTS = 100_000
 MAX_CHECKS_PER_AGENT = 1_000
@@ -316,7 +313,8 @@ class Monitor:
             self.metrics.events_dropped.labels(dropped).inc()
             log.debug("monitor: event on %s dropped (%s)", key, dropped)
         self.events += 1
-        kind = EVENT_KINDS.get(event["event_type"], "ignored") if agent else "ignored"
+        # A status, started or result event (event_source checked its event_type).
+        kind = (event_kind(event["event_type"]) or "ignored") if agent else "ignored"
         self.metrics.events.labels(kind).inc()
         await message.ack()
 
@@ -385,14 +383,8 @@ class Monitor:
         return alerts
 
     async def _publish(self, alert: Alert) -> None:
-        event = envelope(
-            ALERT_EVENT,
-            alert.to_payload(),
-            timestamp_ms=alert.sent_at,
-            event_id=str(uuid.uuid5(_ALERT_NAMESPACE, alert.key)),
-            source_type="monitor",
-        )
-        await publish_json(self.broker, self.exchange, alert_key(alert.agent, alert.kind), event)
+        key, event = alert_envelope(alert)
+        await publish_json(self.broker, self.exchange, key, event)
         self.metrics.alerts.labels(alert.kind).inc()
 
     async def _save(self) -> None:
@@ -435,6 +427,22 @@ class Monitor:
                 "state_error": self.save_error,
             },
         )
+
+
+def alert_envelope(alert: Alert) -> tuple[str, dict[str, Any]]:
+    """An alert's routing key, ``heartbeat.<agent>._alert.<kind>``, and its event: that
+    key as its event_type, ``source.type`` ``service``, and an event id derived from the
+    alert (the same alert sent again has the same one)."""
+    key = alert_key(alert.agent, alert.kind)
+    event = envelope(
+        key,
+        alert.to_payload(),
+        timestamp_ms=alert.sent_at,
+        event_id=str(uuid.uuid5(_ALERT_NAMESPACE, alert.key)),
+        source_type="service",
+        component="monitor",
+    )
+    return key, event
 
 
 def _dated(event: dict[str, Any], received: int, oldest_ms: int) -> int:

@@ -27,9 +27,9 @@ from aiormq.exceptions import ChannelAccessRefused
 
 from .connection import TlsFiles, connect, make_broker, quiet_reconnects
 from .engine import wall_clock_ms
-from .envelope import envelope
+from .envelope import correlation_uuid, envelope, event_kind, event_type_fits, key_kind
 from .provision import declare_exchanges
-from .topology import DEFAULT_EXCHANGE, DEFAULT_URL, REPLY_WORDS
+from .topology import DEFAULT_EXCHANGE, DEFAULT_URL
 
 __all__ = ["Answer", "send_and_wait"]
 
@@ -73,11 +73,16 @@ def _correlated(
 ) -> dict[str, Any] | None:
     """The event, if it is an answer to ``event_id`` from ``agent``: under the agent's
     own keys (which topic permissions vouch for; a copy sent by CC keeps its sender's
-    key) and of the type its key says, naming the agent (and, for a reply, the
-    command); else None. An id is not a secret: the monitor sees every one."""
-    parts = (message.routing_key or "").split(".")
-    if len(parts) != 4 or parts[0] != "heartbeat" or parts[1] != agent:
-        return None
+    key) and of the type its key says (its ``event_type`` is the key, or the old word
+    for its kind), naming the agent (and, for a reply, the command); else None.
+    Correlated by the AMQP ``correlation_id`` (the id as sent) or ``correlation_ids``
+    (the id, or :func:`~.envelope.correlation_uuid` of it). An id is not a secret: the
+    monitor sees every one."""
+    key = message.routing_key or ""
+    parts = key.split(".")
+    kind = key_kind(key, any_status=True)  # the event_type says if it is one (below)
+    if parts[0] != "heartbeat" or parts[1:2] != [agent] or kind in (None, "alert"):
+        return None  # alerts and other families: never an agent's answer
     try:
         event = orjson.loads(message.body)
     except orjson.JSONDecodeError:
@@ -85,23 +90,16 @@ def _correlated(
     payload = event.get("payload") if isinstance(event, dict) else None
     if not isinstance(payload, dict) or payload.get("agent") != agent:
         return None
-    second, word = parts[2], parts[3]
-    if second == "_command":
-        expected = "heartbeat.reply" if word in REPLY_WORDS else None
-        if payload.get("command_id") != event_id:
-            return None
-    elif second == "_status":
-        expected = "heartbeat.status"
-    elif second.startswith("_"):
-        return None  # alerts and other families: never an agent's answer
-    else:
-        expected = "heartbeat.started" if word == "started" else "heartbeat.result"
-        if payload.get("check") != second:
-            return None
-    if event.get("event_type") != expected:
+    if kind == "reply" and payload.get("command_id") != event_id:
+        return None
+    if kind in ("started", "result") and payload.get("check") != parts[2]:
+        return None
+    if not event_type_fits(event.get("event_type"), key):
         return None
     ids = event.get("correlation_ids")
-    if message.correlation_id == event_id or (isinstance(ids, list) and event_id in ids):
+    if message.correlation_id == event_id or (
+        isinstance(ids, list) and (event_id in ids or correlation_uuid(event_id) in ids)
+    ):
         found: dict[str, Any] = event
         return found
     return None
@@ -123,7 +121,10 @@ async def send_and_wait(
 ) -> Answer:
     """Publish one event as mandatory and, given ``agent`` and ``wait_s > 0``, wait up to
     ``wait_s`` for the final answer of that agent. ``on_event`` sees each correlated
-    event as it arrives."""
+    event as it arrives. The envelope's ``event_type`` (and the AMQP ``type``) is
+    ``routing_key``, Bloodbank's convention, and its ``source.type`` ``manual``;
+    ``event_type`` is not used any more (it was the fixed word sent before) and stays
+    for callers."""
     with quiet_reconnects():  # a lost connection is said once, by the answer
         broker = make_broker(rabbit_url, tls=tls)
         connection = await connect(broker, rabbit_url)
@@ -131,11 +132,12 @@ async def send_and_wait(
             await declare_exchanges(connection, exchange_name, declare=declare)
             now = wall_clock_ms() if now_ms is None else now_ms
             event = envelope(
-                event_type,
+                routing_key,
                 payload,
                 timestamp_ms=now,
                 event_id=str(uuid.uuid4()),
-                source_type="cli",
+                source_type="manual",
+                component="cli",
             )
             event_id = event["event_id"]
             arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -151,7 +153,7 @@ async def send_and_wait(
                         content_type="application/json",
                         delivery_mode=DeliveryMode.PERSISTENT,
                         message_id=event_id,
-                        type=event_type,
+                        type=routing_key,
                     ),
                     routing_key,
                     mandatory=True,
@@ -215,9 +217,9 @@ async def _wait(
             on_event(event)
         raw = event.get("payload")
         payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        kind = event.get("event_type")
+        kind = event_kind(event.get("event_type"))
         reason = str(payload.get("reason") or payload.get("error") or "")
-        if kind == "heartbeat.reply":
+        if kind == "reply":
             outcome = payload.get("outcome")
             if outcome in ("done", "accepted", "nothing_due", "rejected"):
                 answer.outcome = outcome
@@ -225,7 +227,7 @@ async def _wait(
                 status = payload.get("status")
                 answer.status = status if isinstance(status, str) else None
                 return answer
-        elif kind == "heartbeat.started":
+        elif kind == "started":
             answer.outcome = "started"
         elif answer.outcome == "unanswered":  # a status or result: an answer, not the last
             answer.outcome = "answered"

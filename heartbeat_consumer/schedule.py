@@ -123,6 +123,10 @@ def overdue_ratio(now_ms: int, last_run_ms: int | None, cadence_ms: int) -> floa
 
 
 def _in_window_local(local: datetime, window: Window, tz: ZoneInfo) -> bool:
+    if window.days is not None and local.weekday() not in window.days:
+        return False
+    if window.start is None:
+        return True
     minute = local.hour * 60 + local.minute
     start, end = window.start_minute, window.end_minute
     inside = start <= minute <= end if start <= end else (minute >= start or minute <= end)
@@ -136,7 +140,9 @@ def _in_window_local(local: datetime, window: Window, tz: ZoneInfo) -> bool:
 
 
 def in_window(now_ms: int, window: Window, tz: ZoneInfo) -> bool:
-    """Local wall clock inside [start, end] (end minute inclusive; start > end wraps midnight).
+    """Local wall clock inside [start, end] (end minute inclusive; start > end wraps midnight)
+    on one of the window's days (the day of the local moment, also after midnight in a
+    window that crosses it).
 
     Through fall-back both passes of a repeated hour count. On a spring-forward day, a
     window whose start falls in the skipped hour also opens at the first valid minute.
@@ -195,7 +201,8 @@ def _explain(
     local = local_time(now_ms, check.zoneinfo)
     if cause is Blocker.OUTSIDE_WINDOW and check.window is not None:
         w = check.window
-        return f"outside window {w.start}-{w.end} {check.tz} (local {local:%H:%M})"
+        when = f"{local:%a %H:%M}" if w.days is not None else f"{local:%H:%M}"
+        return f"outside window {w.describe()} {check.tz} (local {when})"
     if cause is Blocker.WRONG_QUARTER and check.trigger_on_quarters is not None:
         quarter = _quarter_local(local, check.quarter_of)
         wanted = ", ".join(check.trigger_on_quarters)

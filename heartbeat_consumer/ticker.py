@@ -53,10 +53,11 @@ def tick_envelope(exchange: str, slot_ms: int, every_ms: int) -> dict[str, Any]:
     consumers read (all in UTC: ``quarter`` of the year, ``day_of_week`` by name,
     ``hour``, ``minute``; ``tick`` counts intervals since the epoch, so it increases
     and is the same from every ticker), and ours (``tick_id``, ``interval_ms``,
-    ``quarter_of_day``)."""
+    ``quarter_of_day``). ``source.type`` is ``scheduled``, as from Bloodbank's tick
+    publisher."""
     utc = datetime.fromtimestamp(slot_ms / 1000, UTC)
     return envelope(
-        "system.heartbeat.tick",
+        TICK_KEY,
         {
             "tick": slot_ms // every_ms,
             "tick_id": str(slot_ms // every_ms),
@@ -71,7 +72,8 @@ def tick_envelope(exchange: str, slot_ms: int, every_ms: int) -> dict[str, Any]:
         },
         timestamp_ms=slot_ms,
         event_id=tick_event_id(exchange, slot_ms),
-        source_type="ticker",
+        source_type="scheduled",
+        component="ticker",
     )
 
 
@@ -87,18 +89,21 @@ async def publish_event(
     declare: bool = True,
 ) -> dict[str, Any]:
     """Publish one event (a manual tick, a command) with publisher confirms; ``declare``
-    the exchanges first (else, or if refused, check that they exist)."""
+    the exchanges first (else, or if refused, check that they exist). The envelope's
+    ``event_type`` is ``routing_key`` (Bloodbank's convention); ``event_type`` is not
+    used any more (it was the fixed word sent before) and stays for callers."""
     broker = make_broker(rabbit_url, tls=tls)
     connection = await connect(broker, rabbit_url)
     try:
         exchange = topic_exchange(exchange_name)
         await declare_exchanges(connection, exchange_name, declare=declare)
         event = envelope(
-            event_type,
+            routing_key,
             payload,
             timestamp_ms=wall_clock_ms() if now_ms is None else now_ms,
             event_id=str(uuid.uuid4()),
-            source_type="cli",
+            source_type="manual",
+            component="cli",
         )
         await publish_json(broker, exchange, routing_key, event)
         return event

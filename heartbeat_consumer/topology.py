@@ -29,6 +29,7 @@ __all__ = [
     "check_url",
     "dead_letter_exchange",
     "dead_letter_queue",
+    "dispatch_key",
     "inbox_bindings",
     "inbox_queue",
     "mask_url",
@@ -164,6 +165,11 @@ def dead_letter_queue(agent: str) -> str:
 
 def result_key(agent: str, check: str, status: str) -> str:
     return f"heartbeat.{agent}.{check}.{status}"
+
+
+def dispatch_key(agent: str, check: str) -> str:
+    """The default key of the ``publish`` handler's event (``heartbeat.<a>.<c>.dispatch``)."""
+    return result_key(agent, check, "dispatch")
 
 
 def reply_key(agent: str, word: str) -> str:

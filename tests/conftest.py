@@ -7,7 +7,12 @@ from typing import Any
 import orjson
 import pytest
 
-from heartbeat_consumer.handlers import handler_names, unregister_handler
+from heartbeat_consumer.handlers import (
+    default_handler,
+    handler_names,
+    set_default_handler,
+    unregister_handler,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,9 +36,11 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(autouse=True)
 def _restore_registry() -> Iterator[None]:
-    """Handlers a test registers are removed afterwards."""
-    before = handler_names()
+    """Handlers a test registers are removed afterwards, and the default handler is
+    what it was."""
+    before, default = handler_names(), default_handler()
     yield
+    set_default_handler(default)
     for name in handler_names() - before:
         unregister_handler(name)
 

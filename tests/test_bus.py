@@ -19,6 +19,7 @@ import pytest
 from heartbeat_consumer import CheckConfig, register_handler
 from heartbeat_consumer.connection import REASON_HEADER
 from heartbeat_consumer.consumer import HeartbeatConsumer, TopologyError
+from heartbeat_consumer.envelope import correlation_uuid
 from heartbeat_consumer.store import StateStore
 
 from .broker import Bus, drain, rabbitmqctl, take
@@ -83,8 +84,9 @@ async def test_startup_evaluation_then_tick_result_with_routing_and_correlation(
     body = orjson.loads(second.body)
     assert second.routing_key == f"heartbeat.{agent}.second.success"
     assert second.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert body["event_type"] == "heartbeat.result"
-    assert body["correlation_ids"] == [event["event_id"]]
+    assert body["event_type"] == second.routing_key
+    assert body["correlation_ids"] == [correlation_uuid(event["event_id"])]
+    assert second.correlation_id == event["event_id"]
     payload = body["payload"]
     assert (
         payload["agent"] == agent
@@ -257,7 +259,8 @@ async def test_commands_run_pause_resume(bus: Bus, tmp_path: Path) -> None:
             f"agent.{agent}.heartbeat.run", {**command, "payload": {"check": "c", "force": True}}
         )
         (forced,) = await take(results, 1)
-        assert orjson.loads(forced.body)["correlation_ids"] == ["cmd"]
+        assert orjson.loads(forced.body)["correlation_ids"] == [correlation_uuid("cmd")]
+        assert forced.correlation_id == "cmd"
         await bus.publish(
             f"agent.{agent}.heartbeat.pause",
             {**command, "payload": {"check": "*", "reason": "ops"}},
@@ -596,7 +599,7 @@ async def test_started_announces_each_run_and_alive_reports_idle_ticks(
         assert result.routing_key == f"heartbeat.{agent}.c.success"
         announced = orjson.loads(started.body)
         done = orjson.loads(result.body)
-        assert announced["event_type"] == "heartbeat.started"
+        assert announced["event_type"] == started.routing_key
         assert announced["payload"]["idempotency_key"] == done["payload"]["idempotency_key"]
         for payload in (announced["payload"], done["payload"]):
             assert payload["timeout_ms"] == 5000 and payload["cadence_ms"] == 3_600_000

@@ -27,7 +27,9 @@ def lines(text: str) -> list[dict[str, Any]]:
 
 def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", EXAMPLE]) == 0
-    assert capsys.readouterr().out.strip() == f"ok: {EXAMPLE}: agent cack, 2 check(s)"
+    assert capsys.readouterr().out.strip() == (
+        f"ok: {EXAMPLE}: format heartbeat.v1, agent cack, 2 check(s)"
+    )
 
 
 def test_validate_prints_every_problem_and_exits_1(

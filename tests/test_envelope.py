@@ -5,6 +5,7 @@ import pytest
 
 from heartbeat_consumer.envelope import (
     EnvelopeError,
+    correlation_uuid,
     decode_body,
     envelope,
     parse_command,
@@ -129,7 +130,8 @@ def test_envelope_shape() -> None:
         "correlation_ids",
         "payload",
     }
-    assert env["timestamp"] == "1970-01-01T00:00:00.000Z" and env["correlation_ids"] == ["t1"]
+    assert env["timestamp"] == "1970-01-01T00:00:00.000Z"
+    assert env["correlation_ids"] == [correlation_uuid("t1")], "a UUID for an id that is not one"
 
 
 def test_routing_names() -> None:

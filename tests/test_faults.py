@@ -381,7 +381,7 @@ async def test_config_edited_while_running_keeps_the_last_good_and_recovers(
 
         for broken, why in [
             (new[:7], "JSON"),  # truncated
-            (b'{"agent": "x", "checks": ["c"]}', "checks"),  # valid JSON, not a config
+            (b'{"agent": "x", "checks": "c"}', "checks"),  # valid JSON, not a config
             (None, "No such file"),  # deleted
         ]:
             if broken is None:

@@ -173,7 +173,8 @@ async def test_monitor_hears_real_consumers_and_alerts_once_per_incident(
         (published,) = await take(alerts, 1, skip_status=False)
         assert published.routing_key == f"heartbeat.{agent}._alert.stale"
         body = orjson.loads(published.body)
-        assert body["event_type"] == "heartbeat.alert" and body["payload"]["severity"] == "warning"
+        assert body["event_type"] == published.routing_key
+        assert body["payload"]["severity"] == "warning"
         assert published.delivery_mode == 2  # persistent
         assert await monitor.evaluate_once() == []  # not re-sent
         await until(lambda: monitor.metrics.events.labels("ignored")._value.get() >= 1)
