@@ -99,3 +99,18 @@ async def test_alert_subscriber_prints_and_forwards_a_monitor_alert(
         await proc.wait()
         server.close()
     assert await bus.count(queue) == 0  # acknowledged after the webhook took it
+
+
+BLOODBANK_EXAMPLES = sorted((ROOT / "examples/bloodbank").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", BLOODBANK_EXAMPLES, ids=lambda p: p.name)
+def test_bloodbank_example_validates_and_converts(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert "format bloodbank" in capsys.readouterr().out
+    assert main(["convert", str(path)]) == 0
+    converted = tmp_path / "v1.json"
+    converted.write_text(capsys.readouterr().out)
+    assert main(["validate", "--strict", str(converted)]) == 0, capsys.readouterr().err
