@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .envelope import event_kind, event_type_fits
 from .state import FAILED_STATUSES, OK_STATUSES
 from .timeutil import MAX_DURATION_MS, format_duration, in_instant_range, instant_or_none
-from .topology import NAME_PATTERN
+from .topology import DISPATCH_WORD, NAME_PATTERN
 
 __all__ = [
     "SEVERITY",
@@ -247,6 +247,8 @@ def event_source(routing_key: str, event: dict[str, Any]) -> tuple[str | None, s
         started, check = False, None
     elif second.startswith("_"):
         return None, None  # another family of events (alerts, ...): not an agent's word
+    elif word == DISPATCH_WORD:
+        return None, None  # a handler's own event (``publish``), not a run's
     elif _NAME.fullmatch(second):
         started, check = word == "started", second
     else:

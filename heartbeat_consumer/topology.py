@@ -17,6 +17,7 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_EXCHANGE",
     "DEFAULT_URL",
+    "DISPATCH_WORD",
     "NAME_PATTERN",
     "STATUS_EVENTS",
     "TICK_BINDING",
@@ -167,9 +168,12 @@ def result_key(agent: str, check: str, status: str) -> str:
     return f"heartbeat.{agent}.{check}.{status}"
 
 
+DISPATCH_WORD = "dispatch"
+
+
 def dispatch_key(agent: str, check: str) -> str:
     """The default key of the ``publish`` handler's event (``heartbeat.<a>.<c>.dispatch``)."""
-    return result_key(agent, check, "dispatch")
+    return result_key(agent, check, DISPATCH_WORD)
 
 
 def reply_key(agent: str, word: str) -> str:
