@@ -41,8 +41,9 @@ from pathlib import Path
 import aio_pika
 import orjson
 
-from heartbeat_consumer.fleet import Fleet
-from heartbeat_consumer.store import atomic_write
+from heartbeat_consumer.bus.fleet import Fleet
+from heartbeat_consumer.bus.settings import BusSettings, InboxSettings
+from heartbeat_consumer.runtime.store import atomic_write
 
 URL = os.environ.get("RABBIT_URL", "amqp://guest:guest@localhost:5672/")
 INTERVAL_MS = 100
@@ -128,10 +129,9 @@ async def serve_fleet(n: int, exchange_name: str) -> None:
         configs, states = write_fleet(Path(tmp), n, exchange_name)
         fleet = Fleet(
             configs,
-            URL,
-            exchange_name,
+            bus=BusSettings(url=URL, exchange=exchange_name),
+            inbox=InboxSettings(tick_interval_ms=INTERVAL_MS),
             state_dir=states,
-            tick_interval_ms=INTERVAL_MS,
             rescan_s=3600,
         )
         await fleet.start()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import orjson
 
-from heartbeat_consumer.config import parse_config
-from heartbeat_consumer.engine import AgentRunner
-from heartbeat_consumer.schedule import plan
-from heartbeat_consumer.state import AgentState, record_run
+from heartbeat_consumer.core.config import parse_config
+from heartbeat_consumer.core.schedule import plan
+from heartbeat_consumer.core.state import AgentState, record_run
+from heartbeat_consumer.runtime.engine import AgentRunner
 
 NOW = 1_795_000_000_000
 ROUNDS = 5

@@ -23,8 +23,9 @@ from pathlib import Path
 import aio_pika
 import orjson
 
-from heartbeat_consumer.fleet import Fleet
-from heartbeat_consumer.topology import DEFAULT_URL
+from heartbeat_consumer.bus.fleet import Fleet
+from heartbeat_consumer.bus.settings import BusSettings
+from heartbeat_consumer.core.topology import DEFAULT_URL
 
 URL = os.environ.get("RABBIT_URL", DEFAULT_URL)
 
@@ -51,7 +52,7 @@ async def measure(n: int) -> None:
         write_configs(tmp, agents)
         before = rss_mb()
         started = time.monotonic()
-        fleet = Fleet(tmp, URL, exchange, rescan_s=3600)
+        fleet = Fleet(tmp, bus=BusSettings(url=URL, exchange=exchange), rescan_s=3600)
         await fleet.start()
         took = time.monotonic() - started
         await asyncio.sleep(1)

@@ -30,9 +30,10 @@ from typing import Any
 import aio_pika
 import orjson
 
-from heartbeat_consumer.deadman import WatchConfig, WatchState, evaluate, observe_agent
-from heartbeat_consumer.monitor import Monitor, status_document
-from heartbeat_consumer.topology import DEFAULT_URL
+from heartbeat_consumer.bus.settings import BusSettings
+from heartbeat_consumer.core.topology import DEFAULT_URL
+from heartbeat_consumer.monitor.monitor import Monitor, status_document
+from heartbeat_consumer.monitor.rules import WatchConfig, WatchState, evaluate, observe_agent
 
 URL = os.environ.get("RABBIT_URL", DEFAULT_URL)
 T0 = 1_800_000_000_000
@@ -120,8 +121,7 @@ async def on_broker(agents: int, checks: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         monitor = Monitor(
             state_path=Path(tmp, "m.json"),
-            rabbit_url=URL,
-            exchange_name=exchange_name,
+            bus=BusSettings(url=URL, exchange=exchange_name),
             queue_name=queue,
             prefetch=500,
         )

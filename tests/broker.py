@@ -10,15 +10,19 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import orjson
 import pytest
 
-from heartbeat_consumer.topology import DEFAULT_URL, dead_letter_exchange
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer
+from heartbeat_consumer.core.topology import DEFAULT_URL, dead_letter_exchange
+from heartbeat_consumer.monitor.monitor import Monitor
+from heartbeat_consumer.runtime.engine import wall_clock_ms
 
 from .requires import need_tool
 
@@ -209,3 +213,42 @@ async def settled(name: str, within: float = 10.0) -> None:
             return
         assert asyncio.get_running_loop().time() < deadline, f"{name} not settled: {stats}"
         await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    bus: Bus, agent: str, config: Path, **kw: Any
+) -> AsyncIterator[HeartbeatConsumer]:
+    """A consumer for ``agent`` on the test's exchange, started and stopped."""
+    consumer = HeartbeatConsumer(agent, config, bus.url, bus.exchange_name, **kw)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+def new_monitor(bus: Bus, state_path: Path, **kw: Any) -> Monitor:
+    """A monitor on the test's exchange, with a queue of its own that cleanup deletes."""
+    queue = f"test.monitor.{uuid.uuid4().hex[:10]}"
+    bus.queues |= {queue, f"{queue}.dlq"}
+    return Monitor(
+        state_path=state_path,
+        rabbit_url=bus.url,
+        exchange_name=bus.exchange_name,
+        queue_name=queue,
+        **kw,
+    )
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    bus: Bus, state_path: Path, clock: Callable[[], int] = wall_clock_ms, **kw: Any
+) -> AsyncIterator[Monitor]:
+    """A monitor (see new_monitor), started and stopped."""
+    monitor = new_monitor(bus, state_path, clock=clock, **kw)
+    await monitor.start()
+    try:
+        yield monitor
+    finally:
+        await monitor.stop()

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from heartbeat_consumer.handlers import (
+from heartbeat_consumer.handlers.registry import (
     default_handler,
     handler_names,
     set_default_handler,
@@ -15,6 +15,24 @@ from heartbeat_consumer.handlers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+
+BROKER_FIXTURES = frozenset({"bus"})
+"""Fixtures that open a connection to the broker; a test using one, directly or through
+another fixture, is marked ``rabbit``."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "rabbit: needs a real RabbitMQ")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``rabbit`` every test that reaches the broker through a fixture: with the
+    module-level ``pytestmark`` of the all-broker modules and the ``@pytest.mark.rabbit``
+    of the few that reach it otherwise (the CLI, a consumer of their own), ``-m "not
+    rabbit"`` runs what needs no broker and ``-m rabbit`` the rest."""
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.rabbit)
 
 
 @pytest.fixture

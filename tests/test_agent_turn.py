@@ -14,9 +14,9 @@ import orjson
 import pytest
 
 from heartbeat_consumer import AgentRunner, CheckConfig, RunResult
-from heartbeat_consumer.heartbeat_md import DEFAULT_PROMPT
-from heartbeat_consumer.metrics import Metrics
-from heartbeat_consumer.schedule import plan
+from heartbeat_consumer.core.schedule import plan
+from heartbeat_consumer.handlers.heartbeat_md import DEFAULT_PROMPT
+from heartbeat_consumer.ops.metrics import Metrics
 
 from .conftest import ROOT
 
@@ -90,7 +90,8 @@ async def test_an_empty_checklist_costs_no_turn(tmp_path: Path, agent: Agent) ->
     assert run.state.check("wake").avoided == {"empty-checklist": 1}
     (agent.workdir / "HEARTBEAT.md").write_text("# HEARTBEAT\n- check the inbox\n")
     result = await turn(run, results, T0 + MIN)
-    assert result.status == "success" and len(agent.calls) == 1
+    assert result.status == "success"
+    assert len(agent.calls) == 1
 
 
 async def test_a_missing_checklist_still_runs_with_the_default_prompt(
@@ -98,7 +99,8 @@ async def test_a_missing_checklist_still_runs_with_the_default_prompt(
 ) -> None:
     run, results = runner(tmp_path, agent)
     result = await turn(run, results, T0)
-    assert result.status == "success" and result.result == {
+    assert result.status == "success"
+    assert result.result == {
         "status": "success",
         "silent": True,
         "message": "",
@@ -131,8 +133,10 @@ async def test_the_prompt_on_stdin_and_only_allowed_variables_reach_the_agent(
     (call,) = agent.calls
     assert call["prompt"] == "Check the build. Reply HEARTBEAT_OK if green."
     env = call["env"]
-    assert env["ANTHROPIC_API_KEY"] == "allowed-key" and "DATABASE_PASSWORD" not in env
-    assert env["HEARTBEAT_AGENT"] == "pm" and env["HEARTBEAT_CHECK"] == "wake"
+    assert env["ANTHROPIC_API_KEY"] == "allowed-key"
+    assert "DATABASE_PASSWORD" not in env
+    assert env["HEARTBEAT_AGENT"] == "pm"
+    assert env["HEARTBEAT_CHECK"] == "wake"
     assert env["HEARTBEAT_IDEMPOTENCY_KEY"] == f"pm:wake:{T0}"
     assert set(env) <= {
         *("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "ANTHROPIC_API_KEY"),
@@ -193,7 +197,8 @@ async def test_a_failing_agent_fails_with_its_stderr(tmp_path: Path, agent: Agen
     run, results = runner(tmp_path, agent)
     agent.answers("", exit=2, stderr="Traceback: something broke\n")
     result = await turn(run, results, T0)
-    assert result.status == "failed" and "something broke" in (result.error or "")
+    assert result.status == "failed"
+    assert "something broke" in (result.error or "")
     assert "failure_kind" not in result.result
 
 
@@ -201,14 +206,18 @@ async def test_auth_failures_in_a_row_pause_the_check(tmp_path: Path, agent: Age
     run, results = runner(tmp_path, agent)
     agent.answers("", exit=1, stderr="Invalid API key · Please run /login\n")
     first = await turn(run, results, T0)
-    assert first.result["failure_kind"] == "auth" and first.result["auth_failures"] == 1
+    assert first.result["failure_kind"] == "auth"
+    assert first.result["auth_failures"] == 1
     second = await turn(run, results, T0 + 2 * MIN)  # after the 1-minute backoff
     assert second.result["paused_until"] == "2027-01-15T14:02:00.000Z"
     pause = run.state.pauses["wake"]
-    assert pause.until == T0 + 2 * MIN + 6 * 60 * MIN and "2 auth failures" in (pause.reason or "")
+    assert pause.until == T0 + 2 * MIN + 6 * 60 * MIN
+    assert "2 auth failures" in (pause.reason or "")
     report = await run.tick(T0 + 60 * MIN)
-    assert report.results == [] and len(agent.calls) == 2  # no more paid-for failures
-    assert report.plan is not None and "paused" in report.plan.evaluations[0].reason
+    assert report.results == []
+    assert len(agent.calls) == 2  # no more paid-for failures
+    assert report.plan is not None
+    assert "paused" in report.plan.evaluations[0].reason
     loaded = run.source.current()[0]
     assert loaded is not None
     assert plan(loaded.config, run.state, T0 + 9 * 60 * MIN).selected, "the pause ends"
@@ -234,16 +243,16 @@ async def test_output_is_capped(tmp_path: Path, agent: Agent) -> None:
     run, results = runner(tmp_path, agent, maxOutputBytes=1000)
     agent.answers("Something to look at.", bytes=200_000)
     result = await turn(run, results, T0)
-    assert result.status == "alert" and len(result.result["message"]) < 1100
+    assert result.status == "alert"
+    assert len(result.result["message"]) < 1100
     assert result.result["message"].startswith("[... ")
 
 
 async def test_bad_meta_is_a_clear_failure(tmp_path: Path, agent: Agent) -> None:
     run, results = runner(tmp_path, agent, argv="claude -p")
     result = await turn(run, results, T0)
-    assert result.status == "failed" and "meta.argv must be a non-empty list" in (
-        result.error or ""
-    )
+    assert result.status == "failed"
+    assert "meta.argv must be a non-empty list" in (result.error or "")
 
 
 def alive(pid: int) -> bool:
@@ -270,7 +279,8 @@ async def test_the_shipped_example_runs_with_its_checklist(tmp_path: Path, agent
     place of claude: the checklist is not empty, so the turn happens."""
     example = orjson.loads((ROOT / "examples/agent.heartbeat.json").read_bytes())
     meta = example["checks"]["wake"]["meta"]
-    assert meta["checklist"] == "HEARTBEAT.md" and meta["argv"][0] == "claude"
+    assert meta["checklist"] == "HEARTBEAT.md"
+    assert meta["argv"][0] == "claude"
     (agent.workdir / "HEARTBEAT.md").write_bytes((ROOT / "examples/HEARTBEAT.md").read_bytes())
     meta.update(argv=[sys.executable, FAKE], workdir=str(agent.workdir))
     config = tmp_path / "pm.heartbeat.json"
@@ -284,7 +294,7 @@ async def test_the_shipped_example_runs_with_its_checklist(tmp_path: Path, agent
 async def test_a_checklist_that_is_a_fifo_or_a_device_fails_the_check_at_once(
     tmp_path: Path,
 ) -> None:
-    from heartbeat_consumer.agent_turn import agent_turn
+    from heartbeat_consumer.handlers.agent_turn import agent_turn
 
     fifo = tmp_path / "HEARTBEAT.md"
     os.mkfifo(fifo)
@@ -298,4 +308,5 @@ async def test_a_checklist_that_is_a_fifo_or_a_device_fails_the_check_at_once(
             }
         )
         result = await asyncio.wait_for(agent_turn({}, cfg), 5)
-        assert result["status"] == "failed" and "not a regular file" in result["error"]
+        assert result["status"] == "failed"
+        assert "not a regular file" in result["error"]

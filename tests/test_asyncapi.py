@@ -4,8 +4,8 @@ from typing import Any
 
 import yaml
 
-from heartbeat_consumer.asyncapi import build, render
-from heartbeat_consumer.topology import (
+from heartbeat_consumer.bus.asyncapi import build, render
+from heartbeat_consumer.core.topology import (
     TICK_KEY,
     agent_key,
     inbox_bindings,

@@ -17,14 +17,11 @@ import orjson
 import pydantic
 import pytest
 
-from heartbeat_consumer.consumer import HeartbeatConsumer
-from heartbeat_consumer.deadman import Alert, WatchState, event_source, observe
-from heartbeat_consumer.engine import RunResult, StartedRun, local_envelope
-from heartbeat_consumer.fleet import Fleet
-from heartbeat_consumer.monitor import Monitor
-from heartbeat_consumer.request import _correlated, send_and_wait
-from heartbeat_consumer.ticker import publish_event, tick_envelope
-from heartbeat_consumer.topology import (
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer
+from heartbeat_consumer.bus.fleet import Fleet
+from heartbeat_consumer.bus.request import _correlated, send_and_wait
+from heartbeat_consumer.bus.ticker import publish_event, tick_envelope
+from heartbeat_consumer.core.topology import (
     ALERT_KINDS,
     STATUS_EVENTS,
     TICK_KEY,
@@ -34,10 +31,13 @@ from heartbeat_consumer.topology import (
     result_key,
     status_key,
 )
+from heartbeat_consumer.monitor.monitor import Monitor
+from heartbeat_consumer.monitor.rules import Alert, WatchState, event_source, observe
+from heartbeat_consumer.runtime.engine import RunResult, StartedRun, local_envelope
 
 from .bloodbank_envelope import EventEnvelope, TriggerType, assert_bloodbank_envelope
-from .broker import Bus, drain, take
-from .test_bus import cli, running, tick, write
+from .broker import Bus, drain, running, take
+from .helpers import cli, tick, write
 
 NOWHERE = "amqp://guest:guest@127.0.0.1:1/"
 """No broker: the publishes below are captured before they reach one."""
@@ -196,7 +196,8 @@ async def test_command_replies(
     assert key == reply_key(AGENT, word)
     model = assert_bloodbank_envelope(event, key)
     assert source_type(event) == "heartbeat"
-    assert correlation == command_id and event["payload"]["command_id"] == command_id
+    assert correlation == command_id
+    assert event["payload"]["command_id"] == command_id
     assert len(model.correlation_ids) == 1
 
 
@@ -228,14 +229,15 @@ async def test_started_and_result_events(tmp_path: Path, monkeypatch: pytest.Mon
         model = assert_bloodbank_envelope(event, key)
         assert source_type(event) == "heartbeat"
         assert correlation == "t-1800000000000"
-        assert len(model.correlation_ids) == 2 and model.correlation_ids[1] == uuid.UUID(
-            agent._correlation[1]
-        ), "a UUID id is kept as it is"
+        assert len(model.correlation_ids) == 2
+        assert model.correlation_ids[1] == uuid.UUID(agent._correlation[1]), (
+            "a UUID id is kept as it is"
+        )
 
 
 async def test_the_fleet_s_start_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     captured = Captured()
-    monkeypatch.setattr("heartbeat_consumer.fleet.publish_json", captured.publish_json)
+    monkeypatch.setattr("heartbeat_consumer.bus.fleet.publish_json", captured.publish_json)
     fleet = Fleet(tmp_path, NOWHERE, "ex")
     await fleet._start_failed(AGENT, RuntimeError("RESOURCE_LOCKED"))
     ((key, event, _),) = captured.sent
@@ -247,7 +249,7 @@ async def test_the_fleet_s_start_failed(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize("kind", ALERT_KINDS)
 async def test_monitor_alerts(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     captured = Captured()
-    monkeypatch.setattr("heartbeat_consumer.monitor.publish_json", captured.publish_json)
+    monkeypatch.setattr("heartbeat_consumer.monitor.monitor.publish_json", captured.publish_json)
     monitor = Monitor(state_path=tmp_path / "m.json", rabbit_url=NOWHERE, exchange_name="ex")
     alert = Alert(
         agent=AGENT,
@@ -304,9 +306,11 @@ async def test_every_event_of_a_consumer_run_driven_by_the_cli_and_the_ticker(
         code, out = await cli("tick", "--agent", agent, *opts)
         assert code == 0, out
         code, out = await cli("run-check", agent, "c", "--force", *opts)
-        assert code == 0 and "done: c: success" in out, out
+        assert code == 0, out
+        assert "done: c: success" in out, out
         code, out = await cli("run-check", agent, "nosuch", *opts)
-        assert code == 1 and "rejected" in out, out
+        assert code == 1, out
+        assert "rejected" in out, out
         for command in ("pause", "resume"):
             answer = await send_and_wait(
                 agent_key(agent, command),
@@ -352,7 +356,7 @@ async def test_every_event_of_a_consumer_run_driven_by_the_cli_and_the_ticker(
         TICK_KEY,
     }
     assert expected <= by_key, expected - by_key
-    from heartbeat_consumer.envelope import correlation_uuid  # new: here, not at the top
+    from heartbeat_consumer.core.envelope import correlation_uuid  # new: here, not at the top
 
     for message in heard:  # correlated: the raw id as the AMQP property, its UUID in the body
         ids = orjson.loads(message.body)["correlation_ids"]
@@ -398,7 +402,7 @@ async def test_a_tick_whose_id_is_no_uuid_is_still_answered_and_correlated(
         (result,) = await take(results, 1)
     body = orjson.loads(result.body)
     assert_bloodbank_envelope(body, result.routing_key or "")
-    from heartbeat_consumer.envelope import correlation_uuid
+    from heartbeat_consumer.core.envelope import correlation_uuid
 
     assert result.correlation_id == event["event_id"]
     assert body["correlation_ids"] == [correlation_uuid(event["event_id"])]
@@ -414,7 +418,7 @@ async def test_a_tick_whose_id_is_no_uuid_is_still_answered_and_correlated(
 
 
 def test_readers_take_the_routing_key_and_the_old_words_alike() -> None:
-    from heartbeat_consumer.envelope import event_kind, event_type_fits
+    from heartbeat_consumer.core.envelope import event_kind, event_type_fits
 
     key = result_key("a", "c", "success")
     for event_type in (key, "heartbeat.result"):

@@ -7,7 +7,6 @@ import contextlib
 import re
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,45 +16,16 @@ import orjson
 import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
-from heartbeat_consumer.connection import REASON_HEADER
-from heartbeat_consumer.consumer import HeartbeatConsumer, TopologyError
-from heartbeat_consumer.envelope import correlation_uuid
-from heartbeat_consumer.store import StateStore
+from heartbeat_consumer.bus.connection import REASON_HEADER
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer, TopologyError
+from heartbeat_consumer.core.envelope import correlation_uuid
+from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, drain, rabbitmqctl, take
+from .broker import Bus, drain, rabbitmqctl, running, take
 from .conftest import ROOT
+from .helpers import BIN, cli, tick, write
 
 MIN = 60_000
-
-
-def write(tmp_path: Path, agent: str, checks: dict[str, Any]) -> Path:
-    path = tmp_path / f"{agent}.heartbeat.json"
-    path.write_bytes(orjson.dumps({"agent": agent, "checks": checks}))
-    return path
-
-
-@contextlib.asynccontextmanager
-async def running(
-    bus: Bus, agent: str, config: Path, **kw: Any
-) -> AsyncIterator[HeartbeatConsumer]:
-    consumer = HeartbeatConsumer(agent, config, bus.url, bus.exchange_name, **kw)
-    await consumer.start()
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
-
-
-def tick(at: datetime | None = None, **payload: Any) -> dict[str, Any]:
-    at = at or datetime.now(UTC)
-    return {
-        "event_id": f"t-{at.timestamp()}",
-        "event_type": "system.heartbeat.tick",
-        "timestamp": at.isoformat(),
-        "version": "1.0.0",
-        "source": {"host": "test", "type": "test", "app": "pytest"},
-        "payload": payload,
-    }
 
 
 async def test_startup_evaluation_then_tick_result_with_routing_and_correlation(
@@ -88,11 +58,9 @@ async def test_startup_evaluation_then_tick_result_with_routing_and_correlation(
     assert body["correlation_ids"] == [correlation_uuid(event["event_id"])]
     assert second.correlation_id == event["event_id"]
     payload = body["payload"]
-    assert (
-        payload["agent"] == agent
-        and payload["check"] == "second"
-        and payload["status"] == "success"
-    )
+    assert payload["agent"] == agent
+    assert payload["check"] == "second"
+    assert payload["status"] == "success"
     assert payload["idempotency_key"].startswith(f"{agent}:second:")
     assert set(payload) >= {
         "handler",
@@ -187,7 +155,8 @@ async def test_malformed_messages_are_dead_lettered_with_a_reason(bus: Bus, tmp_
     dlq = await bus.channel.declare_queue(f"agent.{agent}.dlq", passive=True)
     dead = await take(dlq, 3)
     reasons = [(m.headers[REASON_HEADER], m.headers["x-original-routing-key"]) for m in dead]
-    assert reasons[0][0].startswith("malformed JSON") and reasons[0][1].endswith(".heartbeat.tick")
+    assert reasons[0][0].startswith("malformed JSON")
+    assert reasons[0][1].endswith(".heartbeat.tick")
     assert "'event_id' must be a non-empty string" in reasons[1][0]
     assert "run command needs payload.check" in reasons[2][0]
     assert dead[0].body == b"{not json"
@@ -268,7 +237,8 @@ async def test_commands_run_pause_resume(bus: Bus, tmp_path: Path) -> None:
         await asyncio.sleep(0.5)
         state_path = consumer.agent.runner.store.path
         paused = StateStore(state_path).load()[0].pauses["*"]
-        assert paused.until is None and paused.reason == "ops"
+        assert paused.until is None
+        assert paused.reason == "ops"
         await bus.publish(f"agent.{agent}.heartbeat.resume", {**command, "payload": {"check": "*"}})
         await asyncio.sleep(0.5)
         assert StateStore(state_path).load()[0].pauses == {}
@@ -317,17 +287,6 @@ async def test_handler_exception_is_a_failed_result_not_a_crash(bus: Bus, tmp_pa
     assert orjson.loads(failed.body)["payload"]["error"] == "RuntimeError: kaput"
 
 
-BIN = str(Path(sys.executable).with_name("heartbeat-consumer"))
-
-
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        BIN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode()
-
-
 async def test_environment_mode_tick_and_run_check_commands_and_sigterm(
     bus: Bus, tmp_path: Path
 ) -> None:
@@ -353,7 +312,8 @@ async def test_environment_mode_tick_and_run_check_commands_and_sigterm(
         assert first.routing_key == f"heartbeat.{agent}.c.success"
         opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
         code, out = await cli("tick", "--agent", agent, *opts)
-        assert code == 0 and f"tick to {agent}: nothing due: the slot" in out, out
+        assert code == 0, out
+        assert f"tick to {agent}: nothing due: the slot" in out, out
         code, out = await cli("run-check", agent, "c", "--force", *opts)
         assert code == 0, out
         (forced,) = await take(results, 1)
@@ -389,8 +349,10 @@ async def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
     config = write(tmp_path, "nobroker", {"c": {"cadenceMs": 1, "handler": "default"}})
     url = "amqp://guest:s3cret@127.0.0.1:1/"
     code, out = await cli("run", str(config), "--rabbit-url", url, "--state", str(tmp_path / "s"))
-    assert code == 1 and "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
-    assert "s3cret" not in out and "Traceback" not in out
+    assert code == 1
+    assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
+    assert "s3cret" not in out
+    assert "Traceback" not in out
 
 
 async def test_exchange_with_other_settings_is_a_clear_error(bus: Bus, tmp_path: Path) -> None:
@@ -532,7 +494,7 @@ async def test_single_active_consumer_hot_standby(bus: Bus, tmp_path: Path) -> N
 
 
 async def test_ticker_ticks_are_aligned_expiring_and_deterministic(bus: Bus) -> None:
-    from heartbeat_consumer.envelope import tick_event_id
+    from heartbeat_consumer.core.envelope import tick_event_id
 
     ticks = await bus.collector("system.heartbeat.tick")
     opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name, "--every", "1s"]
@@ -577,8 +539,10 @@ async def test_environment_mode_with_unreachable_broker_names_the_masked_url(
         "RABBIT_URL": "amqp://guest:s3cret@127.0.0.1:1/",
     }
     code, out = await cli(env=env)
-    assert code == 1 and "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
-    assert "s3cret" not in out and "Traceback" not in out
+    assert code == 1
+    assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in out
+    assert "s3cret" not in out
+    assert "Traceback" not in out
     assert (tmp_path / "state.json.lock").exists(), "HEARTBEAT_STATE_PATH is honoured"
 
 
@@ -602,7 +566,8 @@ async def test_started_announces_each_run_and_alive_reports_idle_ticks(
         assert announced["event_type"] == started.routing_key
         assert announced["payload"]["idempotency_key"] == done["payload"]["idempotency_key"]
         for payload in (announced["payload"], done["payload"]):
-            assert payload["timeout_ms"] == 5000 and payload["cadence_ms"] == 3_600_000
+            assert payload["timeout_ms"] == 5000
+            assert payload["cadence_ms"] == 3_600_000
         assert announced["event_id"] != done["event_id"]
         await bus.publish("system.heartbeat.tick", tick(datetime.now(UTC) + timedelta(minutes=1)))
         (alive,) = await take(events, 1, skip_status=False)
@@ -645,27 +610,36 @@ async def test_every_command_and_tick_gets_an_answer_the_cli_waits_for(
     opts = ["--rabbit-url", bus.url, "--exchange", bus.exchange_name]
     async with running(bus, agent, config, state_path=tmp_path / "s.json"):
         code, out = await cli("run-check", agent, "c", "--force", *opts)
-        assert code == 0 and f"run {agent}/c: done: c: success" in out, out
+        assert code == 0, out
+        assert f"run {agent}/c: done: c: success" in out, out
         code, out = await cli("run-check", agent, "c", *opts)
-        assert code == 1 and f"run {agent}/c: rejected: not due" in out, out
+        assert code == 1, out
+        assert f"run {agent}/c: rejected: not due" in out, out
         code, out = await cli("run-check", agent, "nosuch", *opts)
-        assert code == 1 and f"no check named 'nosuch' in the config of {agent}" in out, out
+        assert code == 1, out
+        assert f"no check named 'nosuch' in the config of {agent}" in out, out
         code, out = await cli("tick", "--agent", agent, *opts)
-        assert code == 0 and "nothing due: the slot" in out and "evaluated already" in out, out
+        assert code == 0, out
+        assert "nothing due: the slot" in out, out
+        assert "evaluated already" in out, out
         code, out = await cli("run-check", agent, "c", "--no-wait", *opts)
-        assert code == 0 and "sent" in out, out
+        assert code == 0, out
+        assert "sent" in out, out
         await asyncio.sleep(0.5)
         answers = []
         while (message := await replies.get(no_ack=True, fail=False)) is not None:
             answers.append(message)
         words = [m.routing_key.rsplit(".", 1)[1] for m in answers]
-        assert words.count("ack") == 2 and words.count("error") == 3, words
+        assert words.count("ack") == 2, words
+        assert words.count("error") == 3, words
         for message in answers:
             assert message.correlation_id == orjson.loads(message.body)["payload"]["command_id"]
     code, out = await cli("run-check", bus.agent("nobody"), "c", *opts)
-    assert code == 1 and "is listening on exchange" in out, out
+    assert code == 1, out
+    assert "is listening on exchange" in out, out
     code, out = await cli("run-check", agent, "c", "--wait", "1s", *opts)  # nobody consumes
-    assert code == 1 and f"no answer from {agent} within 1s" in out, out
+    assert code == 1, out
+    assert f"no answer from {agent} within 1s" in out, out
     assert "Traceback" not in out
 
 
@@ -680,9 +654,11 @@ async def test_a_broker_that_refuses_is_one_line_naming_the_fix(
         "vhost": "has no virtual host 'no-such-vhost' that user 'guest' may use",
         "password": "refused the login of user 'guest': check the user name and password",
     }[problem]
-    assert code == 1 and expected in out, out
+    assert code == 1, out
+    assert expected in out, out
     assert len(out.strip().splitlines()) == 1, out  # no "Reconnecting after 5 seconds"
-    assert "wrong" not in out and "Connection.OpenOk" not in out
+    assert "wrong" not in out
+    assert "Connection.OpenOk" not in out
 
 
 async def test_a_queue_or_exchange_declared_elsewhere_is_said_in_a_line_or_two(
@@ -710,12 +686,15 @@ async def test_a_queue_or_exchange_declared_elsewhere_is_said_in_a_line_or_two(
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     text = err.decode()
     assert proc.returncode == 0, text
-    assert "exists with other arguments" in text and "Traceback" not in text, text
+    assert "exists with other arguments" in text, text
+    assert "Traceback" not in text, text
     await bus.cleanup()
     await bus.channel.declare_exchange(bus.exchange_name, aio_pika.ExchangeType.FANOUT)
     code, out = await cli("run", str(config), "--agent", agent, *opts)
-    assert code == 1 and "with other settings" in out, out
-    assert len(out.strip().splitlines()) <= 2 and "Traceback" not in out, out
+    assert code == 1, out
+    assert "with other settings" in out, out
+    assert len(out.strip().splitlines()) <= 2, out
+    assert "Traceback" not in out, out
 
 
 async def test_one_consumer_per_agent_and_state_directory_whatever_the_entry_point(
@@ -723,8 +702,8 @@ async def test_one_consumer_per_agent_and_state_directory_whatever_the_entry_poi
 ) -> None:
     """Two consumers of one agent with different state files in one directory: the
     second is refused, by the CLI, a fleet and HeartbeatConsumer alike."""
-    from heartbeat_consumer.fleet import Fleet
-    from heartbeat_consumer.store import AgentBusy
+    from heartbeat_consumer.bus.fleet import Fleet
+    from heartbeat_consumer.runtime.store import AgentBusy
 
     agent = bus.agent()
     config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
@@ -751,7 +730,8 @@ async def test_one_consumer_per_agent_and_state_directory_whatever_the_entry_poi
         fleet = Fleet(tmp_path, bus.url, bus.exchange_name, state_dir=tmp_path, rescan_s=3600)
         await fleet.start()
         try:
-            assert agent not in fleet.agents and "already runs" in fleet.failed[agent].error
+            assert agent not in fleet.agents
+            assert "already runs" in fleet.failed[agent].error
         finally:
             await fleet.stop()
     async with running(bus, agent, config, state_path=tmp_path / "two.json"):
@@ -799,7 +779,8 @@ async def test_a_tick_that_failed_on_the_broker_is_evaluated_when_it_comes_back(
         await asyncio.sleep(1.1)
         await bus.publish(f"agent.{agent}.heartbeat.tick", tick())
         (result,) = await take(results, 1)
-    assert not failures and result.routing_key == f"heartbeat.{agent}.c.success"
+    assert not failures
+    assert result.routing_key == f"heartbeat.{agent}.c.success"
 
 
 async def test_an_unreadable_command_is_dead_lettered_and_answered(
@@ -816,7 +797,8 @@ async def test_an_unreadable_command_is_dead_lettered_and_answered(
         (answer,) = await take(replies, 1, skip_status=False)
     assert answer.routing_key == f"heartbeat.{agent}._command.error"
     payload = orjson.loads(answer.body)["payload"]
-    assert payload["command_id"] == "no-check" and payload["outcome"] == "rejected"
+    assert payload["command_id"] == "no-check"
+    assert payload["outcome"] == "rejected"
 
 
 async def test_an_inbox_with_other_arguments_and_no_bindings_still_gets_its_ticks(
@@ -841,7 +823,7 @@ async def test_the_cli_believes_only_the_agent_s_own_answers() -> None:
     user may publish) or on another agent's key (a CC copy keeps it) is ignored."""
     from types import SimpleNamespace
 
-    from heartbeat_consumer.request import _correlated
+    from heartbeat_consumer.bus.request import _correlated
 
     def message(key: str, event_type: str, **payload: Any) -> Any:
         body = {"event_type": event_type, "correlation_ids": ["id"], "payload": payload}
@@ -864,7 +846,7 @@ async def test_the_cli_believes_only_the_agent_s_own_answers() -> None:
 
 
 async def test_waiting_ends_when_the_connection_is_lost() -> None:
-    from heartbeat_consumer.request import LOST, _wait
+    from heartbeat_consumer.bus.request import LOST, _wait
 
     arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     arrived.put_nowait(LOST)

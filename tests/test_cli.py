@@ -104,7 +104,8 @@ def test_plan_explains_every_check(
     out = capsys.readouterr().out
     assert "agent a at 2026-06-01T12:30:00.000Z" in out
     rows = {line[2:].split()[0]: line for line in out.splitlines()[3:]}
-    assert rows["due"].startswith("*") and "RUNS NOW" in rows["due"]
+    assert rows["due"].startswith("*")
+    assert "RUNS NOW" in rows["due"]
     assert "disabled" in rows["off"]
     assert "outside window 22:00-06:00 Europe/Berlin (local 14:30)" in rows["night"]
     assert "not due: ratio 0.50, due in 30m" in rows["recent"]
@@ -161,7 +162,8 @@ def test_simulate_over_berlin_spring_forward(
         "2026-03-29T03:45+02:00",
         "2026-03-29T04:00+02:00",
     ]
-    assert runs[0]["slot"] == "2026-03-29T01:00:00.000Z" and runs[0]["overdue_ratio"] is None
+    assert runs[0]["slot"] == "2026-03-29T01:00:00.000Z"
+    assert runs[0]["overdue_ratio"] is None
     assert runs[1]["overdue_ratio"] == 1.0
 
 
@@ -197,9 +199,9 @@ def test_run_once_then_status(
     out = capsys.readouterr().out
     assert f"state: {path}.state.json" in out
     bad = next(line for line in out.splitlines() if line.split()[0] == "bad")
-    assert (
-        "failed" in bad and "retry after 2026-06-01T12:03:00.000Z" in bad and "exit code 1" in bad
-    )
+    assert "failed" in bad
+    assert "retry after 2026-06-01T12:03:00.000Z" in bad
+    assert "exit code 1" in bad
     assert main(["status", str(path), "--json"]) == 0
     doc = lines(capsys.readouterr().out)[0]
     assert doc["checks"]["ok"]["lastRun"] == 1780315200000
@@ -222,7 +224,8 @@ def test_run_once_unusable_config_and_state(
     assert main(["run-once", str(write_config("[]"))]) == 1
     assert main(["run-once", EXAMPLE, "--state", str(tmp_path / "missing-dir" / "s.json")]) == 1
     err = capsys.readouterr().err
-    assert "does not exist" in err and "Traceback" not in err
+    assert "does not exist" in err
+    assert "Traceback" not in err
 
 
 def test_unknown_plugin_module_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -263,7 +266,8 @@ def test_console_script_run_local_prints_json_lines_and_stops_on_sigterm(tmp_pat
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
-    assert first["agent"] == "cli" and first["status"] == "success"
+    assert first["agent"] == "cli"
+    assert first["status"] == "success"
     assert second["slot"] > first["slot"]
     assert "Traceback" not in err
 
@@ -284,11 +288,13 @@ def test_second_local_runner_for_one_state_is_refused(tmp_path: Path) -> None:
             timeout=20,
             check=False,
         )
-        assert second.returncode == 1 and "another process runs this agent" in second.stderr
+        assert second.returncode == 1
+        assert "another process runs this agent" in second.stderr
         once = subprocess.run(
             [BIN, "run-once", str(config)], capture_output=True, text=True, timeout=20, check=False
         )
-        assert once.returncode == 0 and "nothing done" in once.stderr
+        assert once.returncode == 0
+        assert "nothing done" in once.stderr
     finally:
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=10)
@@ -368,7 +374,8 @@ def test_times_out_of_range_in_a_config_are_problems_with_their_path(
     assert main(["validate", str(path)]) == 1
     err = capsys.readouterr().err
     path_text = "$.paused.c.until" if where == "paused" else f"$.checks.c.{where}"
-    assert path_text in err and "Traceback" not in err
+    assert path_text in err
+    assert "Traceback" not in err
     assert main(["plan", str(path)]) in (0, 1)  # the check invalid, or the file: no crash
     shown = capsys.readouterr()
     assert path_text in shown.out + shown.err
@@ -407,7 +414,8 @@ def test_a_malformed_broker_url_is_a_one_line_usage_error(url: str) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "broker URL" in done.stderr and "s3cret" not in done.stderr
+    assert "broker URL" in done.stderr
+    assert "s3cret" not in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -424,8 +432,9 @@ def test_a_malformed_broker_url_is_a_one_line_usage_error(url: str) -> None:
         ["tick", "--agent", "a.b.#"],
         ["run-check", "bad.agent", "c"],
         ["run-check", "a", "bad check*"],
-        ["tick", "--exchange", "a b#*"],
-        ["tick", "--exchange", "x" * 300],
+        # the exchange's name is refused once connected: these two need the broker
+        pytest.param(["tick", "--exchange", "a b#*"], marks=pytest.mark.rabbit),
+        pytest.param(["tick", "--exchange", "x" * 300], marks=pytest.mark.rabbit),
         ["tick", "--rabbit-url", "amqp://guest:guest@local host/"],
         ["tick", "--rabbit-url", "amqp://guest:guest@localhost/?ssl=1"],
         ["tick", "--rabbit-url", f"amqp://guest:guest@{'a' * 300}/"],
@@ -516,11 +525,13 @@ def test_simulate_into_a_closed_pipe_ends_quietly() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(30) == 0 and err == "", err
+    assert proc.wait(30) == 0, err
+    assert err == "", err
 
 
 def test_run_once_into_a_closed_pipe_still_saves_the_state(
@@ -543,7 +554,8 @@ def test_run_once_into_a_closed_pipe_still_saves_the_state(
     )
     os.close(write_end)
     assert done.returncode == 0, done.stderr
-    assert "RabbitMQ" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "RabbitMQ" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
     assert orjson.loads(state.read_bytes())["checks"]["c"]["runs"] == 1
 
 
@@ -583,7 +595,8 @@ def test_a_port_in_use_is_found_before_anything_connects_or_runs(
         held.close()
     assert done.returncode == 1, done.stderr
     assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use" in done.stderr
-    assert "RabbitMQ" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "RabbitMQ" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
     assert not state.exists()
 
@@ -599,14 +612,15 @@ def test_a_missing_config_file_is_an_error_that_says_so(
     missing = tmp_path / "nope.heartbeat.json"
     assert main([*args, str(missing)]) == 1
     err = capsys.readouterr().err
-    assert f"{missing}: no such file" in err and "--agent" not in err, err
+    assert f"{missing}: no such file" in err, err
+    assert "--agent" not in err, err
 
 
 def test_agent_names_are_checked_wherever_a_queue_would_be_made(
     write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from heartbeat_consumer import HeartbeatConsumer
-    from heartbeat_consumer.topology import InvalidName
+    from heartbeat_consumer.core.topology import InvalidName
 
     config = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1}}})
     for argv in (
@@ -627,7 +641,9 @@ def test_a_password_with_unencoded_characters_is_masked_too(
 ) -> None:
     assert main(["run-check", "a", "c", "--rabbit-url", url]) == 2
     err = capsys.readouterr().err
-    assert "SECRET" not in err and "CRET" not in err and "u:***@h" in err, err
+    assert "SECRET" not in err, err
+    assert "CRET" not in err, err
+    assert "u:***@h" in err, err
     assert "%23" in err, "says how to write such a password"
 
 
@@ -640,7 +656,8 @@ def test_the_ecosystem_s_environment_names_are_aliases_and_ours_win(tmp_path: Pa
     done = subprocess.run(
         [BIN, "tick"], env=theirs, capture_output=True, text=True, timeout=30, check=False
     )
-    assert done.returncode == 1 and "amqp://bb:***@127.0.0.1:1/" in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert "amqp://bb:***@127.0.0.1:1/" in done.stderr, done.stderr
     both = {**theirs, "RABBIT_URL": "amqp://ours:x@127.0.0.1:2/"}
     done = subprocess.run(
         [BIN, "tick"], env=both, capture_output=True, text=True, timeout=30, check=False
@@ -651,9 +668,8 @@ def test_the_ecosystem_s_environment_names_are_aliases_and_ours_win(tmp_path: Pa
     done = subprocess.run(
         [BIN, "fleet"], env=missing, capture_output=True, text=True, timeout=30, check=False
     )
-    assert done.returncode == 1 and f"fleet directory {tmp_path / 'nope'} does not exist" in (
-        done.stderr
-    ), done.stderr
+    assert done.returncode == 1, done.stderr
+    assert f"fleet directory {tmp_path / 'nope'} does not exist" in (done.stderr), done.stderr
     config = tmp_path / "a.json"
     config.write_text('{"agent": "a", "checks": {}}')
     env_mode = {
@@ -665,6 +681,5 @@ def test_the_ecosystem_s_environment_names_are_aliases_and_ours_win(tmp_path: Pa
     done = subprocess.run(
         [BIN], env=env_mode, capture_output=True, text=True, timeout=30, check=False
     )
-    assert done.returncode == 1 and "cannot reach RabbitMQ at amqp://h:1/" in done.stderr, (
-        done.stderr
-    )
+    assert done.returncode == 1, done.stderr
+    assert "cannot reach RabbitMQ at amqp://h:1/" in done.stderr, done.stderr

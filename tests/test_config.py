@@ -6,7 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from heartbeat_consumer.config import (
+from heartbeat_consumer.core.config import (
     MAX_CONFIG_BYTES,
     ConfigError,
     ConfigSource,
@@ -14,7 +14,7 @@ from heartbeat_consumer.config import (
     parse_config,
     schema,
 )
-from heartbeat_consumer.timeutil import MAX_DURATION_MS, MAX_INSTANT_MS
+from heartbeat_consumer.core.timeutil import MAX_DURATION_MS, MAX_INSTANT_MS
 
 from .conftest import ROOT
 from .requires import need_file
@@ -36,7 +36,8 @@ def test_design_example_validates_unchanged() -> None:
     assert config.agent == "cack"
     check = config.checks["sub_health"]
     assert check.cadence_ms == 900_000
-    assert check.window is not None and check.window.end_minute == 23 * 60 + 59
+    assert check.window is not None
+    assert check.window.end_minute == 23 * 60 + 59
     assert check.tz == "America/New_York"
     assert config.checks["quarterly_compaction"].trigger_on_quarters == ("Q1", "Q2", "Q3", "Q4")
     assert config.checks["quarterly_compaction"].tz == "UTC"
@@ -51,7 +52,8 @@ def test_defaults() -> None:
     check = config.config.checks["c"]
     assert (check.priority, check.enabled, check.quarter_of, check.meta) == (100, True, "day", {})
     assert check.effective_timeout_ms == 1000
-    assert config.config.max_checks_per_tick == 1 and config.config.selection == "priority"
+    assert config.config.max_checks_per_tick == 1
+    assert config.config.selection == "priority"
 
 
 def test_timeout_default_is_capped_at_five_minutes() -> None:
@@ -178,9 +180,12 @@ def test_pauses_parse_iso_epoch_and_null() -> None:
         )
     )
     paused = loaded.config.paused
-    assert paused["c"].until == 1774744200000 and paused["c"].reason == "maintenance"
-    assert paused["*"].until is None and paused["*"].active(10**15)
-    assert paused["d"].active(4) and not paused["d"].active(5)
+    assert paused["c"].until == 1774744200000
+    assert paused["c"].reason == "maintenance"
+    assert paused["*"].until is None
+    assert paused["*"].active(10**15)
+    assert paused["d"].active(4)
+    assert not paused["d"].active(5)
 
 
 def test_bad_pause_time_disables_its_check() -> None:
@@ -201,28 +206,37 @@ def test_config_source_keeps_last_good_and_recovers(write_config) -> None:  # ty
     path = write_config({"agent": "a", "checks": {"c": {"cadenceMs": 1000, "handler": "x"}}})
     source = ConfigSource(path)
     good, error = source.current()
-    assert good is not None and error is None and source.generation == 1
+    assert good is not None
+    assert error is None
+    assert source.generation == 1
     assert source.current()[0] is good, "unchanged file is not re-parsed"
 
     path.write_text('{"agent": "a", "checks": ')  # truncated
     kept, error = source.current()
-    assert kept is good and error is not None and "invalid JSON" in str(error)
+    assert kept is good
+    assert error is not None
+    assert "invalid JSON" in str(error)
     assert source.current()[1] is error, "the error is reported on every call until fixed"
 
     path.unlink()
     kept, error = source.current()
-    assert kept is good and error is not None and "cannot read file" in str(error)
+    assert kept is good
+    assert error is not None
+    assert "cannot read file" in str(error)
 
     write_config({"agent": "a", "checks": {"c": {"cadenceMs": 2000, "handler": "x"}}})
     fixed, error = source.current()
-    assert error is None and fixed is not None and fixed.config.checks["c"].cadence_ms == 2000
+    assert error is None
+    assert fixed is not None
+    assert fixed.config.checks["c"].cadence_ms == 2000
     assert source.generation == 2
 
 
 def test_config_source_without_any_good_config(write_config) -> None:  # type: ignore[no-untyped-def]
     source = ConfigSource(write_config("not json"))
     good, error = source.current()
-    assert good is None and error is not None
+    assert good is None
+    assert error is not None
 
 
 def test_config_files_are_regular_files_of_bounded_size(tmp_path: Path) -> None:

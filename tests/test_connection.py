@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
+from heartbeat_consumer.bus.connection import TlsError, TlsFiles, make_broker
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer
 from heartbeat_consumer.cli import main
-from heartbeat_consumer.connection import TlsError, TlsFiles, make_broker
-from heartbeat_consumer.consumer import HeartbeatConsumer
 
 from .broker import Bus, take
 from .requires import need_file, need_tool
@@ -28,7 +28,8 @@ def test_no_tls_files_means_plain_settings() -> None:
 def test_ca_file_builds_a_verifying_context() -> None:
     need_file(SYSTEM_CA, "the system CA bundle", "apt-get install ca-certificates")
     context = TlsFiles(ca_file=str(SYSTEM_CA)).context()
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
     make_broker("amqps://u:p@broker.example:5671/", tls=TlsFiles(ca_file=str(SYSTEM_CA)))
 
 
@@ -42,7 +43,8 @@ def test_unusable_tls_files_are_a_clear_error(
         TlsFiles(cert_file=str(tmp_path / "garbage.pem")).context()
     assert main(["tick", "--ca-file", str(tmp_path / "missing.pem")]) == 1
     err = capsys.readouterr().err
-    assert "TLS files unusable" in err and "Traceback" not in err
+    assert "TLS files unusable" in err
+    assert "Traceback" not in err
 
 
 def _make_ca_and_server_cert(directory: Path, openssl: str) -> tuple[Path, Path, Path]:

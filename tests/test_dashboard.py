@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from heartbeat_consumer.deadman import WatchConfig
+from heartbeat_consumer.monitor.rules import WatchConfig
 
-from .broker import Bus
+from .broker import Bus, new_monitor, running
+from .helpers import envelope, free_port, until, write
 from .requires import need_tool
-from .test_bus import running, write
-from .test_monitor import envelope, new_monitor, until
-from .test_observability import free_port
 
 MIN = 60_000
 COLOURS = {"success": "rgb(31, 157, 85)", "failed": "rgb(214, 69, 69)"}
@@ -84,7 +82,8 @@ async def test_dashboard_shows_the_fleet_live(bus: Bus, tmp_path: Path, browser:
             assert await background(page, cell(bad, "deploy")) == COLOURS["failed"]
             text = await page.inner_text(cell(good, "inbox"))
             # Due again one cadence after its slot (the minute the run fell in).
-            assert "success" in text and re.search(r"due in 1[45] min", text), text
+            assert "success" in text, text
+            assert re.search(r"due in 1[45] min", text), text
             assert await page.inner_text("#monitor-status") == "online"
 
             # Live: an agent that starts now appears without a reload.
@@ -121,7 +120,8 @@ async def test_dashboard_shows_the_fleet_live(bus: Bus, tmp_path: Path, browser:
             shot = tmp_path / "dashboard.png"
             await page.screenshot(path=str(shot), full_page=True)
             png = shot.read_bytes()
-            assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            assert len(png) > 20_000
             if os.environ.get("DASHBOARD_SCREENSHOT"):  # to refresh docs/dashboard.png
                 shutil.copyfile(shot, os.environ["DASHBOARD_SCREENSHOT"])
 

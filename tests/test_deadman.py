@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heartbeat_consumer.deadman import (
+from heartbeat_consumer.monitor.rules import (
     Alert,
     WatchConfig,
     WatchState,
@@ -65,14 +65,16 @@ def test_an_agent_that_goes_silent_is_stale_once_then_resolved() -> None:
     state, alerts = evaluate(state, CONFIG, T0 + 5 * MIN)
     assert alerts == []  # exactly the threshold: not yet
     state, alerts = evaluate(state, CONFIG, T0 + 5 * MIN + 1)
-    assert kinds(alerts) == [("a", "stale", None)] and alerts[0].severity == "warning"
+    assert kinds(alerts) == [("a", "stale", None)]
+    assert alerts[0].severity == "warning"
     for minute in range(6, 30):
         state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
         assert alerts == [], "an open incident is not sent again"
     state = observe(state, result("a", "c"), T0 + 30 * MIN)
     state, alerts = evaluate(state, CONFIG, T0 + 30 * MIN)
     assert kinds(alerts) == [("a", "resolved", None)]
-    assert "stale resolved after" in alerts[0].detail and state.incidents == {}
+    assert "stale resolved after" in alerts[0].detail
+    assert state.incidents == {}
 
 
 def test_repeat_reminds_at_the_configured_interval() -> None:
@@ -100,7 +102,8 @@ def test_a_run_that_does_not_finish_within_its_timeout_is_an_error() -> None:
     state, alerts = evaluate(state, CONFIG, T0 + MIN + 30_000)  # timeout + grace: not yet
     assert alerts == []
     state, alerts = evaluate(state, CONFIG, T0 + MIN + 30_001)
-    assert kinds(alerts) == [("a", "timeout", "c")] and alerts[0].severity == "error"
+    assert kinds(alerts) == [("a", "timeout", "c")]
+    assert alerts[0].severity == "error"
     state = observe(state, result("a", "c", "timeout", key="a:c:1"), T0 + 2 * MIN)
     state, alerts = evaluate(state, CONFIG, T0 + 2 * MIN)
     assert kinds(alerts) == [("a", "resolved", "c")]
@@ -121,7 +124,8 @@ def test_missed_when_the_last_success_is_older_than_cadence_plus_grace() -> None
         assert alerts == [], minute  # 15 min cadence + 2 min grace
     state = observe(state, result("a", "c", "failed"), T0 + 17 * MIN + 1)
     state, alerts = evaluate(state, CONFIG, T0 + 17 * MIN + 1)
-    assert kinds(alerts) == [("a", "missed", "c")] and "last success 17m ago" in alerts[0].detail
+    assert kinds(alerts) == [("a", "missed", "c")]
+    assert "last success 17m ago" in alerts[0].detail
     state = observe(state, result("a", "c", "alert"), T0 + 18 * MIN)  # alert = it ran
     state, alerts = evaluate(state, CONFIG, T0 + 18 * MIN)
     assert kinds(alerts) == [("a", "resolved", "c")]
@@ -155,7 +159,8 @@ def test_any_status_but_offline_is_a_sign_of_life_and_alerts_are_not() -> None:
     """A monitor started after its agents said ``online`` learns of them from ``alive``;
     its own alerts (which come back through ``heartbeat.#``) never count as life."""
     state = observe(WatchState(), status("a", "alive"), T0)
-    assert state.agents["a"].online and state.agents["a"].status == "alive"
+    assert state.agents["a"].online
+    assert state.agents["a"].status == "alive"
     alert = {"event_type": "heartbeat.alert", "payload": {"agent": "a", "kind": "stale"}}
     assert observe(state, alert, T0 + 9 * MIN) == state
     state, alerts = evaluate(state, CONFIG, T0 + 9 * MIN)
@@ -168,12 +173,14 @@ def test_next_due_is_the_last_successful_slot_plus_the_cadence() -> None:
     state = observe(WatchState(), event, T0 + 5_000)
     check = state.agents["a"].checks["c"]
     assert check.last_slot == T0  # T0 is 2027-01-15T08:00:00Z
-    assert next_due_at(check) == check.last_slot + 15 * MIN and check.duration_ms == 12
+    assert next_due_at(check) == check.last_slot + 15 * MIN
+    assert check.duration_ms == 12
     failed = result("a", "c", "failed")
     failed["payload"]["error"] = "x" * 5000
     check = observe(state, failed, T0 + 1).agents["a"].checks["c"]
     assert check.last_slot == state.agents["a"].checks["c"].last_slot  # failures keep lastRun
-    assert check.last_error == "x" * 200 and check.failures == 1
+    assert check.last_error == "x" * 200
+    assert check.failures == 1
     again = observe(observe(state, failed, T0 + 1), failed, T0 + 2)
     assert again.agents["a"].checks["c"].failures == 2
     assert observe(again, result("a", "c"), T0 + 3).agents["a"].checks["c"].failures == 0
@@ -230,7 +237,8 @@ def test_every_incident_opens_once_and_resolves_once(
             is_open[alert.incident] = opening
         assert set(state.incidents) == {k for k, v in is_open.items() if v}
         again, repeat = evaluate(state, CONFIG, T0 + minute * MIN)
-        assert repeat == [] and again == state
+        assert repeat == []
+        assert again == state
     assert WatchState.from_json(state.to_json()) == state
 
 
@@ -263,8 +271,10 @@ def test_config_invalid_opens_from_the_first_event_of_an_agent_never_valid() -> 
     state, alerts = evaluate(state, CONFIG, T0)
     assert kinds(alerts) == [("a", "config_invalid", None)]
     (alert,) = alerts
-    assert alert.severity == "error" and alert.incident == "a:config_invalid:*"
-    assert alert.detail == "x" * 200 and alert.to_payload()["kind"] == "config_invalid"
+    assert alert.severity == "error"
+    assert alert.incident == "a:config_invalid:*"
+    assert alert.detail == "x" * 200
+    assert alert.to_payload()["kind"] == "config_invalid"
     for minute in range(1, 20):  # the agent says it again on every tick
         state = observe(state, invalid("a"), T0 + minute * MIN)
         state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
@@ -274,14 +284,16 @@ def test_config_invalid_opens_from_the_first_event_of_an_agent_never_valid() -> 
     state, alerts = evaluate(state, CONFIG, T0 + 20 * MIN)
     assert kinds(alerts) == [("a", "resolved", None)]
     assert alerts[0].incident == "a:config_invalid:*"
-    assert "config_invalid resolved after 20m" in alerts[0].detail and state.incidents == {}
+    assert "config_invalid resolved after 20m" in alerts[0].detail
+    assert state.incidents == {}
     state, alerts = evaluate(state, CONFIG, T0 + 21 * MIN)
     assert alerts == []
 
 
 def test_config_invalid_without_a_reason_still_opens() -> None:
     _, alerts = evaluate(observe(WatchState(), invalid("a", None), T0), CONFIG, T0)
-    assert kinds(alerts) == [("a", "config_invalid", None)] and "no reason" in alerts[0].detail
+    assert kinds(alerts) == [("a", "config_invalid", None)]
+    assert "no reason" in alerts[0].detail
 
 
 def test_online_and_offline_keep_config_invalid_open_online_then_alive_resolves() -> None:
@@ -294,7 +306,8 @@ def test_online_and_offline_keep_config_invalid_open_online_then_alive_resolves(
     state = observe(state, status("a", "offline"), T0 + MIN)
     for minute in (2, 30, 600):
         state, alerts = evaluate(state, CONFIG, T0 + minute * MIN)
-        assert alerts == [] and list(state.incidents) == ["a:config_invalid:*"]
+        assert alerts == []
+        assert list(state.incidents) == ["a:config_invalid:*"]
     state = observe(state, status("a", "online"), T0 + 601 * MIN)
     state, alerts = evaluate(state, CONFIG, T0 + 601 * MIN)
     assert alerts == []
@@ -326,7 +339,8 @@ def test_runs_of_the_last_good_config_do_not_resolve_config_invalid() -> None:
     state = observe(state, ran("a", "c", last, "success"), last + 55_000)
     state = observe(state, ran("a", "c", last + MIN), last + MIN + 1)
     state, alerts = evaluate(state, CONFIG, last + MIN + 2)
-    assert alerts == [] and state.agents["a"].config_error is not None
+    assert alerts == []
+    assert state.agents["a"].config_error is not None
     # Fixed: that tick ends without config_invalid; the next tick's run shows it.
     state = observe(state, ran("a", "c", last + MIN, "success"), last + MIN + 10)
     state, alerts = evaluate(state, CONFIG, last + 2 * MIN - 1)
@@ -360,7 +374,8 @@ def test_config_invalid_survives_a_state_save_and_load() -> None:
     state, alerts = evaluate(state, CONFIG, T0)
     assert len(alerts) == 1
     restored = WatchState.from_json(state.to_json())
-    assert restored == state and repair(restored) == (restored, 0)
+    assert restored == state
+    assert repair(restored) == (restored, 0)
     assert restored.incidents["a:config_invalid:*"].kind == "config_invalid"
     assert restored.agents["a"].config_error == "heartbeat.json: Expecting value (line 1)"
     restored, alerts = evaluate(restored, CONFIG, T0 + MIN)
@@ -378,5 +393,6 @@ def test_config_invalid_survives_a_state_save_and_load() -> None:
     raw = orjson.loads(state.to_json())
     raw["agents"]["a"].update(config_error="y" * 999, config_invalid_at=-(10**17))
     fixed, count = repair(WatchState.from_json(orjson.dumps(raw)))
-    assert count == 2 and fixed.agents["a"].config_error == "y" * 200
+    assert count == 2
+    assert fixed.agents["a"].config_error == "y" * 200
     assert fixed.agents["a"].config_invalid_at is None

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from heartbeat_consumer.cli import build_parser
+from heartbeat_consumer.cli.parser import build_parser
 
 from .conftest import ROOT
 from .requires import need_tool
@@ -89,7 +89,8 @@ def test_systemd_analyze_verify(path: Path, tmp_path: Path) -> None:
         check=False,
         timeout=60,
     )
-    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    assert out.returncode == 0, out.stderr
+    assert not out.stderr.strip(), out.stderr
 
 
 def test_systemd_analyze_verify_catches_mistakes(tmp_path: Path) -> None:
@@ -98,13 +99,15 @@ def test_systemd_analyze_verify_catches_mistakes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.service"
     bad.write_text(f"[Service]\nTyp=notify\nProtectSystem=strickt\nExecStart={TEST_BIN}\n")
     out = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True, check=False)
-    assert "Unknown key" in out.stderr and "strickt" in out.stderr
+    assert "Unknown key" in out.stderr
+    assert "strickt" in out.stderr
 
 
 @pytest.mark.parametrize("path", LONG_RUNNING, ids=lambda p: p.name)
 def test_long_running_units_notify_restart_and_are_hardened(path: Path) -> None:
     u = unit(path)
-    assert u["Service.Type"] == ["notify"] and u["Service.NotifyAccess"] == ["main"]
+    assert u["Service.Type"] == ["notify"]
+    assert u["Service.NotifyAccess"] == ["main"]
     assert u["Service.Restart"] == ["always"]
     assert int(u["Service.WatchdogSec"][0]) >= 10
     assert u["Service.NoNewPrivileges"] == ["yes"]
@@ -144,7 +147,8 @@ def test_consumer_unit_uses_the_environment_mode_with_the_instance_name() -> Non
     assert env["HEARTBEAT_STATE_PATH"].startswith("/var/lib/heartbeat-consumer/")
     assert u["Service.EnvironmentFile"] == ["/etc/heartbeat-consumer/%i.env"]
     # Stop: the handler's 60 s grace fits in the stop timeout.
-    assert int(u["Service.TimeoutStopSec"][0]) > 60 and u["Service.KillMode"] == ["mixed"]
+    assert int(u["Service.TimeoutStopSec"][0]) > 60
+    assert u["Service.KillMode"] == ["mixed"]
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -162,9 +166,11 @@ def test_dockerfile_copies_what_the_wheel_needs_and_dockerignore_lets_it_through
     for source in sources:
         assert (ROOT / source).exists(), source
     readme = re.search(r'readme = "([^"]+)"', (ROOT / "pyproject.toml").read_text())
-    assert readme and readme[1] in sources
+    assert readme
+    assert readme[1] in sources
     # The package's schema is a symlink into schemas/: both must be in the image.
-    assert (ROOT / "heartbeat_consumer/schemas").is_dir() and "schemas" in sources
+    assert (ROOT / "heartbeat_consumer/schemas").is_dir()
+    assert "schemas" in sources
     allowed = [
         x[1:].rstrip("/") for x in (ROOT / ".dockerignore").read_text().split() if x[0] == "!"
     ]
@@ -215,7 +221,8 @@ def test_docker_compose_config(tmp_path: Path) -> None:
         check=False,
         timeout=60,
     )
-    assert missing.returncode != 0 and "RABBITMQ_PASSWORD" in missing.stderr
+    assert missing.returncode != 0
+    assert "RABBITMQ_PASSWORD" in missing.stderr
 
 
 def heartbeat_services() -> dict[str, dict[str, Any]]:
@@ -230,7 +237,8 @@ def test_compose_services_run_cli_commands_with_their_files_mounted() -> None:
     data = compose()
     services = heartbeat_services()
     agents = [s for s in services.values() if s["command"][0] == "run"]
-    assert len(agents) >= 2 and any(s["command"][0] == "ticker" for s in services.values())
+    assert len(agents) >= 2
+    assert any(s["command"][0] == "ticker" for s in services.values())
     for name, svc in services.items():
         command = [a.replace("${TICK_EVERY:-60s}", "60s") for a in svc["command"]]
         args = build_parser().parse_args(command)
@@ -243,7 +251,8 @@ def test_compose_services_run_cli_commands_with_their_files_mounted() -> None:
             assert (DEPLOY / host).resolve().is_file(), f"{name}: {host} missing"
         if getattr(args, "state", None):
             # State on the named volume: it survives restarts and re-creation.
-            assert args.state.startswith("/state/") and mounts["/state"][0] == "state"
+            assert args.state.startswith("/state/")
+            assert mounts["/state"][0] == "state"
             assert "state" in data["volumes"]
         env = svc["environment"]
         assert "${RABBITMQ_PASSWORD" in env["RABBIT_URL"], "no literal password"

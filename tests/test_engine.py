@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from heartbeat_consumer import AgentRunner, CheckConfig, RunResult, register_handler
-from heartbeat_consumer.local import next_slot, run_local, run_once
-from heartbeat_consumer.store import StateStore
+from heartbeat_consumer.runtime.local import next_slot, run_local, run_once
+from heartbeat_consumer.runtime.store import StateStore
 
 MIN = 60_000
 T0 = 1_795_000_000_000 - 1_795_000_000_000 % (24 * 60 * MIN)
@@ -45,9 +45,9 @@ async def test_tick_runs_due_check_and_saves_state(write_config: WriteConfig) ->
     report = await runner.tick(T0, {"event_id": "e1"})
     (result,) = report.results
     payload = result.to_payload()
-    assert (
-        payload["agent"] == "bot" and payload["check"] == "ping" and payload["status"] == "success"
-    )
+    assert payload["agent"] == "bot"
+    assert payload["check"] == "ping"
+    assert payload["status"] == "success"
     assert payload["idempotency_key"] == f"bot:ping:{T0}"
     assert payload["overdue_ratio"] is None, "never run: infinitely overdue, sent as null"
     assert rec.results == [result]
@@ -107,7 +107,7 @@ async def test_failed_emit_leaves_state_unsaved_and_the_redelivered_tick_resends
 
 
 async def test_a_pause_between_failure_and_resend_is_kept(write_config: WriteConfig) -> None:
-    from heartbeat_consumer.config import Pause
+    from heartbeat_consumer.core.config import Pause
 
     path = write_config(config({"ping": {"cadenceMs": MIN, "handler": "default"}}))
     runner, rec = runner_for(path)
@@ -122,7 +122,8 @@ async def test_a_pause_between_failure_and_resend_is_kept(write_config: WriteCon
     runner.on_result = rec
     await runner.tick(T0)
     assert [r.check for r in rec.results] == ["ping"]
-    assert runner.state.check("ping").last_run == T0 and "*" in runner.state.pauses
+    assert runner.state.check("ping").last_run == T0
+    assert "*" in runner.state.pauses
     assert len(runner.state.history) == 1
 
 
@@ -171,7 +172,8 @@ async def test_failure_backs_off_and_others_still_run(write_config: WriteConfig)
     ]
     assert rec.results[0].error == "RuntimeError: nope"
     state = runner.state.check("flaky")
-    assert state.consecutive_failures == 4 and state.last_run is None
+    assert state.consecutive_failures == 4
+    assert state.last_run is None
 
 
 async def test_broken_config_keeps_last_good_and_reports_every_tick(
@@ -183,20 +185,24 @@ async def test_broken_config_keeps_last_good_and_reports_every_tick(
     path.write_text('{"agent": "bot", "checks": {"c": ')
     for minute in (1, 2):
         report = await runner.tick(T0 + minute * MIN)
-        assert report.config_error is not None and "invalid JSON" in str(report.config_error)
+        assert report.config_error is not None
+        assert "invalid JSON" in str(report.config_error)
     assert len(rec.results) == 3, "the last good config keeps running"
     assert sum("keeping the last good config" in r.message for r in caplog.records) == 2
     path.write_text(
         orjson.dumps(config({"c": {"cadenceMs": MIN, "handler": "default"}})).decode() + " "
     )
     report = await runner.tick(T0 + 3 * MIN)
-    assert report.config_error is None and len(report.results) == 1
+    assert report.config_error is None
+    assert len(report.results) == 1
 
 
 async def test_no_good_config_yet_runs_nothing_without_raising(write_config: WriteConfig) -> None:
     runner, rec = runner_for(write_config("{oops"))
     report = await runner.tick(T0)
-    assert report.plan is None and report.config_error is not None and rec.results == []
+    assert report.plan is None
+    assert report.config_error is not None
+    assert rec.results == []
 
 
 async def test_bad_checks_and_unknown_handlers_do_not_block_the_rest(
@@ -233,7 +239,8 @@ async def test_unwritable_state_is_reported_not_fatal_and_not_rerun(
     runner.start()
     state_dir.rmdir()
     report = await runner.tick(T0)
-    assert report.state_error is not None and "cannot write state file" in str(report.state_error)
+    assert report.state_error is not None
+    assert "cannot write state file" in str(report.state_error)
     await runner.tick(T0 + MIN)
     assert len(rec.results) == 1, "the run is remembered in memory"
 
@@ -262,7 +269,8 @@ async def test_handler_receives_the_documented_payload(write_config: WriteConfig
     await runner.tick(T0, {"event_id": "abc", "payload": {"tick_id": "x"}})
     (payload,) = received
     assert set(payload) == {"agent", "check_name", "timestamp", "envelope", "idempotency_key"}
-    assert payload["timestamp"].endswith("Z") and payload["envelope"]["event_id"] == "abc"
+    assert payload["timestamp"].endswith("Z")
+    assert payload["envelope"]["event_id"] == "abc"
     assert payload["idempotency_key"] == f"bot:c:{T0}"
     assert rec.results[0].result == {"status": "success", "meta": {"k": 1}}
 
@@ -295,13 +303,15 @@ async def test_quarterly_compaction_and_sub_health_use_the_run_state(
     for minute in range(31):
         await runner.tick(T0 + minute * MIN)
     compaction = next(r for r in rec.results if r.check == "compact")
-    assert compaction.result["removed"] == 29 and compaction.result["kept"] == 2
+    assert compaction.result["removed"] == 29
+    assert compaction.result["kept"] == 2
     history = [(h.check, (h.slot - T0) // MIN) for h in runner.state.history]
     assert history == [("noise", 29), ("noise", 30), ("compact", 30)]
     await runner.tick(T0 + 60 * MIN)
     health = next(r for r in rec.results if r.check == "health")
     assert health.result["checks"]["noise"]["last_status"] == "success"
-    assert health.status == "success" and health.result["pid"] > 0
+    assert health.status == "success"
+    assert health.result["pid"] > 0
 
 
 def test_next_slot_skips_missed_boundaries_instead_of_bursting() -> None:
@@ -376,7 +386,8 @@ async def test_cost_accounting_counts_wall_time_and_ticks_not_due(
     for minute in range(31):
         await runner.tick(T0 + minute * MIN)
     state = runner.state.check("c")
-    assert state.runs == 3 and state.avoided == {"not-due": 28}
+    assert state.runs == 3
+    assert state.avoided == {"not-due": 28}
     assert state.wall_ms == 3 * 7
     saved, _ = StateStore(path.with_name(path.name + ".state.json")).load()
     assert saved.check("c").avoided == {"not-due": 28}
@@ -420,7 +431,8 @@ async def test_a_config_edited_to_floats_is_picked_up_not_ignored(
         )
     )
     report = await runner.tick(T0 + MIN)
-    assert report.config_error is None and [r.check for r in report.results] == ["c"]
+    assert report.config_error is None
+    assert [r.check for r in report.results] == ["c"]
     path.write_bytes(orjson.dumps(config({"c": {"cadenceMs": 60_000.5, "handler": "default"}})))
     report = await runner.tick(T0 + 2 * MIN)
     assert not report.results, "a fraction is a clear problem of that check"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from heartbeat_consumer.envelope import (
+from heartbeat_consumer.core.envelope import (
     EnvelopeError,
     correlation_uuid,
     decode_body,
@@ -12,7 +12,7 @@ from heartbeat_consumer.envelope import (
     parse_tick,
     tick_event_id,
 )
-from heartbeat_consumer.topology import (
+from heartbeat_consumer.core.topology import (
     agent_key,
     dead_letter_queue,
     inbox_bindings,
@@ -182,7 +182,9 @@ def test_names_reasons_and_ids_are_bounded() -> None:
     with pytest.raises(EnvelopeError, match="is not a check name"):
         parse_command(command_body({"check": "a.b"}), "pause")
     long = parse_command(command_body({"check": "c", "reason": "r" * 10_000}), "pause")
-    assert long.reason is not None and len(long.reason) == 500 and long.reason.endswith("…")
+    assert long.reason is not None
+    assert len(long.reason) == 500
+    assert long.reason.endswith("…")
     with pytest.raises(EnvelopeError, match=r"payload\.reason must be a string"):
         parse_command(command_body({"check": "c", "reason": 5}), "pause")
     for event_id in ("x" * 201, "é" * 101):  # a correlation id is at most 255 bytes
@@ -232,12 +234,13 @@ def test_ticker_payload_has_the_fields_bloodbank_consumers_read(
 ) -> None:
     """Bloodbank's publisher sends tick, timestamp, epoch_ms, quarter (of the year),
     day_of_week, hour and minute, all UTC; consumers of that ecosystem schedule by them."""
-    from heartbeat_consumer.ticker import tick_envelope
-    from heartbeat_consumer.timeutil import parse_instant_ms
+    from heartbeat_consumer.bus.ticker import tick_envelope
+    from heartbeat_consumer.core.timeutil import parse_instant_ms
 
     slot = parse_instant_ms(at)
     payload = tick_envelope("x", slot, 60_000)["payload"]
-    assert payload["tick"] == slot // 60_000 and payload["epoch_ms"] == slot
+    assert payload["tick"] == slot // 60_000
+    assert payload["epoch_ms"] == slot
     assert payload["timestamp"].startswith(at[:16])
     assert (payload["quarter"], payload["day_of_week"]) == (quarter, day)
     assert (payload["hour"], payload["minute"]) == (hour, minute)

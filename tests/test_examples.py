@@ -12,9 +12,9 @@ import pytest
 
 from heartbeat_consumer.cli import main
 
-from .broker import Bus
+from .broker import Bus, watching
 from .conftest import ROOT
-from .test_monitor import Clock, envelope, until, watching
+from .helpers import Clock, envelope, until
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.heartbeat.json"))
 PLUGIN = str(ROOT / "examples/my_handlers.py")
@@ -37,7 +37,8 @@ def test_plugin_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main([*args, "--at", "2026-06-01T00:00:10Z"]) == 0
     first = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["check"], r["status"]) for r in first] == [("disk", "success"), ("load", "success")]
-    assert first[0]["result"]["path"] == "/" and 0 <= first[0]["result"]["used_percent"] <= 100
+    assert first[0]["result"]["path"] == "/"
+    assert 0 <= first[0]["result"]["used_percent"] <= 100
     assert main([*args, "--at", "2026-06-01T00:01:10Z"]) == 0
     second = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["check"] for r in second] == ["night_cleanup"], "office_hours waits for 09:00"

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -27,31 +26,20 @@ import orjson
 import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
-from heartbeat_consumer.connection import REASON_HEADER
-from heartbeat_consumer.fleet import Fleet
-from heartbeat_consumer.handlers import unregister_handler
-from heartbeat_consumer.state import AgentState, CheckState
-from heartbeat_consumer.store import StateStore
-from heartbeat_consumer.timeutil import floor_to
+from heartbeat_consumer.bus.connection import REASON_HEADER
+from heartbeat_consumer.bus.fleet import Fleet
+from heartbeat_consumer.core.state import AgentState, CheckState
+from heartbeat_consumer.core.timeutil import floor_to
+from heartbeat_consumer.handlers.registry import unregister_handler
+from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, queue_stats, rabbitmqctl, settled, take
-from .test_bus import BIN, running, write
+from .broker import Bus, queue_stats, rabbitmqctl, running, settled, take, watching
+from .helpers import BIN, envelope, memory_mb, now_ms, slot_tick, until, write
+
+pytestmark = pytest.mark.rabbit
 
 INTERVAL = 100
 """Tick interval and cadence of the stream tests (ms): each tick a new, due slot."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def slot_tick(slot_ms: int, event_id: str | None = None) -> dict[str, Any]:
-    return {
-        "event_id": event_id or f"tick-{slot_ms}",
-        "event_type": "system.heartbeat.tick",
-        "timestamp": slot_ms,
-        "payload": {"epoch_ms": slot_ms},
-    }
 
 
 @contextlib.contextmanager
@@ -121,7 +109,8 @@ async def test_fault_mid_stream_loses_no_acked_tick_and_runs_no_slot_twice(
                     if after_fault == 20:
                         break
                 await asyncio.sleep(0.02)  # faster than the handler: a backlog builds
-            assert injector is not None and injector.done(), "the fault did not end"
+            assert injector is not None
+            assert injector.done(), "the fault did not end"
             await injector
 
             seen: list[dict[str, Any]] = []
@@ -132,7 +121,8 @@ async def test_fault_mid_stream_loses_no_acked_tick_and_runs_no_slot_twice(
                 if confirmed <= slots and not await inbox_busy(bus, agent):
                     break
                 await asyncio.sleep(0.1)
-    assert len(confirmed) >= 30 and len(attempted) - len(confirmed) <= len(attempted) // 2
+    assert len(confirmed) >= 30
+    assert len(attempted) - len(confirmed) <= len(attempted) // 2
     by_slot = Counter(e["payload"]["idempotency_key"] for e in seen)
     missing = sorted(confirmed - slots)
     assert not missing, f"{len(missing)} confirmed tick(s) without a result: {missing[:5]}"
@@ -144,7 +134,8 @@ async def test_fault_mid_stream_loses_no_acked_tick_and_runs_no_slot_twice(
             ids = {e["event_id"] for e in seen if e["payload"]["idempotency_key"] == key}
             assert len(ids) == 1, f"{key}: {n} different results"
     saved, warning = StateStore(state).load()
-    assert warning is None and saved.check("c").last_run == max(confirmed | slots)
+    assert warning is None
+    assert saved.check("c").last_run == max(confirmed | slots)
 
 
 async def inbox_busy(bus: Bus, agent: str) -> bool:
@@ -224,7 +215,8 @@ async def test_sigkill_during_a_handler_keeps_the_state_and_reruns_the_slot_once
     assert calls.read_text() == f"{agent}:c:{slot}\n" * 2, "re-run once, with the same key"
     assert found.count(f"heartbeat.{agent}.c.success") == 1
     saved, _ = StateStore(state).load()
-    assert saved.check("c").last_run == slot and saved.check("c").runs == 8
+    assert saved.check("c").last_run == slot
+    assert saved.check("c").runs == 8
 
 
 async def drain_all(
@@ -237,14 +229,6 @@ async def drain_all(
 
 
 FLOOD = "import sys; sys.stdout.write('x' * 100_000_000); sys.stderr.write('e' * 10_000_000)"
-
-
-def memory_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (the peak) of this process, in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field}")
 
 
 async def test_bad_handlers_are_bounded_and_reported_while_others_keep_running(
@@ -445,7 +429,8 @@ async def test_full_or_read_only_state_disk_is_reported_and_the_agent_keeps_runn
             assert [e[0] for e in seen] == ["online", "state_error", "c", "state_error"], seen
             assert "Read-only file system" in seen[1][1]["error"]
             health = await c.health()
-            assert health.ok and "Read-only" in health.detail["state_error"]
+            assert health.ok
+            assert "Read-only" in health.detail["state_error"]
 
             remount(disk, "rw")
             assert [e[0] for e in await tick_and_see(bus, events, 2)] == ["c", "state_ok"]
@@ -461,7 +446,8 @@ async def test_full_or_read_only_state_disk_is_reported_and_the_agent_keeps_runn
             filler.unlink()
             assert [e[0] for e in await tick_and_see(bus, events, 2)] == ["c", "state_ok"]
             saved, warning = StateStore(state).load()
-            assert warning is None and saved.check("c").runs == 5, "memory kept the count"
+            assert warning is None
+            assert saved.check("c").runs == 5, "memory kept the count"
             assert not list(disk.glob(".*.tmp")), "no temporary files left behind"
 
 
@@ -553,8 +539,6 @@ async def test_a_poison_tick_to_a_fleet_stops_no_agent(bus: Bus, tmp_path: Path)
 
 
 async def test_poison_bodies_do_not_freeze_the_monitor(bus: Bus, tmp_path: Path) -> None:
-    from .test_monitor import envelope, until, watching
-
     async with watching(bus, tmp_path / "m.json") as monitor:
         for i in range(200):  # as many as its prefetch
             content_type, body = POISON[i % len(POISON)]
@@ -639,10 +623,12 @@ async def test_a_flood_of_pauses_is_coalesced_bounded_and_does_not_starve_the_ti
         await settled(f"agent.{agent}.inbox")
     assert len(saves) <= 10, f"{len(saves)} state saves for 600 commands"
     saved = StateStore(state).load()[0]
-    assert set(saved.pauses) == {"d"} and len(saved.pauses["d"].reason or "") <= 500
+    assert set(saved.pauses) == {"d"}
+    assert len(saved.pauses["d"].reason or "") <= 500
     assert state.stat().st_size < 20_000, "the state stays small"
     dead = await dead_letters(bus, f"agent.{agent}.dlq")
-    assert len(dead) == 300 and all("no check named" in reason_of(m) for m in dead)
+    assert len(dead) == 300
+    assert all("no check named" in reason_of(m) for m in dead)
 
 
 HOUR = 3_600_000
@@ -656,15 +642,18 @@ async def test_dead_letters_are_bounded_and_expired_ticks_are_not_kept(
     async with running(bus, agent, config, tick_interval_ms=1000):
         pass
     dlq = {k: v for k, _, v in (await queue_stats(f"agent.{agent}.dlq"))["arguments"]}
-    assert dlq["x-max-length"] == 10_000 and dlq["x-message-ttl"] == 7 * 24 * HOUR
+    assert dlq["x-max-length"] == 10_000
+    assert dlq["x-message-ttl"] == 7 * 24 * HOUR
     await bus.publish("system.heartbeat.tick", slot_tick(now_ms()), expiration=0.001)
     await bus.publish(f"agent.{agent}.heartbeat.run", b"x" * 300_000)
     await asyncio.sleep(0.3)  # the tick expires in the inbox while nobody consumes
     async with running(bus, agent, config, tick_interval_ms=1000):
         await settled(f"agent.{agent}.inbox")
     (dead,) = await dead_letters(bus, f"agent.{agent}.dlq")
-    assert dead.routing_key == f"agent.{agent}.dlq" and "malformed JSON" in reason_of(dead)
-    assert len(dead.body) == 64 * 1024 and (dead.headers or {})["x-original-size"] == 300_000
+    assert dead.routing_key == f"agent.{agent}.dlq"
+    assert "malformed JSON" in reason_of(dead)
+    assert len(dead.body) == 64 * 1024
+    assert (dead.headers or {})["x-original-size"] == 300_000
 
 
 async def test_an_inbox_declared_by_an_older_version_is_used_as_it_is(
@@ -689,7 +678,7 @@ async def test_a_batch_that_has_run_long_returns_the_rest_to_the_queue(
 ) -> None:
     """Read-ahead commands must not wait unacknowledged into RabbitMQ's consumer_timeout:
     after MAX_HOLD_S the batch hands back what it has not started; each still runs once."""
-    from heartbeat_consumer import consumer as consumer_module
+    from heartbeat_consumer.bus import consumer as consumer_module
 
     monkeypatch.setattr(consumer_module, "MAX_HOLD_S", 0.3)
     caplog.set_level(logging.INFO, "heartbeat_consumer.consumer")
@@ -744,7 +733,6 @@ async def test_properties_that_cannot_be_decoded_kill_no_connection(
 ) -> None:
     """Such a message used to kill the connection in its reader, again after every
     reconnect: a whole fleet and the monitor off the bus for good."""
-    from .test_monitor import envelope, until, watching
 
     async with (
         small_fleet(bus, tmp_path, "fr", 2) as (agents, results),
@@ -766,7 +754,6 @@ async def test_a_reply_to_on_a_delivery_is_never_answered(bus: Bus, tmp_path: Pa
     """FastStream answers a delivery that names a reply_to (to a queue, or to
     'key|exchange'): a neighbour could make every agent of a fleet publish, with its own
     credentials, to any queue, or tick every other agent. Nobody answers now."""
-    from .test_monitor import envelope, until, watching
 
     replies = await bus.collector("test.replies")
     async with (

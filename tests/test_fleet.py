@@ -9,10 +9,10 @@ import aio_pika
 import orjson
 import pytest
 
-from heartbeat_consumer.fleet import Fleet, FleetError, agent_files
+from heartbeat_consumer.bus.fleet import Fleet, FleetError, agent_files
 
 from .broker import Bus, rabbitmqctl, take
-from .test_bus import tick
+from .helpers import tick
 
 
 def add_agent(directory: Path, agent: str) -> Path:
@@ -138,7 +138,8 @@ async def test_fleet_creates_its_state_directory_and_saves_state(bus: Bus, tmp_p
         await take(results, 1)
     finally:
         await fleet.stop()
-    assert state_dir.is_dir() and (state_dir.stat().st_mode & 0o777) == 0o700
+    assert state_dir.is_dir()
+    assert (state_dir.stat().st_mode & 0o777) == 0o700
     saved = orjson.loads((state_dir / f"{agent}.state.json").read_bytes())
     assert saved["checks"]["c"]["runs"] == 1
 
@@ -178,7 +179,8 @@ async def test_an_agent_that_cannot_start_is_reported_and_retried_while_the_othe
         assert f"heartbeat.{held}._status.start_failed" in keys, keys
         assert f"heartbeat.{good}.c.success" in keys, keys
         health = await fleet.health()
-        assert not health.ok and set(health.detail["failed_to_start"]) == {held}, health
+        assert not health.ok, health
+        assert set(health.detail["failed_to_start"]) == {held}, health
         assert "RESOURCE_LOCKED" in health.detail["failed_to_start"][held]
         metrics = fleet.metrics.render().decode()
         assert f'heartbeat_agent_up{{agent="{held}"}} 0.0' in metrics
@@ -190,7 +192,8 @@ async def test_an_agent_that_cannot_start_is_reported_and_retried_while_the_othe
         await other.close()  # the exclusive queue goes with its connection
         fleet.failed[held].retry_at = 0  # the backoff (5 s) has passed
         await fleet.rescan()
-        assert set(fleet.agents) == {good, held} and not fleet.failed
+        assert set(fleet.agents) == {good, held}
+        assert not fleet.failed
         assert (await fleet.health()).ok
     finally:
         await fleet.stop()
@@ -218,7 +221,8 @@ async def test_a_fleet_with_no_agents_says_so_and_is_not_healthy(
     await fleet.start()
     try:
         health = await fleet.health()
-        assert not health.ok and "no agent runs" in health.detail["error"]
+        assert not health.ok
+        assert "no agent runs" in health.detail["error"]
         await fleet.rescan()
     finally:
         await fleet.stop()
@@ -240,7 +244,9 @@ async def test_a_bloodbank_layout_runs_with_pattern_and_is_pointed_out_without(
     await skipping.start()
     await skipping.stop()
     warned = [r.getMessage() for r in caplog.records if "do not match --pattern" in r.getMessage()]
-    assert len(warned) == 1 and f"{agent}.json" in warned[0] and "state" not in warned[0]
+    assert len(warned) == 1
+    assert f"{agent}.json" in warned[0]
+    assert "state" not in warned[0]
     fleet = Fleet(tmp_path, bus.url, bus.exchange_name, rescan_s=3600, pattern="*.json")
     await fleet.start()
     try:

@@ -10,16 +10,16 @@ import orjson
 import pytest
 
 from heartbeat_consumer.cli import main
-from heartbeat_consumer.config import (
+from heartbeat_consumer.core.config import (
     ConfigError,
     LoadedConfig,
     Window,
     parse_config,
     with_default_handler,
 )
-from heartbeat_consumer.schedule import Blocker, in_window, plan
-from heartbeat_consumer.state import AgentState
-from heartbeat_consumer.timeutil import parse_instant_ms, zone
+from heartbeat_consumer.core.schedule import Blocker, in_window, plan
+from heartbeat_consumer.core.state import AgentState
+from heartbeat_consumer.core.timeutil import parse_instant_ms, zone
 
 
 def load(data: dict[str, Any], **kwargs: Any) -> LoadedConfig:
@@ -92,7 +92,8 @@ BLOODBANK: dict[str, Any] = {
 def test_bloodbank_checks_map_onto_the_model() -> None:
     loaded = load(BLOODBANK)
     assert loaded.format == "bloodbank"
-    assert not loaded.problems and not loaded.warnings
+    assert not loaded.problems
+    assert not loaded.warnings
     checks = loaded.config.checks
     first = checks["direct-reports"]
     assert (first.cadence_ms, first.handler) == (900_000, "openclaw")
@@ -134,8 +135,10 @@ def test_bloodbank_quarters_are_of_the_year_in_utc() -> None:
         (ev,) = plan(loaded.config, AgentState(), parse_instant_ms(at)).evaluations
         return ev.due
 
-    assert due("2026-07-01T00:00:00Z") and due("2026-09-30T23:59:00Z")
-    assert not due("2026-06-30T23:59:00Z") and not due("2026-10-01T00:00:00Z")
+    assert due("2026-07-01T00:00:00Z")
+    assert due("2026-09-30T23:59:00Z")
+    assert not due("2026-06-30T23:59:00Z")
+    assert not due("2026-10-01T00:00:00Z")
 
 
 @pytest.mark.parametrize(
@@ -269,7 +272,8 @@ def test_validate_names_the_format_and_warns(
     path = write(tmp_path, {**BLOODBANK, "role": "eng"})
     assert main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert "format bloodbank" in out and "agent grolf, 5 check(s)" in out
+    assert "format bloodbank" in out
+    assert "agent grolf, 5 check(s)" in out
     assert "$.role: unknown field 'role' (ignored)" in err
     assert main(["validate", "--strict", str(path)]) == 1
     assert "$.role: unknown field 'role'" in capsys.readouterr().err
@@ -296,9 +300,12 @@ def test_convert_prints_v1_that_loads_to_the_same_model(
     out, err = capsys.readouterr()
     assert "$.role: unknown field 'role' (not converted)" in err
     converted = orjson.loads(out)
-    assert converted["$schema"] == "heartbeat.v1" and list(converted)[1] == "agent"
+    assert converted["$schema"] == "heartbeat.v1"
+    assert list(converted)[1] == "agent"
     again = parse_config(out.encode())
-    assert again.format == "heartbeat.v1" and not again.warnings and not again.problems
+    assert again.format == "heartbeat.v1"
+    assert not again.warnings
+    assert not again.problems
     assert again.config == load(BLOODBANK).config
     assert main(["plan", str(tmp_path / "v1.json"), "--json"]) == 1  # no such file
     capsys.readouterr()
@@ -314,7 +321,8 @@ def test_convert_refuses_a_file_with_problems(
     path = write(tmp_path, {"agent": "g", "checks": [{"id": "x", "action": "shout"}]})
     assert main(["convert", str(path)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and "$.checks[0].action" in err
+    assert out == ""
+    assert "$.checks[0].action" in err
 
 
 # --- what an attacker tried ----------------------------------------------------------------

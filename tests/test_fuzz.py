@@ -14,26 +14,30 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heartbeat_consumer.config import ConfigError, parse_config
-from heartbeat_consumer.connection import REASON_HEADER
-from heartbeat_consumer.deadman import (
+from heartbeat_consumer.bus.connection import REASON_HEADER
+from heartbeat_consumer.core.config import ConfigError, parse_config
+from heartbeat_consumer.core.envelope import (
+    EnvelopeError,
+    parse_command,
+    parse_envelope,
+    parse_tick,
+)
+from heartbeat_consumer.core.schedule import Plan, plan
+from heartbeat_consumer.core.state import AgentState
+from heartbeat_consumer.core.timeutil import MAX_INSTANT_MS, iso
+from heartbeat_consumer.monitor.monitor import status_document
+from heartbeat_consumer.monitor.rules import (
     WatchConfig,
     WatchState,
     evaluate,
     event_source,
     observe_agent,
 )
-from heartbeat_consumer.engine import AgentRunner
-from heartbeat_consumer.envelope import EnvelopeError, parse_command, parse_envelope, parse_tick
-from heartbeat_consumer.monitor import status_document
-from heartbeat_consumer.schedule import Plan, plan
-from heartbeat_consumer.state import AgentState
-from heartbeat_consumer.store import StateStore
-from heartbeat_consumer.timeutil import MAX_INSTANT_MS, iso
+from heartbeat_consumer.runtime.engine import AgentRunner
+from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, take
-from .test_bus import running, write
-from .test_faults import now_ms, slot_tick
+from .broker import Bus, running, take
+from .helpers import now_ms, slot_tick, write
 
 NOW = 1_795_000_000_000
 
@@ -100,14 +104,16 @@ def test_any_body_is_a_tick_or_command_or_an_envelope_error(
         tick = parse_tick(body, interval_ms=60_000, content_type=content_type)
         iso(tick.slot_ms)
     except EnvelopeError as exc:
-        assert str(exc) and exc.kind
+        assert str(exc)
+        assert exc.kind
     try:
         parsed = parse_command(body, command, content_type)
         if parsed.until_ms is not None:
             iso(parsed.until_ms)
         assert isinstance(parsed.force, bool)
     except EnvelopeError as exc:
-        assert str(exc) and exc.kind
+        assert str(exc)
+        assert exc.kind
 
 
 any_times = st.one_of(
@@ -191,7 +197,8 @@ def test_any_config_is_loaded_or_a_validation_error(text: bytes) -> None:
     try:
         loaded = parse_config(text)
     except ConfigError as exc:
-        assert exc.problems and all(p.path.startswith("$") for p in exc.problems)
+        assert exc.problems
+        assert all(p.path.startswith("$") for p in exc.problems)
         return
     assert set(loaded.invalid_checks) <= set(loaded.config.checks) | set(loaded.invalid_checks)
 
@@ -404,7 +411,8 @@ async def test_fuzzed_messages_on_a_real_inbox_are_handled_or_dead_lettered(
     reasons = []
     while (message := await dlq.get(no_ack=True, fail=False)) is not None:
         reasons.append(str((message.headers or {}).get(REASON_HEADER)))
-    assert reasons and all(r and r != "None" for r in reasons), reasons[:5]
+    assert reasons, reasons[:5]
+    assert all(r and r != "None" for r in reasons), reasons[:5]
     escaped = [r for r in caplog.records if "not processed" in r.getMessage()]
     assert not escaped, escaped[0].getMessage()
 

@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
-from heartbeat_consumer.builtin_handlers import command
-from heartbeat_consumer.config import parse_config
-from heartbeat_consumer.handlers import (
+from heartbeat_consumer.core.config import parse_config
+from heartbeat_consumer.handlers.builtin import command
+from heartbeat_consumer.handlers.registry import (
     HandlerError,
     get_handler,
     handler_names,
@@ -70,7 +70,8 @@ async def test_sync_handler_runs_in_a_thread() -> None:
         return {"status": "success", "thread": threading.get_ident() != main}
 
     outcome = await invoke(h, dict(PAYLOAD), check())
-    assert outcome.status == "success" and outcome.result["thread"] is True
+    assert outcome.status == "success"
+    assert outcome.result["thread"] is True
 
 
 async def test_exception_is_failed_with_error_text() -> None:
@@ -78,7 +79,8 @@ async def test_exception_is_failed_with_error_text() -> None:
         raise RuntimeError("disk on fire")
 
     outcome = await invoke(h, dict(PAYLOAD), check())
-    assert outcome.status == "failed" and outcome.error == "RuntimeError: disk on fire"
+    assert outcome.status == "failed"
+    assert outcome.error == "RuntimeError: disk on fire"
 
 
 async def test_timeout_status() -> None:
@@ -88,7 +90,8 @@ async def test_timeout_status() -> None:
 
     started = time.monotonic()
     outcome = await invoke(h, dict(PAYLOAD), check(timeoutMs=50))
-    assert outcome.status == "timeout" and outcome.error == "handler timed out after 0.05s"
+    assert outcome.status == "timeout"
+    assert outcome.error == "handler timed out after 0.05s"
     assert time.monotonic() - started < 2
 
 
@@ -97,7 +100,8 @@ async def test_handler_raising_timeout_error_itself_is_failed_not_timeout() -> N
         raise TimeoutError("upstream API timed out")
 
     outcome = await invoke(h, dict(PAYLOAD), check())
-    assert outcome.status == "failed" and "upstream API" in (outcome.error or "")
+    assert outcome.status == "failed"
+    assert "upstream API" in (outcome.error or "")
 
 
 @pytest.mark.parametrize(
@@ -114,7 +118,8 @@ async def test_garbage_results_are_failed(value: object, error: str) -> None:
         return value
 
     outcome = await invoke(h, dict(PAYLOAD), check())  # type: ignore[arg-type]
-    assert outcome.status == "failed" and (outcome.error or "").startswith(error)
+    assert outcome.status == "failed"
+    assert (outcome.error or "").startswith(error)
 
 
 async def test_result_is_made_json_safe() -> None:
@@ -182,7 +187,8 @@ async def test_command_success_captures_output_and_env() -> None:
         }
     )
     result = await command(dict(PAYLOAD), cfg)
-    assert result["status"] == "success" and result["exit_code"] == 0
+    assert result["status"] == "success"
+    assert result["exit_code"] == 0
     assert result["stdout"] == "a:c:1\n"
 
 
@@ -194,14 +200,19 @@ async def test_command_sees_an_allow_list_of_the_environment_not_the_broker_pass
     printer = "import os, json; print(json.dumps(dict(os.environ)))"
     listed = check(meta={"argv": [sys.executable, "-c", printer], "env": ["SHARED_SETTING"]})
     seen = orjson.loads((await command(dict(PAYLOAD), listed))["stdout"])
-    assert "RABBIT_URL" not in seen and "s3cret" not in str(seen)
-    assert seen["SHARED_SETTING"] == "visible" and seen["HEARTBEAT_CHECK"] == "c"
+    assert "RABBIT_URL" not in seen
+    assert "s3cret" not in str(seen)
+    assert seen["SHARED_SETTING"] == "visible"
+    assert seen["HEARTBEAT_CHECK"] == "c"
     assert seen["PATH"] == os.environ["PATH"]
     setting = check(meta={"argv": [sys.executable, "-c", printer], "env": {"MODE": "x"}})
     seen = orjson.loads((await command(dict(PAYLOAD), setting))["stdout"])
-    assert seen["MODE"] == "x" and "RABBIT_URL" not in seen and "SHARED_SETTING" not in seen
+    assert seen["MODE"] == "x"
+    assert "RABBIT_URL" not in seen
+    assert "SHARED_SETTING" not in seen
     bad = await command(dict(PAYLOAD), check(meta={"argv": ["true"], "env": "RABBIT_URL"}))
-    assert bad["status"] == "failed" and "meta.env must be" in bad["error"]
+    assert bad["status"] == "failed"
+    assert "meta.env must be" in bad["error"]
 
 
 async def test_command_failure_and_missing_binary() -> None:
@@ -209,13 +220,15 @@ async def test_command_failure_and_missing_binary() -> None:
         meta={"argv": [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(4)"]}
     )
     result = await command(dict(PAYLOAD), cfg)
-    assert result["status"] == "failed" and result["exit_code"] == 4 and result["stderr"] == "boom"
+    assert result["status"] == "failed"
+    assert result["exit_code"] == 4
+    assert result["stderr"] == "boom"
     missing = await command(dict(PAYLOAD), check(meta={"argv": ["/no/such/binary"]}))
-    assert missing["status"] == "failed" and "cannot start '/no/such/binary'" in missing["error"]
+    assert missing["status"] == "failed"
+    assert "cannot start '/no/such/binary'" in missing["error"]
     no_argv = await command(dict(PAYLOAD), check(meta={"argv": "ls -l"}))
-    assert (
-        no_argv["status"] == "failed" and "meta.argv must be a non-empty list" in no_argv["error"]
-    )
+    assert no_argv["status"] == "failed"
+    assert "meta.argv must be a non-empty list" in no_argv["error"]
 
 
 async def test_command_does_not_use_a_shell() -> None:
@@ -271,7 +284,8 @@ def test_entry_point_plugins_load_and_a_broken_one_is_skipped(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     names = load_entry_points()
-    assert {"ep_module", "ep_bare"} <= set(names) and "ep_broken" not in names
+    assert {"ep_module", "ep_bare"} <= set(names)
+    assert "ep_broken" not in names
     assert {"ep_decorated", "ep_bare"} <= handler_names()
     assert any("ep_broken" in r.message and "failed to load" in r.message for r in caplog.records)
     sys.modules.pop("ep_plugin_mod", None)
@@ -283,7 +297,8 @@ async def test_an_oversized_result_is_sent_as_a_preview() -> None:
 
     outcome = await invoke(big, dict(PAYLOAD), check())
     assert outcome.status == "success"
-    assert outcome.result["truncated"] is True and outcome.result["bytes"] > 10_000_000
+    assert outcome.result["truncated"] is True
+    assert outcome.result["bytes"] > 10_000_000
     assert len(orjson.dumps(outcome.result)) < 2000
 
 
@@ -301,7 +316,8 @@ async def test_a_hung_sync_handler_times_out_and_blocks_only_its_own_check() -> 
     first = await invoke(hang, dict(PAYLOAD), hung_check)
     assert first.status == "timeout"
     second = await invoke(hang, dict(PAYLOAD), hung_check)
-    assert second.status == "failed" and "still running in its thread" in (second.error or "")
+    assert second.status == "failed"
+    assert "still running in its thread" in (second.error or "")
     other = await invoke(
         quick, dict(PAYLOAD), check(timeoutMs=200).model_copy(update={"name": "d"})
     )
@@ -319,8 +335,8 @@ def test_a_hung_sync_handler_does_not_hold_up_exit(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import asyncio, time
-        from heartbeat_consumer.handlers import invoke
-        from heartbeat_consumer.config import parse_config
+        from heartbeat_consumer.handlers.registry import invoke
+        from heartbeat_consumer.core.config import parse_config
         cfg = parse_config(b'{"agent":"a","checks":{"c":{"cadenceMs":60000,"handler":"h",'
                            b'"timeoutMs":100}}}').config.checks["c"]
         def hang(payload, check):
@@ -340,4 +356,5 @@ async def test_output_limits_and_kept_history_are_whole_numbers_in_range() -> No
     for limit in (10**11, 0, -1, "4096", 1.5, True):
         cfg = check(meta={"argv": ["true"], "maxOutputBytes": limit})
         result = await command(dict(PAYLOAD), cfg)
-        assert result["status"] == "failed" and "maxOutputBytes" in result["error"], limit
+        assert result["status"] == "failed", limit
+        assert "maxOutputBytes" in result["error"], limit

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from heartbeat_consumer import heartbeat_md
-from heartbeat_consumer.heartbeat_md import (
+from heartbeat_consumer.handlers import heartbeat_md
+from heartbeat_consumer.handlers.heartbeat_md import (
     DEDUP_WINDOW_MS,
     DEFAULT_ACK_MAX_CHARS,
     DEFAULT_PROMPT,
@@ -99,7 +99,8 @@ def test_more_than_ack_max_chars_besides_the_token_is_an_alert_without_the_token
 )
 def test_without_the_token_at_an_end_the_reply_is_an_alert(reply: str) -> None:
     parsed = parse_reply(reply)
-    assert parsed.status == "alert" and not parsed.silent
+    assert parsed.status == "alert"
+    assert not parsed.silent
 
 
 def test_middle_token_is_kept_in_the_message() -> None:
@@ -116,7 +117,8 @@ def test_parse_reply_never_raises_and_an_alert_always_has_text(text: str) -> Non
     parsed = parse_reply(text)
     assert parsed.status in ("success", "alert")
     if parsed.status == "alert":
-        assert parsed.message and not parsed.silent
+        assert parsed.message
+        assert not parsed.silent
     assert parse_reply(f"{TOKEN}\n{text}").token
 
 

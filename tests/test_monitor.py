@@ -5,85 +5,29 @@ the status API, /health and /metrics, and dead-letters what it cannot read."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from heartbeat_consumer.connection import REASON_HEADER
-from heartbeat_consumer.deadman import WatchConfig, WatchState, observe
-from heartbeat_consumer.engine import wall_clock_ms
-from heartbeat_consumer.monitor import Monitor, status_document
+from heartbeat_consumer.bus.connection import REASON_HEADER
+from heartbeat_consumer.monitor.monitor import Monitor, status_document
+from heartbeat_consumer.monitor.rules import WatchConfig, WatchState, observe
+from heartbeat_consumer.runtime.engine import wall_clock_ms
 
-from .broker import Bus, drain, settled, take
-from .test_bus import running, write
-from .test_observability import free_port, http, sample
+from .broker import Bus, drain, new_monitor, running, settled, take, watching
+from .helpers import Clock, envelope, free_port, http, sample, until, write
 
 MIN = 60_000
 HOUR = 60 * MIN
-
-
-class Clock:
-    """Wall time plus an offset the test moves (the monitor's only clock)."""
-
-    def __init__(self) -> None:
-        self.offset = 0
-
-    def __call__(self) -> int:
-        return wall_clock_ms() + self.offset
-
-
-def new_monitor(bus: Bus, state_path: Path, **kw: Any) -> Monitor:
-    """A monitor on the test's exchange, with a queue of its own that cleanup deletes."""
-    queue = f"test.monitor.{uuid.uuid4().hex[:10]}"
-    bus.queues |= {queue, f"{queue}.dlq"}
-    return Monitor(
-        state_path=state_path,
-        rabbit_url=bus.url,
-        exchange_name=bus.exchange_name,
-        queue_name=queue,
-        **kw,
-    )
-
-
-@contextlib.asynccontextmanager
-async def watching(
-    bus: Bus, state_path: Path, clock: Callable[[], int] = wall_clock_ms, **kw: Any
-) -> AsyncIterator[Monitor]:
-    monitor = new_monitor(bus, state_path, clock=clock, **kw)
-    await monitor.start()
-    try:
-        yield monitor
-    finally:
-        await monitor.stop()
-
-
-async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def last_status(monitor: Monitor, agent: str, check: str) -> str | None:
     view = monitor.state.agents.get(agent)
     found = view.checks.get(check) if view else None
     return found.last_status if found else None
-
-
-def envelope(event_type: str, payload: dict[str, Any], at_ms: int | None = None) -> bytes:
-    return orjson.dumps(
-        {
-            "event_id": str(uuid.uuid4()),
-            "event_type": event_type,
-            "timestamp": at_ms if at_ms is not None else wall_clock_ms(),
-            "payload": payload,
-        }
-    )
 
 
 # --- the status document (pure) -------------------------------------------------------------
@@ -118,9 +62,11 @@ def test_status_document_has_the_reference_shape_and_per_check_detail() -> None:
     ):
         state = observe(state, event, at)
     doc = status_document(state, WatchConfig(), t0 + 5 * MIN, running=True)
-    assert doc["success"] is True and doc["status"] == "online"
+    assert doc["success"] is True
+    assert doc["status"] == "online"
     assert doc["monitor"]["running"] is True
-    assert doc["monitor"]["agents_monitoring"] == 2 and doc["monitor"]["agents"] == ["dev", "pm"]
+    assert doc["monitor"]["agents_monitoring"] == 2
+    assert doc["monitor"]["agents"] == ["dev", "pm"]
     assert doc["monitor"]["config"]["stale_threshold_ms"] == 600_000
     assert doc["timestamp"] == "2027-01-15T08:05:00.000Z"
     flights = {f["agent_id"]: f for f in doc["in_flight_agents"]}
@@ -131,14 +77,18 @@ def test_status_document_has_the_reference_shape_and_per_check_detail() -> None:
         "running_for_ms": 5 * MIN - 2000,
         "idle_for_ms": 5 * MIN - 2000,
     }
-    assert flights["pm"]["status"] == "idle" and flights["pm"]["task_id"] is None
+    assert flights["pm"]["status"] == "idle"
+    assert flights["pm"]["task_id"] is None
     pm = next(a for a in doc["agents"] if a["agent_id"] == "pm")
     inbox = pm["checks"]["inbox"]
-    assert inbox["status"] == "success" and inbox["since_last_run_ms"] == 5 * MIN - 1000
+    assert inbox["status"] == "success"
+    assert inbox["since_last_run_ms"] == 5 * MIN - 1000
     assert inbox["next_due_at"] == "2027-01-15T08:15:00.000Z"
-    assert inbox["due_in_ms"] == 10 * MIN and inbox["duration_ms"] == 40
+    assert inbox["due_in_ms"] == 10 * MIN
+    assert inbox["duration_ms"] == 40
     down = status_document(state, WatchConfig(), t0, running=False)
-    assert down["status"] == "offline" and down["monitor"]["running"] is False
+    assert down["status"] == "offline"
+    assert down["monitor"]["running"] is False
 
 
 # --- against the broker ---------------------------------------------------------------------
@@ -219,7 +169,8 @@ async def test_a_run_that_never_finishes_raises_a_timeout_error(bus: Bus, tmp_pa
         assert [(a.kind, a.check, a.severity) for a in sent] == [("timeout", "build", "error")]
         document = monitor.status()
         (flight,) = document["in_flight_agents"]
-        assert flight["task_id"] == f"{agent}:build:1" and flight["running_for_ms"] >= MIN
+        assert flight["task_id"] == f"{agent}:build:1"
+        assert flight["running_for_ms"] >= MIN
     (message,) = await take(alerts, 1, skip_status=False)
     assert message.routing_key == f"heartbeat.{agent}._alert.timeout"
 
@@ -283,21 +234,26 @@ async def test_status_api_health_metrics_and_dashboard_over_http(bus: Bus, tmp_p
         async with running(bus, agent, config):
             await until(lambda: last_status(monitor, agent, "c") is not None)
             status, headers, body = await http(port, "/api/heartbeat/status")
-            assert status == 200 and headers["Content-Type"] == "application/json"
+            assert status == 200
+            assert headers["Content-Type"] == "application/json"
             document = orjson.loads(body)
-            assert document["status"] == "online" and agent in document["monitor"]["agents"]
+            assert document["status"] == "online"
+            assert agent in document["monitor"]["agents"]
             (row,) = document["agents"]
-            assert row["checks"]["c"]["status"] == "success" and row["state"] == "idle"
+            assert row["checks"]["c"]["status"] == "success"
+            assert row["state"] == "idle"
             status, _, body = await http(port, "/health")
             health = orjson.loads(body)
-            assert status == 200 and health["consumers"] == 1
+            assert status == 200
+            assert health["consumers"] == 1
             assert health["queue"] == monitor.queue.name
             await until(lambda: monitor.last_evaluation is not None)
             _, _, metrics = await http(port, "/metrics")
             assert sample(metrics, "heartbeat_monitor_agents", state="online") == 1
             assert (sample(metrics, "heartbeat_monitor_events_total", type="result") or 0) >= 1
             status, headers, page = await http(port, "/")
-            assert status == 200 and headers["Content-Type"].startswith("text/html")
+            assert status == 200
+            assert headers["Content-Type"].startswith("text/html")
             assert b"/api/heartbeat/status" in page
     finally:
         stop.set()
@@ -345,7 +301,8 @@ async def test_result_events_dated_by_their_timestamp(bus: Bus, tmp_path: Path) 
         await until(lambda: monitor.state.agents[agent].status == "alive")
         view = monitor.state.agents[agent]
         assert view.checks["c"].last_result_at == old
-        assert view.last_seen is not None and view.last_seen <= wall_clock_ms()
+        assert view.last_seen is not None
+        assert view.last_seen <= wall_clock_ms()
 
 
 # --- hostile neighbours: payloads that lie, values out of range ------------------------------
@@ -406,9 +363,8 @@ async def test_values_out_of_range_never_take_the_status_api_down(bus: Bus, tmp_
         status, _, body = await http(port, "/api/heartbeat/status")
         assert status == 200, body[:200]
         (row,) = orjson.loads(body)["agents"]
-        assert (
-            row["checks"]["c"]["cadence_ms"] is None and row["checks"]["c"]["next_due_at"] is None
-        )
+        assert row["checks"]["c"]["cadence_ms"] is None
+        assert row["checks"]["c"]["next_due_at"] is None
     finally:
         stop.set()
         await task
@@ -427,7 +383,7 @@ async def test_values_out_of_range_never_take_the_status_api_down(bus: Bus, tmp_
 async def test_old_timestamps_are_dated_by_arrival_and_checks_are_capped(
     bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from heartbeat_consumer import monitor as monitor_module
+    from heartbeat_consumer.monitor import monitor as monitor_module
 
     monkeypatch.setattr(monitor_module, "MAX_CHECK_VIEWS", 3)
     agent = bus.agent()
@@ -437,7 +393,8 @@ async def test_old_timestamps_are_dated_by_arrival_and_checks_are_capped(
         await bus.publish(f"heartbeat.{agent}.c.started", envelope("heartbeat.started", started, 0))
         await until(lambda: agent in monitor.state.agents)
         view = monitor.state.agents[agent].checks["c"]
-        assert view.started_at is not None and view.started_at > wall_clock_ms() - MIN
+        assert view.started_at is not None
+        assert view.started_at > wall_clock_ms() - MIN
         assert [a.kind for a in await monitor.evaluate_once()] == []
         for name in ("d", "e", "f", "g"):  # one fleet-wide view is left, then no more
             await bus.publish(f"heartbeat.{agent}.{name}.success", result(agent, name, "success"))
@@ -495,13 +452,15 @@ async def test_an_agent_never_valid_raises_config_invalid_until_it_is_alive(
         (published,) = await take(alerts, 1, skip_status=False)
         assert published.routing_key == f"heartbeat.{agent}._alert.config_invalid"
         payload = orjson.loads(published.body)["payload"]
-        assert payload["kind"] == "config_invalid" and payload["detail"] == reason
+        assert payload["kind"] == "config_invalid"
+        assert payload["detail"] == reason
         assert payload["incident"] == f"{agent}:config_invalid:*"
         assert await monitor.evaluate_once() == []  # not re-sent
 
         document = await status_over_http(port, lambda d: bool(d["incidents"]))
         (row,) = document["agents"]
-        assert row["state"] == "config_invalid" and row["config_error"] == reason
+        assert row["state"] == "config_invalid"
+        assert row["config_error"] == reason
         assert [(a["kind"], a["severity"], a["detail"]) for a in row["alerts"]] == [
             ("config_invalid", "error", reason)
         ]

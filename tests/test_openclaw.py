@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 
 from heartbeat_consumer import CheckConfig
-from heartbeat_consumer import openclaw as oc
-from heartbeat_consumer.config import parse_config
-from heartbeat_consumer.handlers import get_handler, handler_names, invoke
-from heartbeat_consumer.heartbeat_md import DEFAULT_PROMPT
+from heartbeat_consumer.core.config import parse_config
+from heartbeat_consumer.handlers import openclaw as oc
+from heartbeat_consumer.handlers.heartbeat_md import DEFAULT_PROMPT
+from heartbeat_consumer.handlers.registry import get_handler, handler_names, invoke
 
 from .fake_gateway import FakeGateway, closed_port
 
@@ -131,7 +131,8 @@ async def test_agent_turn_body_headers_and_default_session_key(gw: FakeGateway) 
         "run_id": result["run_id"],
         "attempts": 1,
     }
-    assert isinstance(result["run_id"], str) and len(result["run_id"]) == 36
+    assert isinstance(result["run_id"], str)
+    assert len(result["run_id"]) == 36
     [request] = gw.requests
     assert (request.method, request.path, request.query) == ("POST", "/hooks/agent", {})
     assert request.body == {
@@ -150,7 +151,8 @@ async def test_agent_turn_body_headers_and_default_session_key(gw: FakeGateway) 
 
 async def test_through_invoke_the_result_is_accepted(gw: FakeGateway) -> None:
     outcome = await invoke(oc.openclaw, dict(PAYLOAD), check())
-    assert outcome.status == "success" and outcome.error is None
+    assert outcome.status == "success"
+    assert outcome.error is None
     assert outcome.result["session_key"] == f"agent:{AGENT}:main"
 
 
@@ -184,7 +186,8 @@ async def test_session_key_override(gw: FakeGateway) -> None:
 async def test_null_session_key_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
     async with gateway_env(monkeypatch) as gw:  # the gateway's defaults: no sessionKey
         result = await run({"sessionKey": None})
-    assert result["status"] == "success" and result["session_key"] is None
+    assert result["status"] == "success"
+    assert result["session_key"] is None
     assert "sessionKey" not in gw.requests[0].body
 
 
@@ -237,7 +240,8 @@ async def test_wake_endpoint(gw: FakeGateway, meta: dict[str, Any], mode: str) -
         "mode": mode,
     }
     [request] = gw.requests
-    assert request.path == "/hooks/wake" and request.query == {}
+    assert request.path == "/hooks/wake"
+    assert request.query == {}
     assert request.body == {"text": "New mail.", "mode": mode}
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert request.headers["idempotency-key"] == PAYLOAD["idempotency_key"]
@@ -276,7 +280,8 @@ async def test_invalid_meta_fails_naming_the_field(
 ) -> None:
     result = await run(meta)
     assert result["status"] == "failed"
-    assert f"meta.{field} " in result["error"] and "\n" not in result["error"]
+    assert f"meta.{field} " in result["error"]
+    assert "\n" not in result["error"]
     assert gw.requests == []
 
 
@@ -312,7 +317,8 @@ async def test_token_file_problems(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     (tmp_path / "two").write_text("two words\n")
     monkeypatch.setenv("OPENCLAW_HOOK_TOKEN_FILE", str(tmp_path / "two"))
     error = (await run())["error"]
-    assert "whitespace" in error and "two" not in error.replace("OPENCLAW_HOOK_TOKEN_FILE", "")
+    assert "whitespace" in error
+    assert "two" not in error.replace("OPENCLAW_HOOK_TOKEN_FILE", "")
 
 
 async def test_no_token_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,7 +383,8 @@ async def test_hooks_path_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 def test_gateway_from_env(environ: dict[str, str], base: str, hooks_path: str) -> None:
     gateway = oc.gateway_from_env({**environ, "OPENCLAW_HOOK_TOKEN": TOKEN})
     assert (gateway.base_url, gateway.hooks_path) == (base, hooks_path)
-    assert gateway.token == TOKEN and gateway.source == "OPENCLAW_HOOK_TOKEN"
+    assert gateway.token == TOKEN
+    assert gateway.source == "OPENCLAW_HOOK_TOKEN"
     assert TOKEN not in repr(gateway)
 
 
@@ -398,7 +405,8 @@ async def test_unusable_url_fails(
     monkeypatch.setenv("OPENCLAW_URL", value)
     result = await run()
     assert result["status"] == "failed"
-    assert result["error"].startswith("OPENCLAW_URL ") and message in result["error"]
+    assert result["error"].startswith("OPENCLAW_URL ")
+    assert message in result["error"]
 
 
 @pytest.mark.parametrize(
@@ -427,7 +435,8 @@ async def test_userinfo_is_masked_and_the_token_goes_in_x_openclaw_token(
     monkeypatch.setenv("OPENCLAW_URL", f"http://proxy:pr0xy-pass@127.0.0.1:{closed_port()}")
     result = await run({"retries": 0})
     assert result["status"] == "failed"
-    assert "pr0xy-pass" not in json.dumps(result) and "proxy:" not in json.dumps(result)
+    assert "pr0xy-pass" not in json.dumps(result)
+    assert "proxy:" not in json.dumps(result)
 
 
 # --- refusals -------------------------------------------------------------------------------
@@ -439,11 +448,13 @@ async def test_wrong_token_is_401_without_retry(
     monkeypatch.setenv("OPENCLAW_HOOK_TOKEN", "not-the-token")
     result = await run()
     assert result["status"] == "failed"
-    assert result["http_status"] == 401 and result["attempts"] == 1
+    assert result["http_status"] == 401
+    assert result["attempts"] == 1
     assert result["error"] == (
         "OpenClaw gateway refused the hook token (HTTP 401): check OPENCLAW_HOOK_TOKEN"
     )
-    assert len(gw.requests) == 1 and sleeps == []
+    assert len(gw.requests) == 1
+    assert sleeps == []
     assert gw.requests[0].query == {}  # the token never goes in the query string
 
 
@@ -453,13 +464,15 @@ async def test_session_key_refused_gives_the_hint(
     async with gateway_env(monkeypatch) as gw:  # the gateway's defaults
         result = await run()
     assert result["status"] == "failed"
-    assert result["http_status"] == 400 and result["attempts"] == 1
+    assert result["http_status"] == 400
+    assert result["attempts"] == 1
     error = result["error"]
     assert error.startswith("OpenClaw gateway rejected the request (HTTP 400): sessionKey ")
     assert "hooks.allowRequestSessionKey=true" in error
     assert 'hooks.allowedSessionKeyPrefixes ["agent:"]' in error
     assert "set meta.sessionKey to null" in error
-    assert len(gw.requests) == 1 and sleeps == []
+    assert len(gw.requests) == 1
+    assert sleeps == []
 
 
 async def test_session_key_outside_the_prefixes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -467,13 +480,15 @@ async def test_session_key_outside_the_prefixes(monkeypatch: pytest.MonkeyPatch)
         monkeypatch, allow_request_session_key=True, allowed_session_key_prefixes=["hook:"]
     ):
         result = await run()
-    assert result["http_status"] == 400 and "hooks.allowRequestSessionKey" in result["error"]
+    assert result["http_status"] == 400
+    assert "hooks.allowRequestSessionKey" in result["error"]
 
 
 async def test_agent_id_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     async with gateway_env(monkeypatch, allowed_agent_ids=["main"]):
         result = await run({"agentId": "ops", "sessionKey": None})
-    assert result["status"] == "failed" and result["http_status"] == 400
+    assert result["status"] == "failed"
+    assert result["http_status"] == 400
     assert "agentId is not allowed" in result["error"]
     assert "hooks.allowedAgentIds" in result["error"]
 
@@ -483,9 +498,12 @@ async def test_wrong_hooks_path_is_404_with_a_hint(
 ) -> None:
     monkeypatch.setenv("OPENCLAW_HOOKS_PATH", "/nope")
     result = await run()
-    assert result["status"] == "failed" and result["http_status"] == 404
-    assert "hooks.enabled" in result["error"] and "OPENCLAW_HOOKS_PATH" in result["error"]
-    assert len(gw.requests) == 1 and sleeps == []
+    assert result["status"] == "failed"
+    assert result["http_status"] == 404
+    assert "hooks.enabled" in result["error"]
+    assert "OPENCLAW_HOOKS_PATH" in result["error"]
+    assert len(gw.requests) == 1
+    assert sleeps == []
 
 
 async def test_long_error_text_is_one_line_of_200(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,7 +517,9 @@ async def test_long_error_text_is_one_line_of_200(monkeypatch: pytest.MonkeyPatc
     prefix = "OpenClaw gateway rejected the request (HTTP 422): "
     assert result["error"].startswith(prefix)
     detail = result["error"][len(prefix) :]
-    assert len(detail) == 200 and detail.endswith("...") and "second" not in detail
+    assert len(detail) == 200
+    assert detail.endswith("...")
+    assert "second" not in detail
 
 
 async def test_redirects_are_not_followed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -513,8 +533,10 @@ async def test_redirects_are_not_followed(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setenv("OPENCLAW_URL", url)
         monkeypatch.setenv("OPENCLAW_HOOK_TOKEN", TOKEN)
         result = await run()
-    assert result["status"] == "failed" and result["http_status"] == 307
-    assert "redirect" in result["error"] and "/elsewhere" in result["error"]
+    assert result["status"] == "failed"
+    assert result["http_status"] == 307
+    assert "redirect" in result["error"]
+    assert "/elsewhere" in result["error"]
     assert hits == ["/hooks/agent"]
 
 
@@ -526,7 +548,8 @@ async def test_ok_false_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("OPENCLAW_URL", url)
         monkeypatch.setenv("OPENCLAW_HOOK_TOKEN", TOKEN)
         result = await run()
-    assert result["status"] == "failed" and result["http_status"] == 200
+    assert result["status"] == "failed"
+    assert result["http_status"] == 200
     assert result["error"] == "OpenClaw gateway answered ok=false: agent busy"
 
 
@@ -536,7 +559,8 @@ async def test_ok_false_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_503_twice_then_success(gw: FakeGateway, sleeps: list[float]) -> None:
     gw.script = [503, 503]
     result = await run()
-    assert result["status"] == "success" and result["attempts"] == 3
+    assert result["status"] == "success"
+    assert result["attempts"] == 3
     assert sleeps == [0.5, 1.0]
     assert len(gw.requests) == 3
     assert {r.headers["idempotency-key"] for r in gw.requests} == {PAYLOAD["idempotency_key"]}
@@ -549,15 +573,18 @@ async def test_5xx_forever_fails_after_one_plus_retries(
     gw.script = [500] * 10
     result = await run({"retries": 2})
     assert result["status"] == "failed"
-    assert result["http_status"] == 500 and result["attempts"] == 3
+    assert result["http_status"] == 500
+    assert result["attempts"] == 3
     assert result["error"] == (
         "OpenClaw gateway failed (HTTP 500): scripted 500 (after 3 attempts)"
     )
-    assert len(gw.requests) == 3 and sleeps == [0.5, 1.0]
+    assert len(gw.requests) == 3
+    assert sleeps == [0.5, 1.0]
 
     gw.requests.clear()
     result = await run({"retries": 0})
-    assert result["attempts"] == 1 and len(gw.requests) == 1
+    assert result["attempts"] == 1
+    assert len(gw.requests) == 1
 
 
 async def test_default_retries_with_real_backoff(
@@ -567,7 +594,8 @@ async def test_default_retries_with_real_backoff(
     gw.script = [502] * 10
     started = time.monotonic()
     result = await run()
-    assert result["status"] == "failed" and result["attempts"] == 4
+    assert result["status"] == "failed"
+    assert result["attempts"] == 4
     assert len(gw.requests) == 4
     assert 0.06 <= time.monotonic() - started < 5  # slept 0.01 + 0.02 + 0.04
 
@@ -580,7 +608,8 @@ async def test_connection_refused_is_retried(
     monkeypatch.setenv("OPENCLAW_HOOK_TOKEN", TOKEN)
     result = await run({"retries": 2})
     assert result["status"] == "failed"
-    assert result["attempts"] == 3 and result["http_status"] is None
+    assert result["attempts"] == 3
+    assert result["http_status"] is None
     assert result["error"].startswith(
         f"cannot reach the OpenClaw gateway at http://127.0.0.1:{port}/hooks/agent: "
     )
@@ -593,7 +622,8 @@ async def test_slow_answer_times_out_and_is_retried(gw: FakeGateway) -> None:
     started = time.monotonic()
     result = await run({"requestTimeoutMs": 100, "retries": 1})
     assert time.monotonic() - started < 1.5
-    assert result["status"] == "failed" and result["attempts"] == 2
+    assert result["status"] == "failed"
+    assert result["attempts"] == 2
     assert result["error"] == (
         f"no answer from the OpenClaw gateway at {gw.url}/hooks/agent within 0.1s "
         "(meta.requestTimeoutMs) (after 2 attempts)"
@@ -610,14 +640,16 @@ async def test_429_honours_retry_after(
 ) -> None:
     gw.script, gw.retry_after = [429], retry_after
     result = await run()
-    assert result["status"] == "success" and result["attempts"] == 2
+    assert result["status"] == "success"
+    assert result["attempts"] == 2
     assert sleeps == [delay]
 
 
 async def test_429_forever_says_rate_limited(gw: FakeGateway, sleeps: list[float]) -> None:
     gw.script, gw.retry_after = [429] * 5, "1"
     result = await run({"retries": 1})
-    assert result["status"] == "failed" and result["http_status"] == 429
+    assert result["status"] == "failed"
+    assert result["http_status"] == 429
     assert result["error"].startswith("OpenClaw gateway is rate limiting (HTTP 429)")
     assert sleeps == [1.0]
 
@@ -625,12 +657,14 @@ async def test_429_forever_says_rate_limited(gw: FakeGateway, sleeps: list[float
 async def test_no_retry_past_the_checks_timeout(gw: FakeGateway, sleeps: list[float]) -> None:
     gw.script, gw.retry_after = [429], "10"
     result = await run({"retries": 5}, timeoutMs=5000)
-    assert result["status"] == "failed" and result["attempts"] == 1
+    assert result["status"] == "failed"
+    assert result["attempts"] == 1
     assert (
         "not retrying: an attempt in 10s would not start within the check's timeout"
         in (result["error"])
     )
-    assert sleeps == [] and len(gw.requests) == 1
+    assert sleeps == []
+    assert len(gw.requests) == 1
 
 
 async def test_backoff_stops_within_the_checks_timeout(
@@ -641,7 +675,8 @@ async def test_backoff_stops_within_the_checks_timeout(
     started = time.monotonic()
     result = await run({"retries": 5}, timeoutMs=1000)
     assert time.monotonic() - started < 1.0
-    assert result["status"] == "failed" and result["attempts"] == 2
+    assert result["status"] == "failed"
+    assert result["attempts"] == 2
     assert "not retrying: an attempt in 0.8s" in result["error"]
 
 
@@ -666,7 +701,8 @@ async def test_the_token_appears_in_no_result_and_no_log_line(
         results.append(await run())
         results.append(await run({"endpoint": "wake", "retries": 2}))
         assert TOKEN not in json.dumps(results)
-        assert "Bearer ***" in results[0]["error"] and "Bearer ***" in results[1]["error"]
+        assert "Bearer ***" in results[0]["error"]
+        assert "Bearer ***" in results[1]["error"]
 
     async with gateway_env(monkeypatch, token=OTHER_TOKEN) as gw:  # a refused token
         gw.script = [503]

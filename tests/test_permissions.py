@@ -18,13 +18,14 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
-from heartbeat_consumer.consumer import HeartbeatConsumer
-from heartbeat_consumer.monitor import Monitor
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer
+from heartbeat_consumer.monitor.monitor import Monitor
 
 from .broker import Bus, rabbitmqctl, take
 from .conftest import ROOT
-from .test_bus import BIN, write
-from .test_monitor import Clock, envelope, until
+from .helpers import BIN, Clock, envelope, until, write
+
+pytestmark = pytest.mark.rabbit
 
 SCRIPT = ROOT / "deploy" / "rabbitmq" / "permissions.sh"
 HOUR = 3_600_000
@@ -147,7 +148,8 @@ async def test_agent_user_runs_its_consumer_and_nothing_else(bus: Bus, tmp_path:
         assert env[a]["DECLARE"] == "false"
         assert env[a]["EXCHANGE_NAME"] == bus.exchange_name
         url_a, url_b = env[a]["RABBIT_URL"], env[b]["RABBIT_URL"]
-        assert url_a.startswith(f"amqp://heartbeat-agent-{a}:") and url_a != url_b
+        assert url_a.startswith(f"amqp://heartbeat-agent-{a}:")
+        assert url_a != url_b
         # The script provisioned the exchanges and both agents' queues.
         assert await bus.count(f"agent.{a}.inbox") == 0
         assert await bus.count(f"agent.{b}.dlq") == 0
@@ -248,7 +250,8 @@ async def test_an_agent_user_on_an_unprovisioned_agent_is_told_what_to_do(
         text = stderr.decode().strip()
         assert proc.returncode == 1, text
         last = text.splitlines()[-1]
-        assert f"queue 'agent.{a}.dlq' does not exist" in last and "permissions.sh" in last
+        assert f"queue 'agent.{a}.dlq' does not exist" in last
+        assert "permissions.sh" in last
         assert "Traceback" not in text, text
     finally:
         await rabbitmqctl("delete_user", f"heartbeat-agent-{a}")
@@ -279,9 +282,11 @@ async def test_ticker_user_and_bad_names(bus: Bus) -> None:
     finally:
         await rabbitmqctl("delete_user", user)
     code, _, err = await script(bus, "a.b")
-    assert code == 2 and "agent names are letters" in err
+    assert code == 2
+    assert "agent names are letters" in err
     code, _, err = await script(bus)
-    assert code == 2 and "usage:" in err
+    assert code == 2
+    assert "usage:" in err
 
 
 async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(

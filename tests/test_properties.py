@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heartbeat_consumer.config import HeartbeatConfig, Window, parse_config
-from heartbeat_consumer.schedule import (
+from heartbeat_consumer.core.config import HeartbeatConfig, Window, parse_config
+from heartbeat_consumer.core.schedule import (
     Blocker,
     evaluate,
     in_window,
@@ -31,8 +31,8 @@ from heartbeat_consumer.schedule import (
     quarter_at,
     select,
 )
-from heartbeat_consumer.simulate import simulate
-from heartbeat_consumer.state import AgentState, Status, backoff_ms, record_run
+from heartbeat_consumer.core.simulate import simulate
+from heartbeat_consumer.core.state import AgentState, Status, backoff_ms, record_run
 
 SECOND = 1000
 MINUTE = 60 * SECOND

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from heartbeat_consumer.config import HeartbeatConfig, Pause, Window, parse_config
-from heartbeat_consumer.schedule import Blocker, evaluate, in_window, plan, quarter_at, select
-from heartbeat_consumer.state import AgentState, record_run
-from heartbeat_consumer.timeutil import to_ms
+from heartbeat_consumer.core.config import HeartbeatConfig, Pause, Window, parse_config
+from heartbeat_consumer.core.schedule import Blocker, evaluate, in_window, plan, quarter_at, select
+from heartbeat_consumer.core.state import AgentState, record_run
+from heartbeat_consumer.core.timeutil import to_ms
 
 MIN = 60_000
 T0 = 1_795_000_000_000 - 1_795_000_000_000 % (24 * 60 * MIN)  # a UTC midnight
@@ -46,7 +46,9 @@ def test_due_at_exactly_one_cadence_not_after() -> None:
 
 def test_never_run_is_infinitely_overdue() -> None:
     (ev,) = evaluate(cfg({"c": {"cadenceMs": MIN, "handler": "h"}}), AgentState(), T0)
-    assert ev.due and math.isinf(ev.ratio) and ev.next_due is None
+    assert ev.due
+    assert math.isinf(ev.ratio)
+    assert ev.next_due is None
 
 
 def test_state_last_run_overrides_config_initial_value() -> None:
@@ -62,7 +64,9 @@ def test_state_last_run_overrides_config_initial_value() -> None:
         key="k",
     )
     (ev,) = evaluate(config, state, T0 + 5 * MIN)
-    assert ev.ratio == 0.5 and not ev.due and ev.next_due == T0 + 10 * MIN
+    assert ev.ratio == 0.5
+    assert not ev.due
+    assert ev.next_due == T0 + 10 * MIN
     assert "due in 5m" in ev.reason
 
 
@@ -155,7 +159,8 @@ def test_backoff_after_failure_lets_others_run() -> None:
     result = plan(config, state, T0)
     assert [e.check for e in result.selected] == ["other"]
     flaky = next(e for e in result.evaluations if e.check == "flaky")
-    assert flaky.last_run is None and flaky.blockers[0][0] is Blocker.BACKOFF
+    assert flaky.last_run is None
+    assert flaky.blockers[0][0] is Blocker.BACKOFF
     assert [e.check for e in plan(config, state, T0 + MIN).selected] == ["flaky"]
 
 

@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from heartbeat_consumer.config import parse_config
-from heartbeat_consumer.simulate import simulate
+from heartbeat_consumer.core.config import parse_config
+from heartbeat_consumer.core.simulate import simulate
 
 MIN = 60_000
 HOUR = 60 * MIN

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from heartbeat_consumer.state import (
+from heartbeat_consumer.core.state import (
     HISTORY_LIMIT,
     AgentState,
     backoff_ms,
@@ -19,7 +19,7 @@ from heartbeat_consumer.state import (
     idempotency_key,
     record_run,
 )
-from heartbeat_consumer.store import StateError, StateStore, default_state_path
+from heartbeat_consumer.runtime.store import StateError, StateStore, default_state_path
 
 from .requires import need_tool
 
@@ -46,14 +46,17 @@ def test_success_records_slot_as_last_run() -> None:
     state = run(AgentState(), "success", 1000)
     cs = state.check("c")
     assert (cs.last_run, cs.last_success, cs.last_status, cs.runs) == (1000, 1000, "success", 1)
-    assert cs.last_key == "a:c:1000" and cs.last_finished == 1005
+    assert cs.last_key == "a:c:1000"
+    assert cs.last_finished == 1005
     assert state.history[-1].status == "success"
 
 
 @pytest.mark.parametrize("status", ["alert", "skipped"])
 def test_alert_and_skipped_count_as_completed_runs(status: str) -> None:
     cs = run(AgentState(), status, 1000).check("c")
-    assert cs.last_run == 1000 and cs.consecutive_failures == 0 and cs.next_retry is None
+    assert cs.last_run == 1000
+    assert cs.consecutive_failures == 0
+    assert cs.next_retry is None
 
 
 @pytest.mark.parametrize("status", ["failed", "timeout"])
@@ -61,11 +64,13 @@ def test_failure_keeps_last_run_and_backs_off(status: str) -> None:
     state = run(AgentState(), status, 10 * MIN)
     cs = state.check("c")
     assert cs.last_run == 123, "the config's initial lastRun is kept"
-    assert cs.consecutive_failures == 1 and cs.next_retry == 11 * MIN
+    assert cs.consecutive_failures == 1
+    assert cs.next_retry == 11 * MIN
     state = run(state, status, 11 * MIN)
     assert state.check("c").next_retry == 13 * MIN
     state = run(state, "success", 13 * MIN)
-    assert state.check("c").consecutive_failures == 0 and state.check("c").next_retry is None
+    assert state.check("c").consecutive_failures == 0
+    assert state.check("c").next_retry is None
 
 
 def test_backoff_doubles_from_a_minute_capped_at_cadence() -> None:
@@ -110,7 +115,8 @@ def test_store_round_trip(tmp_path: Path) -> None:
     state = run(run(AgentState(), "success", 1000), "failed", 2000, check="d")
     store.save(state)
     loaded, warning = store.load()
-    assert warning is None and loaded == state
+    assert warning is None
+    assert loaded == state
     on_disk = orjson.loads((tmp_path / "s.json").read_bytes())
     assert on_disk["checks"]["c"]["lastRun"] == 1000
     assert on_disk["checks"]["d"]["consecutiveFailures"] == 1
@@ -125,7 +131,9 @@ def test_corrupt_state_is_set_aside_and_rebuilt(tmp_path: Path, content: bytes) 
     path.write_bytes(content)
     state, warning = StateStore(path).load()
     assert state == AgentState()
-    assert warning is not None and "corrupt" in warning and "s.json.corrupt" in warning
+    assert warning is not None
+    assert "corrupt" in warning
+    assert "s.json.corrupt" in warning
     assert (tmp_path / "s.json.corrupt").read_bytes() == content
     assert not path.exists()
 
@@ -173,7 +181,8 @@ def test_unwritable_state_directory_is_a_clear_error(tmp_path: Path) -> None:
             args = ["heartbeat_consumer", "run-once", str(config), "--state", str(state)]
             done = subprocess.run([*cmd, *args], capture_output=True, text=True, check=False)
             assert done.returncode == 1, done
-            assert message in done.stderr and "Permission denied" in done.stderr, done.stderr
+            assert message in done.stderr, done.stderr
+            assert "Permission denied" in done.stderr, done.stderr
             assert "Traceback" not in done.stderr
     finally:
         shutil.rmtree(public)
@@ -186,8 +195,8 @@ def test_save_into_a_missing_directory_raises_state_error(tmp_path: Path) -> Non
 
 KILL_WRITER = """
 import sys
-from heartbeat_consumer.state import AgentState, record_run
-from heartbeat_consumer.store import StateStore
+from heartbeat_consumer.core.state import AgentState, record_run
+from heartbeat_consumer.runtime.store import StateStore
 store = StateStore(sys.argv[1])
 state = AgentState()
 i = 0
@@ -221,7 +230,7 @@ def test_the_agent_lock_is_not_taken_through_a_link_or_instead_of_the_state(
     tmp_path: Path, write_config: Callable[..., Path]
 ) -> None:
     from heartbeat_consumer import HeartbeatConsumer
-    from heartbeat_consumer.store import AgentBusy, AgentLock
+    from heartbeat_consumer.runtime.store import AgentBusy, AgentLock
 
     (tmp_path / "x").write_text("")
     (tmp_path / "a.lock").symlink_to(tmp_path / "x")

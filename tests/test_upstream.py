@@ -13,12 +13,14 @@ from typing import Any
 import orjson
 import pytest
 
-from heartbeat_consumer.consumer import HeartbeatConsumer
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer
 
 from .bloodbank_envelope import assert_bloodbank_envelope
 from .broker import Bus, take
 from .fake_gateway import FakeGateway
-from .test_bus import tick
+from .helpers import tick
+
+pytestmark = pytest.mark.rabbit
 
 ALL_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 

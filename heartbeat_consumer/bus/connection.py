@@ -1,0 +1,355 @@
+"""Making the broker connection: URL, TLS files, graceful timeout (one place for all)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import ssl
+import stat
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ProbableAuthenticationError
+from faststream.message import StreamMessage
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
+from faststream.security import BaseSecurity
+
+from ..core.topology import DEFAULT_URL, check_resource, check_url, mask_url
+from ..ops.health import Health
+from ..ops.logs import first_line
+from . import amqp_decoding
+
+amqp_decoding.install()  # no delivery's properties can kill a connection (see there)
+
+__all__ = [
+    "REASON_HEADER",
+    "BrokerError",
+    "closed_on_failure",
+    "first_line",
+    "Redeliveries",
+    "TlsFiles",
+    "dead_letter",
+    "is_transient",
+    "connect",
+    "make_broker",
+    "publish_json",
+    "queue_health",
+    "raw_body",
+    "topic_exchange",
+    "unreachable",
+]
+
+log = logging.getLogger("heartbeat_consumer.connection")
+
+REASON_HEADER = "x-heartbeat-dead-letter-reason"
+
+
+class BrokerError(Exception):
+    """The broker cannot be used: unreachable, a refused login, an unknown virtual host,
+    a lost connection. The one exception type for broker failures; its text is one line
+    that names the (masked) URL and what to check."""
+
+
+class TlsError(Exception):
+    """A CA, certificate or key file cannot be used."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """For ``amqps://`` with a private CA and/or client certificates."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __bool__(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file))
+
+    def context(self) -> ssl.SSLContext:
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            _regular_file(path)
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsError(f"TLS files unusable ({self}): {exc}") from None
+        return context
+
+
+def _regular_file(path: str | None) -> None:
+    """TLS files are read by OpenSSL, which would wait on a FIFO for ever: refuse
+    anything but a regular file first."""
+    if path is None:
+        return
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise TlsError(f"TLS files unusable ({path}): {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise TlsError(f"TLS files unusable ({path} is not a regular file)")
+
+
+def make_broker(
+    url: str = DEFAULT_URL,
+    *,
+    tls: TlsFiles | None = None,
+    graceful_timeout_s: float | None = None,
+) -> RabbitBroker:
+    check_url(url)
+    security = BaseSecurity(ssl_context=tls.context(), use_ssl=True) if tls else None
+    return RabbitBroker(
+        url, security=security, graceful_timeout=graceful_timeout_s, logger=None, fail_fast=True
+    )
+
+
+class _QuietReconnects(logging.Filter):
+    """Drops the AMQP libraries' lines about the first connection attempt ("Reconnecting
+    after 5 seconds", "error when creating transport"): with ``fail_fast`` nothing
+    reconnects, and :func:`connect` says what failed in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def quiet_reconnects() -> Iterator[None]:
+    """Within: the AMQP libraries' reconnect lines are dropped (a short-lived command,
+    or a first connection attempt, says what failed itself)."""
+    quiet = _QuietReconnects()
+    loggers = [logging.getLogger(n) for n in ("aio_pika.robust_connection", "aiormq.connection")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+@contextlib.asynccontextmanager
+async def closed_on_failure(broker: RabbitBroker) -> AsyncIterator[None]:
+    """Within: a start-up step that fails closes ``broker`` before the error goes on, so
+    the process ends with the connection closed, not "Reconnecting after 5 seconds"."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await broker.stop()
+        raise
+
+
+async def connect(broker: RabbitBroker, url: str) -> AbstractRobustConnection:
+    """Connect ``broker`` (to ``url``, for the messages); raises :class:`BrokerError`
+    with one line naming the masked URL and what to check."""
+    with quiet_reconnects():
+        try:
+            return await broker.connect()
+        except (AMQPError, OSError, TimeoutError) as exc:
+            raise BrokerError(describe_connect_error(url, exc)) from None
+
+
+def describe_connect_error(url: str, exc: BaseException) -> str:
+    """What a failed connection attempt means, in one line."""
+    where = mask_url(url)
+    parts = urlsplit(url)
+    user = unquote(parts.username or "guest")
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    text = str(exc.args[-1] if exc.args else exc)
+    if isinstance(exc, ProbableAuthenticationError) or "ACCESS_REFUSED" in text:
+        return (
+            f"RabbitMQ at {where} refused the login of user {user!r}: check the user name "
+            "and password (RABBIT_URL)"
+        )
+    if "Connection.Close" in text:  # the broker closed the handshake: the vhost
+        return (
+            f"RabbitMQ at {where} has no virtual host {vhost!r} that user {user!r} may "
+            "use: check the URL's path (RABBIT_URL) or the user's permissions"
+        )
+    if isinstance(exc, TimeoutError):
+        text = "timed out"
+    return f"cannot reach RabbitMQ at {where}: {text} (is it running, and are host and port right?)"
+
+
+def topic_exchange(name: str) -> RabbitExchange:
+    """The exchange as FastStream publishes to it: topic, durable, checked passively
+    (:mod:`.provision` declared it, or an admin did: no configure permission needed).
+    Raises :class:`~.topology.InvalidName` for a name that cannot be one."""
+    check_resource(name.removesuffix(".dlx"))
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True, declare=False)
+
+
+async def publish_json(
+    broker: RabbitBroker,
+    exchange: RabbitExchange,
+    routing_key: str,
+    event: dict[str, Any],
+    *,
+    correlation_id: str | None = None,
+    expiration_ms: int | None = None,
+) -> None:
+    """Publish an event envelope: persistent, with confirms, not mandatory (results and
+    ticks with nobody bound to them are normal)."""
+    await broker.publish(
+        orjson.dumps(event),
+        exchange=exchange,
+        routing_key=routing_key,
+        persist=True,
+        mandatory=False,
+        content_type="application/json",
+        message_id=event["event_id"],
+        correlation_id=correlation_id,
+        message_type=event["event_type"],
+        expiration=None if expiration_ms is None else expiration_ms / 1000,
+    )
+
+
+async def unreachable(broker: RabbitBroker, url: str) -> Health | None:
+    """The health of a broker connection that does not answer a ping (naming the masked
+    URL), or None when it answers."""
+    if await broker.ping(timeout=2):
+        return None
+    return Health(
+        ok=False, connected=False, detail={"error": f"broker {mask_url(url)} unreachable"}
+    )
+
+
+async def queue_health(
+    broker: RabbitBroker,
+    queue_name: str,
+    *,
+    consuming: bool,
+    channel: AbstractChannel | None = None,
+) -> Health:
+    """Healthy when our subscriber runs (``consuming``) and the broker counts a consumer
+    on the queue. A passive declare (it needs no permission) on ``channel``, or on a
+    short-lived one: a missing queue closes the channel it was asked on."""
+    detail: dict[str, Any] = {"queue": queue_name, "consuming": consuming}
+    own = channel is None
+    if channel is None:
+        channel = await (await broker.connect()).channel()
+    try:
+        queue = await channel.declare_queue(queue_name, passive=True)
+        consumers = queue.declaration_result.consumer_count or 0
+    except Exception as exc:
+        return Health(
+            ok=False, connected=True, detail={**detail, "error": f"queue not usable: {exc}"}
+        )
+    finally:
+        if own:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    detail["consumers"] = consumers
+    return Health(ok=consuming and consumers > 0, connected=True, detail=detail)
+
+
+def raw_body(message: StreamMessage[Any]) -> bytes:
+    """A FastStream decoder that does not decode: the handler takes the raw body and
+    decodes it itself. (FastStream's own decoder parses by content type before the
+    handler runs; with manual acks a body that does not match its content type would
+    stay unacknowledged for ever.)"""
+    return message.body
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    ChannelInvalidStateError,
+)
+"""Failures of the broker or the disk: worth another attempt. Anything else a delivery
+raises is about the delivery itself and dead-letters it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+class Redeliveries:
+    """How often each delivery was handed back after a transient failure (the broker
+    says it for quorum queues, in ``x-delivery-count``; this counts it for classic
+    ones). After ``limit`` attempts a delivery is dead-lettered instead of requeued."""
+
+    def __init__(self, limit: int = 5, remember: int = 10_000) -> None:
+        self.limit = limit
+        self.remember = remember
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    @staticmethod
+    def key(message: AbstractIncomingMessage) -> str:
+        digest = hashlib.sha256((message.routing_key or "").encode())
+        digest.update(message.body)
+        return f"{message.message_id or ''}:{digest.hexdigest()}"
+
+    def failed(self, message: AbstractIncomingMessage) -> int:
+        """Count one more failed attempt; the attempts so far."""
+        key = self.key(message)
+        header = (message.headers or {}).get("x-delivery-count")
+        count = max(self._counts.pop(key, 0), header if isinstance(header, int) else 0) + 1
+        self._counts[key] = count
+        while len(self._counts) > self.remember:
+            self._counts.popitem(last=False)
+        return count
+
+    def forget(self, message: AbstractIncomingMessage) -> None:
+        if self._counts:
+            self._counts.pop(self.key(message), None)
+
+
+MAX_REASON_CHARS = 1000
+
+
+async def dead_letter(
+    broker: RabbitBroker,
+    exchange: RabbitExchange,
+    routing_key: str,
+    message: AbstractIncomingMessage,
+    reason: str,
+    *,
+    redeliveries: Redeliveries,
+    max_body_bytes: int = 64 * 1024,
+) -> None:
+    """Send a delivery that cannot be processed, with its reason in a header, to a
+    dead-letter queue (``routing_key`` on the dead-letter ``exchange``), then ack it.
+    Bodies over ``max_body_bytes`` are cut (``x-original-size`` tells the size). If the
+    publish fails, the delivery is requeued (dropped, with an error logged, once that
+    happened ``redeliveries.limit`` times: a dead-letter exchange that is gone must not
+    make it loop for ever)."""
+    original = message.routing_key or ""
+    reason = reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
+    log.warning("dead-lettering %s to %s: %s", original, routing_key, reason)
+    headers: dict[str, Any] = {REASON_HEADER: reason, "x-original-routing-key": original}
+    body = message.body
+    if len(body) > max_body_bytes:
+        headers["x-original-size"] = len(body)
+        body = body[:max_body_bytes]
+    try:
+        await broker.publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            persist=True,
+            headers=headers,
+            content_type=message.content_type,
+            message_id=message.message_id,
+        )
+    except Exception as exc:
+        attempts = redeliveries.failed(message)
+        with contextlib.suppress(Exception):
+            if attempts < redeliveries.limit:
+                await message.nack(requeue=True)
+            else:
+                log.error("%s dropped, it cannot be dead-lettered: %s (%s)", original, reason, exc)
+                await message.reject(requeue=False)
+        return
+    redeliveries.forget(message)
+    with contextlib.suppress(Exception):  # unacked, it comes back: and is dead-lettered again
+        await message.ack()

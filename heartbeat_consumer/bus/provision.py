@@ -1,0 +1,309 @@
+"""Declaring the topology, or checking that an admin declared it (least privilege).
+
+Every queue and exchange of the wire contract is declared here, with its arguments, on
+short-lived channels of an aio-pika connection (a refused or mismatched declaration
+closes the channel it was made on, never the channel a consumer runs on):
+
+- the exchange (topic, durable) and its dead-letter exchange ``<exchange>.dlx``;
+- per agent the dead-letter queue ``agent.<name>.dlq`` (bound to the DLX under its own
+  name, with a length limit and a TTL) and the inbox ``agent.<name>.inbox`` (bound to
+  ``agent.<name>.#`` and ``system.heartbeat.#``). The inbox has no dead-letter exchange:
+  only the consumer dead-letters, always with a reason, so the broker never re-publishes
+  anything on its own (expired ticks simply go);
+- for the monitor its queue (bound to ``heartbeat.#``) and its DLQ.
+
+Components that may not declare (agents and the monitor hold no configure permission,
+see ``deploy/rabbitmq/permissions.sh``) check passively that everything exists: a
+declaration refused for lack of permission falls back to that check by itself. A queue
+that exists with other arguments (declared by an older version) is used as it is, with
+a warning; an exchange with other settings is a :class:`TopologyError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
+
+from ..core.timeutil import MS_PER_DAY, check_duration, format_duration
+from ..core.topology import (
+    check_resource,
+    dead_letter_exchange,
+    dead_letter_queue,
+    inbox_bindings,
+    inbox_queue,
+)
+
+__all__ = [
+    "DeadLetterLimits",
+    "InboxOptions",
+    "TopologyError",
+    "declare_exchanges",
+    "provision_agent",
+    "provision_monitor",
+]
+
+log = logging.getLogger("heartbeat_consumer.provision")
+
+QueueKind = Literal["classic", "quorum"]
+PROVISION_HINT = (
+    "an admin provisions it: deploy/rabbitmq/permissions.sh, or "
+    "'heartbeat-consumer provision' with a user that may declare"
+)
+
+
+class TopologyError(Exception):
+    """The broker has an exchange of this name with other settings, or a queue or
+    exchange this user needs is missing and it may not declare it."""
+
+
+@dataclass(frozen=True)
+class DeadLetterLimits:
+    """A dead-letter queue's bounds: at most ``max_length`` messages (the oldest go
+    first) and each kept for ``ttl_ms``; bodies are cut to ``max_body_bytes``."""
+
+    max_length: int = 10_000
+    ttl_ms: int = 7 * MS_PER_DAY
+    max_body_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_length <= 100_000_000:
+            raise ValueError(f"dead-letter queue length {self.max_length} is out of range")
+        check_duration(self.ttl_ms, "dead-letter TTL")
+
+    def arguments(self) -> dict[str, Any]:
+        return {"x-max-length": self.max_length, "x-message-ttl": self.ttl_ms}
+
+    def describe(self) -> str:
+        return f"at most {self.max_length} messages, each kept {format_duration(self.ttl_ms)}"
+
+
+@dataclass(frozen=True)
+class InboxOptions:
+    queue_type: QueueKind = "classic"
+    single_active_consumer: bool = False
+
+    def arguments(self) -> dict[str, Any]:
+        arguments: dict[str, Any] = {"x-queue-type": self.queue_type}
+        if self.single_active_consumer:
+            arguments["x-single-active-consumer"] = True
+        return arguments
+
+
+def _classic(limits: DeadLetterLimits) -> dict[str, Any]:
+    return {"x-queue-type": "classic", **limits.arguments()}
+
+
+@contextlib.asynccontextmanager
+async def _channel(connection: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+    channel = await connection.channel()
+    try:
+        yield channel
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+Step = Callable[[AbstractChannel], Awaitable[object]]
+
+
+async def _ensure(
+    connection: AbstractRobustConnection,
+    what: str,
+    *,
+    declare: Step | None,
+    check: Step,
+    mismatch: Callable[[ChannelPreconditionFailed], None],
+    require: bool,
+) -> bool:
+    """``declare`` (if given) on a channel of its own; if that is refused, or not asked
+    for, ``check`` (a passive declare). True if declared. A declaration that finds other
+    settings calls ``mismatch`` (which raises, or warns and lets the check run); with
+    ``require`` a refusal is an error rather than a reason to check."""
+    if declare is not None:
+        try:
+            async with _channel(connection) as channel:
+                await declare(channel)
+            return True
+        except ChannelPreconditionFailed as exc:
+            mismatch(exc)
+        except ChannelAccessRefused:
+            if require:
+                raise TopologyError(f"this user may not declare {what}") from None
+            log.info("no permission to declare %s: checking that it exists", what)
+    try:
+        async with _channel(connection) as channel:
+            await check(channel)
+    except ChannelNotFoundEntity:
+        raise TopologyError(f"{what} does not exist; {PROVISION_HINT}") from None
+    return False
+
+
+async def _exchange(
+    connection: AbstractRobustConnection, name: str, declare: bool, require: bool = False
+) -> bool:
+    """Declare (or check) a topic exchange; True if declared. Other settings: an error."""
+
+    def mismatch(exc: ChannelPreconditionFailed) -> None:
+        raise TopologyError(
+            f"the broker already has exchange {name!r} with other settings than ours "
+            f"(topic, durable): {exc}"
+        ) from None
+
+    async def active(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, "topic", durable=True)
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, "topic", durable=True, passive=True)
+
+    return await _ensure(
+        connection,
+        f"exchange {name!r}",
+        declare=active if declare else None,
+        check=passive,
+        mismatch=mismatch,
+        require=require,
+    )
+
+
+async def declare_exchanges(
+    connection: AbstractRobustConnection,
+    exchange: str,
+    *,
+    declare: bool = True,
+    require: bool = False,
+) -> bool:
+    """The exchange and its dead-letter exchange; True if this user declared them."""
+    check_resource(exchange)
+    declared = await _exchange(connection, exchange, declare, require)
+    await _exchange(connection, dead_letter_exchange(exchange), declare and declared, require)
+    return declared
+
+
+async def _queue(
+    connection: AbstractRobustConnection,
+    name: str,
+    *,
+    arguments: dict[str, Any],
+    bindings: Iterable[tuple[str, str]],
+    declare: bool,
+    require: bool = False,
+) -> bool:
+    """Declare a durable queue with ``arguments`` and its (exchange, key) bindings, or
+    check that it exists; True if declared. One that exists with other arguments is used
+    as it is, with a warning."""
+
+    def mismatch(exc: ChannelPreconditionFailed) -> None:
+        log.warning(
+            "queue %s exists with other arguments than %s (%s); using it as it is "
+            "(to re-create it: let it drain, delete it, start again)",
+            name,
+            arguments,
+            exc.args[0] if exc.args else exc,
+        )
+
+    async def active(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        for exchange, key in bindings:
+            await queue.bind(exchange, routing_key=key)
+
+    mismatched = False
+
+    def warn(exc: ChannelPreconditionFailed) -> None:
+        nonlocal mismatched
+        mismatched = True
+        mismatch(exc)
+
+    async def passive(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(name, passive=True)
+        if mismatched:  # used as it is, but bound as ours is (a binding is idempotent)
+            for exchange, key in bindings:
+                await queue.bind(exchange, routing_key=key)
+
+    return await _ensure(
+        connection,
+        f"queue {name!r}",
+        declare=active if declare else None,
+        check=passive,
+        mismatch=warn,
+        require=require,
+    )
+
+
+async def provision_agent(
+    connection: AbstractRobustConnection,
+    agent: str,
+    exchange: str,
+    *,
+    inbox: InboxOptions | None = None,
+    dead_letters: DeadLetterLimits | None = None,
+    declare: bool = True,
+    require: bool = False,
+) -> None:
+    """Everything an agent's consumer needs: exchanges, DLQ, inbox and bindings.
+    ``require``: a declaration refused is an error (an admin provisioning)."""
+    await declare_exchanges(connection, exchange, declare=declare, require=require)
+    dlx = dead_letter_exchange(exchange)
+    dlq = dead_letter_queue(agent)
+    limits = dead_letters or DeadLetterLimits()
+    await _queue(
+        connection,
+        dlq,
+        arguments=_classic(limits),
+        bindings=[(dlx, dlq)],
+        declare=declare,
+        require=require,
+    )
+    bindings = [(exchange, key) for key in inbox_bindings(agent)]
+    arguments = (inbox or InboxOptions()).arguments()
+    await _queue(
+        connection,
+        inbox_queue(agent),
+        arguments=arguments,
+        bindings=bindings,
+        declare=declare,
+        require=require,
+    )
+
+
+async def provision_monitor(
+    connection: AbstractRobustConnection,
+    queue: str,
+    exchange: str,
+    binding: str,
+    *,
+    dead_letters: DeadLetterLimits | None = None,
+    declare: bool = True,
+    require: bool = False,
+) -> None:
+    """The monitor's queue (bound to ``binding``) and its DLQ ``<queue>.dlq``."""
+    check_resource(queue, "queue name")
+    await declare_exchanges(connection, exchange, declare=declare, require=require)
+    dlx = dead_letter_exchange(exchange)
+    dlq = f"{queue}.dlq"
+    limits = dead_letters or DeadLetterLimits()
+    await _queue(
+        connection,
+        dlq,
+        arguments=_classic(limits),
+        bindings=[(dlx, dlq)],
+        declare=declare,
+        require=require,
+    )
+    await _queue(
+        connection,
+        queue,
+        arguments={"x-queue-type": "classic"},
+        bindings=[(exchange, binding)],
+        declare=declare,
+        require=require,
+    )
