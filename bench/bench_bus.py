@@ -31,6 +31,7 @@ import asyncio
 import logging
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -72,7 +73,18 @@ async def serve_echo(n: int, exchange_name: str, same_work: bool = False) -> Non
     """The raw echo; with ``same_work``, each reply also does the project's required I/O:
     a ``started`` event first and a state file written atomically with fsync (in a
     thread) before the ack."""
-    state_dir = Path(tempfile.mkdtemp(prefix="bench-echo-"))
+    with tempfile.TemporaryDirectory(prefix="bench-echo-") as tmp:
+        await _serve_echo(n, exchange_name, Path(tmp), same_work)
+
+
+async def until_terminated() -> None:
+    """Wait for the parent's SIGTERM, then return (so that ``with`` blocks clean up)."""
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    await stopped.wait()
+
+
+async def _serve_echo(n: int, exchange_name: str, state_dir: Path, same_work: bool) -> None:
     connection = await aio_pika.connect(URL)
     consume = await connection.channel()
     await consume.set_qos(prefetch_count=1)
@@ -101,7 +113,8 @@ async def serve_echo(n: int, exchange_name: str, same_work: bool = False) -> Non
 
         await queue.consume(reply)
     print("READY", flush=True)
-    await asyncio.get_running_loop().create_future()
+    await until_terminated()
+    await connection.close()
 
 
 def fleet_agent(exchange_name: str, i: int) -> str:
@@ -136,7 +149,8 @@ async def serve_fleet(n: int, exchange_name: str) -> None:
         )
         await fleet.start()
         print("READY", flush=True)
-        await asyncio.get_running_loop().create_future()
+        await until_terminated()
+        await fleet.stop()
 
 
 # --- the driver -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 import aio_pika
 import orjson
 
-from heartbeat_consumer.bus.fleet import Fleet
+from heartbeat_consumer.bus.fleet import START_CONCURRENCY, Fleet
 from heartbeat_consumer.bus.settings import BusSettings
 from heartbeat_consumer.core.topology import DEFAULT_URL
 
@@ -45,14 +45,19 @@ def write_configs(directory: str, agents: list[str]) -> None:
         )
 
 
-async def measure(n: int) -> None:
+async def measure(n: int, concurrency: int) -> None:
     exchange = f"bench.hb.{uuid.uuid4().hex[:8]}"
     agents = [f"b{uuid.uuid4().hex[:10]}" for _ in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         write_configs(tmp, agents)
         before = rss_mb()
         started = time.monotonic()
-        fleet = Fleet(tmp, bus=BusSettings(url=URL, exchange=exchange), rescan_s=3600)
+        fleet = Fleet(
+            tmp,
+            bus=BusSettings(url=URL, exchange=exchange),
+            rescan_s=3600,
+            start_concurrency=concurrency,
+        )
         await fleet.start()
         took = time.monotonic() - started
         await asyncio.sleep(1)
@@ -61,7 +66,8 @@ async def measure(n: int) -> None:
     await delete(exchange, agents)
     per_agent = (after - before) / n * 1024
     print(
-        f"{n:>6} agents  RSS {after:7.1f} MB  (+{per_agent:6.1f} KB/agent)  start-up {took:5.1f} s"
+        f"{n:>6} agents  RSS {after:7.1f} MB  (+{per_agent:6.1f} KB/agent)  "
+        f"start-up {took:5.1f} s, {concurrency:>2} at once"
     )
 
 
@@ -123,13 +129,14 @@ async def delete(exchange: str, agents: list[str]) -> None:
 def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [1, 100, 1000, 10000]
     if os.environ.get("BENCH_CHILD"):
-        asyncio.run(measure(sizes[0]))
+        asyncio.run(measure(sizes[0], int(os.environ["BENCH_CONCURRENCY"])))
         return
     machine = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
     print(f"fleet memory, {machine}")
-    for n in sizes:
-        env = {**os.environ, "BENCH_CHILD": "1"}
-        subprocess.run([sys.executable, __file__, str(n)], env=env, check=True)
+    for n in sizes:  # one agent at a time (as before 2026-12-01) as the baseline, then ours
+        for concurrency in (1, START_CONCURRENCY):
+            env = {**os.environ, "BENCH_CHILD": "1", "BENCH_CONCURRENCY": str(concurrency)}
+            subprocess.run([sys.executable, __file__, str(n)], env=env, check=True)
     one_process_per_agent()
 
 

@@ -257,3 +257,41 @@ async def test_a_bloodbank_layout_runs_with_pattern_and_is_pointed_out_without(
         await fleet.stop()
     with pytest.raises(ValueError, match="use '\\*SUFFIX'"):
         Fleet(tmp_path, bus.url, bus.exchange_name, pattern="a*.json")
+
+
+async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rescan starts its new agents START_CONCURRENCY at a time (not one after another,
+    nor all at once: each holds a channel of its own while it declares); one that fails
+    is reported and does not hold up the rest."""
+    from heartbeat_consumer.bus import fleet as fleet_module
+
+    names = [f"a{i:02d}" for i in range(40)]
+    for name in names:
+        add_agent(tmp_path, name)
+    fleet = Fleet(tmp_path, rescan_s=3600)
+    running, most, added, failed = 0, 0, [], []
+
+    async def add(agent: str, path: Path) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        if agent == "a07":
+            raise RuntimeError("refused")
+        added.append(agent)
+
+    async def start_failed(agent: str, exc: Exception) -> None:
+        failed.append((agent, str(exc)))
+
+    monkeypatch.setattr(fleet, "_add", add)
+    monkeypatch.setattr(fleet, "_start_failed", start_failed)
+    await fleet.rescan()
+    assert most == fleet_module.START_CONCURRENCY
+    assert sorted(added) == [n for n in names if n != "a07"]
+    assert failed == [("a07", "refused")]
+    assert Fleet(tmp_path, start_concurrency=1).start_concurrency == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        Fleet(tmp_path, start_concurrency=0)

@@ -72,6 +72,10 @@ log = logging.getLogger("heartbeat_consumer.fleet")
 
 SUFFIX = CONFIG_SUFFIX
 STATE_SUFFIX = ".state.json"
+START_CONCURRENCY = 16
+"""Agents started at once (each declares on a channel of its own, says ``online`` and
+evaluates): well under the 64 channels that deploy/rabbitmq/permissions.sh allows a
+user, with the fleet's shared channel beside them."""
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 
@@ -143,6 +147,7 @@ class Fleet:
         rescan_s: float = 5.0,
         graceful_timeout_s: float = 60.0,
         pattern: str = f"*{SUFFIX}",
+        start_concurrency: int = START_CONCURRENCY,
         **old: Any,
     ) -> None:
         deprecated = Deprecated(
@@ -163,6 +168,9 @@ class Fleet:
         self.rabbit_url = self.bus.url
         self.exchange = topic_exchange(self.bus.exchange)
         self.rescan_s = rescan_s
+        if start_concurrency < 1:
+            raise ValueError(f"start_concurrency must be at least 1, not {start_concurrency}")
+        self.start_concurrency = start_concurrency
         self.graceful_timeout_s = graceful_timeout_s
         self.metrics = Metrics()
         self.broker = make_broker(
@@ -254,13 +262,21 @@ class Fleet:
             del self.failed[agent]
             self.metrics.forget_agent(agent)
         now = time.monotonic()
-        for agent in sorted(set(found) - set(self.agents)):
-            if agent in self.failed and self.failed[agent].retry_at > now:
-                continue
-            try:
-                await self._add(agent, found[agent])
-            except Exception as exc:
-                await self._start_failed(agent, exc)
+        due = [
+            agent
+            for agent in sorted(set(found) - set(self.agents))
+            if agent not in self.failed or self.failed[agent].retry_at <= now
+        ]
+        limit = asyncio.Semaphore(self.start_concurrency)
+
+        async def add(agent: str) -> None:
+            async with limit:
+                try:
+                    await self._add(agent, found[agent])
+                except Exception as exc:
+                    await self._start_failed(agent, exc)
+
+        await asyncio.gather(*(add(agent) for agent in due))
         if not self.agents and not self.failed and not self._empty_reported:
             log.warning(
                 "fleet: no agents: %s has no *%s file (it is read again every %g s)",
