@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import orjson
@@ -295,3 +296,31 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
     assert Fleet(tmp_path, start_concurrency=1).start_concurrency == 1
     with pytest.raises(ValueError, match="at least 1"):
         Fleet(tmp_path, start_concurrency=0)
+
+
+async def test_agents_starting_together_share_one_consuming_channel(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastStream opens the channel of its cache on first use without a lock: agents that
+    start together must not each open one of their own (they did, up to 16, when channels
+    open slowly: here 50 ms each)."""
+    agents = [bus.agent("f") for _ in range(20)]
+    for agent in agents:
+        add_agent(tmp_path, agent)
+    initialize = aio_pika.Channel.initialize
+
+    async def slow_initialize(self: aio_pika.Channel, *args: Any, **kw: Any) -> None:
+        await asyncio.sleep(0.05)
+        await initialize(self, *args, **kw)
+
+    results = await bus.collector("heartbeat.*.c.*")
+    fleet = Fleet(tmp_path, bus.url, bus.exchange_name, tick_interval_ms=1000, rescan_s=3600)
+    monkeypatch.setattr(aio_pika.Channel, "initialize", slow_initialize)
+    await fleet.start()
+    try:
+        await take(results, 20, within=60)
+        listing = await rabbitmqctl("list_connections", "channels")
+        counts = [int(c) for c in listing.split() if c.isdigit()]
+        assert max(counts) <= 5, f"one channel per agent? {counts}"
+    finally:
+        await fleet.stop()

@@ -267,6 +267,13 @@ class Fleet:
             for agent in sorted(set(found) - set(self.agents))
             if agent not in self.failed or self.failed[agent].retry_at <= now
         ]
+        if due:
+            # FastStream's channel cache is not safe against concurrent first use (two
+            # callers that both miss it open two channels): open the agents' shared
+            # channel once, before they declare through it together. If that fails
+            # (the broker went away), each agent's start fails, and is retried, alone.
+            with contextlib.suppress(Exception):
+                await self.broker.config.channel_manager.get_channel(self.channel)
         limit = asyncio.Semaphore(self.start_concurrency)
 
         async def add(agent: str) -> None:
