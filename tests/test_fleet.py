@@ -274,8 +274,9 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
     fleet = Fleet(tmp_path, rescan_s=3600)
     running, most, added, failed = 0, 0, [], []
 
-    async def add(agent: str, path: Path) -> None:
+    async def add(agent: str, path: Path, exchanges_ready: bool) -> None:
         nonlocal running, most
+        assert exchanges_ready, "the exchanges were ensured once, before"
         running += 1
         most = max(most, running)
         await asyncio.sleep(0.01)
@@ -287,6 +288,10 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
     async def start_failed(agent: str, exc: Exception) -> None:
         failed.append((agent, str(exc)))
 
+    async def exchanges_ready() -> bool:
+        return True
+
+    monkeypatch.setattr(fleet, "_exchanges_ready", exchanges_ready)
     monkeypatch.setattr(fleet, "_add", add)
     monkeypatch.setattr(fleet, "_start_failed", start_failed)
     await fleet.rescan()

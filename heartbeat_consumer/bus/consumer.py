@@ -162,6 +162,8 @@ class AgentConsumer:
         self.dead_letters = topic_exchange(dead_letter_exchange(bus.exchange))
         self.dead_letter_limits = inbox.dead_letters
         self.declare_topology = bus.declare
+        self.exchanges_ready = False
+        """Set by a fleet that ensured the exchanges just before opening this agent."""
         self.inbox_options = inbox.queue_options()
         self.tick_interval_ms = inbox.tick_interval_ms
         self.alive_every_ms = inbox.alive_every_ms
@@ -222,6 +224,7 @@ class AgentConsumer:
             inbox=self.inbox_options,
             dead_letters=self.dead_letter_limits,
             declare=self.declare_topology,
+            exchanges=not self.exchanges_ready,
         )
         # On the subscriber's channel: FastStream keeps the first declared queue object
         # and consumes through it, so declaring it on the broker's default channel would

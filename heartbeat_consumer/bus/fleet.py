@@ -54,6 +54,7 @@ from .connection import (
     unreachable,
 )
 from .consumer import AgentConsumer
+from .provision import declare_exchanges
 from .settings import (
     BUS_ARGUMENTS,
     DEFAULT_BUS,
@@ -198,8 +199,9 @@ class Fleet:
             metrics=self.metrics,
         )
 
-    async def _add(self, agent: str, path: Path) -> None:
+    async def _add(self, agent: str, path: Path, exchanges_ready: bool = False) -> None:
         consumer = self._consumer(agent, path)
+        consumer.exchanges_ready = exchanges_ready
         try:
             await consumer.open()
             if self._started:
@@ -274,12 +276,13 @@ class Fleet:
             # (the broker went away), each agent's start fails, and is retried, alone.
             with contextlib.suppress(Exception):
                 await self.broker.config.channel_manager.get_channel(self.channel)
+        ready = bool(due) and await self._exchanges_ready()
         limit = asyncio.Semaphore(self.start_concurrency)
 
         async def add(agent: str) -> None:
             async with limit:
                 try:
-                    await self._add(agent, found[agent])
+                    await self._add(agent, found[agent], ready)
                 except Exception as exc:
                     await self._start_failed(agent, exc)
 
@@ -292,6 +295,18 @@ class Fleet:
                 self.rescan_s,
             )
         self._empty_reported = not self.agents and not self.failed
+
+    async def _exchanges_ready(self) -> bool:
+        """Ensure the exchanges once for the agents about to start (not once per agent:
+        two declarations and two channels each). False when that fails: then every agent
+        ensures them itself, and fails alone with the reason, as it would have."""
+        try:
+            connection = await self.broker.connect()
+            await declare_exchanges(connection, self.bus.exchange, declare=self.bus.declare)
+        except Exception as exc:
+            log.debug("fleet: exchanges not ensured for all (%s); each agent tries", exc)
+            return False
+        return True
 
     def _report_skipped(self, found: dict[str, Path]) -> None:
         """Once: JSON files the pattern leaves out (a directory laid out for another

@@ -248,10 +248,14 @@ async def provision_agent(
     dead_letters: DeadLetterLimits | None = None,
     declare: bool = True,
     require: bool = False,
+    exchanges: bool = True,
 ) -> None:
     """Everything an agent's consumer needs: exchanges, DLQ, inbox and bindings.
-    ``require``: a declaration refused is an error (an admin provisioning)."""
-    await declare_exchanges(connection, exchange, declare=declare, require=require)
+    ``require``: a declaration refused is an error (an admin provisioning).
+    ``exchanges=False``: the exchanges were just ensured (a fleet does it once for all
+    the agents it starts together)."""
+    if exchanges:
+        await declare_exchanges(connection, exchange, declare=declare, require=require)
     dlx = dead_letter_exchange(exchange)
     dlq = dead_letter_queue(agent)
     limits = dead_letters or DeadLetterLimits()
