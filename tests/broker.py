@@ -155,6 +155,16 @@ async def drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.Abstract
     return found
 
 
+async def drain_all(
+    queue: aio_pika.abc.AbstractQueue,
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Whatever is in ``queue`` now, status events included."""
+    found = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        found.append(message)
+    return found
+
+
 async def rabbitmqctl(*args: str) -> str:
     """Run rabbitmqctl on this machine's broker; skip the test where it cannot.
 

@@ -36,7 +36,7 @@ from heartbeat_consumer.monitor.rules import Alert, WatchState, event_source, ob
 from heartbeat_consumer.runtime.engine import RunResult, StartedRun, local_envelope
 
 from .bloodbank_envelope import EventEnvelope, TriggerType, assert_bloodbank_envelope
-from .broker import Bus, drain, running, take
+from .broker import Bus, drain, drain_all, running, take
 from .helpers import cli, tick, write
 
 NOWHERE = "amqp://guest:guest@127.0.0.1:1/"
@@ -362,14 +362,6 @@ async def test_every_event_of_a_consumer_run_driven_by_the_cli_and_the_ticker(
         ids = orjson.loads(message.body)["correlation_ids"]
         if ids:
             assert ids[0] == correlation_uuid(message.correlation_id or ""), message.routing_key
-
-
-async def drain_all(queue: Any) -> list[Any]:
-    """Everything in ``queue`` now, status events and answers too."""
-    found = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        found.append(message)
-    return found
 
 
 async def until_key(queue: Any, key: str, within: float = 10.0) -> list[Any]:

@@ -21,7 +21,7 @@ from heartbeat_consumer.bus.consumer import HeartbeatConsumer, TopologyError
 from heartbeat_consumer.core.envelope import correlation_uuid
 from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, drain, rabbitmqctl, running, take
+from .broker import Bus, drain, drain_all, rabbitmqctl, running, take
 from .conftest import ROOT
 from .helpers import BIN, cli, tick, write
 
@@ -888,12 +888,3 @@ async def test_an_idle_agent_says_alive_now_and_then_not_on_every_tick(
         await asyncio.sleep(1.5)
     slots = [orjson.loads(m.body)["payload"]["slot"] for m in await drain_all(events)]
     assert len(slots) == 2, slots  # the run at start-up was heard; then every 3 s
-
-
-async def drain_all(
-    queue: aio_pika.abc.AbstractQueue,
-) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    found = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        found.append(message)
-    return found

@@ -33,7 +33,7 @@ from heartbeat_consumer.core.timeutil import floor_to
 from heartbeat_consumer.handlers.registry import unregister_handler
 from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, queue_stats, rabbitmqctl, running, settled, take, watching
+from .broker import Bus, drain_all, queue_stats, rabbitmqctl, running, settled, take, watching
 from .helpers import BIN, envelope, memory_mb, now_ms, slot_tick, until, write
 
 pytestmark = pytest.mark.rabbit
@@ -217,15 +217,6 @@ async def test_sigkill_during_a_handler_keeps_the_state_and_reruns_the_slot_once
     saved, _ = StateStore(state).load()
     assert saved.check("c").last_run == slot
     assert saved.check("c").runs == 8
-
-
-async def drain_all(
-    queue: aio_pika.abc.AbstractQueue,
-) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    found = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        found.append(message)
-    return found
 
 
 FLOOD = "import sys; sys.stdout.write('x' * 100_000_000); sys.stderr.write('e' * 10_000_000)"

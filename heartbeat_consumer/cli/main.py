@@ -35,7 +35,6 @@ EXPECTED_IN = {
     "heartbeat_consumer.bus.connection": ("BrokerError", "TlsError"),
     "heartbeat_consumer.bus.provision": ("TopologyError",),
     "heartbeat_consumer.bus.fleet": ("FleetError",),
-    "heartbeat_consumer.ops.health": ("ServeError",),
     "heartbeat_consumer.ops.http": ("ServeError",),
 }
 """The same, from modules only the bus commands load: looked up only once loaded, so
