@@ -358,3 +358,44 @@ async def test_output_limits_and_kept_history_are_whole_numbers_in_range() -> No
         result = await command(dict(PAYLOAD), cfg)
         assert result["status"] == "failed", limit
         assert "maxOutputBytes" in result["error"], limit
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "system.heartbeat.tick",
+        "agent.a.heartbeat.tick",  # a Bloodbank check named 'tick' would tick its own agent
+        "agent.other.heartbeat.run",
+        "heartbeat.a.c.success",
+        "heartbeat.a._status.online",
+        "heartbeat.a._command.ack",
+        "heartbeat.a._alert.stale",
+    ],
+)
+async def test_publish_refuses_the_heartbeat_s_own_keys(key: str) -> None:
+    from heartbeat_consumer.core.state import AgentState
+    from heartbeat_consumer.handlers.registry import RunContext
+
+    sent: list[str] = []
+
+    async def publish(routing_key: str, payload: dict[str, Any]) -> None:
+        sent.append(routing_key)
+
+    handler = get_handler("publish")
+    assert handler is not None
+    for event_type, expected in ((key, "failed"), ("ops.a.ping", "success")):
+        config = check(handler="publish", meta={"eventType": event_type})
+        context = RunContext(
+            agent="a",
+            check=config,
+            config=parse_config(b'{"agent": "a", "checks": {}}').config,
+            state=AgentState(),
+            slot_ms=0,
+            process_started_ms=0,
+            publish=publish,
+        )
+        outcome = await invoke(handler, PAYLOAD, config, context)
+        assert outcome.status == expected, outcome
+        if expected == "failed":
+            assert "is the key of a heartbeat" in (outcome.error or ""), outcome
+    assert sent == ["ops.a.ping"]

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from ..core.config import CheckConfig
+from ..core.envelope import key_kind
 from ..core.state import compact_history
 from ..core.timeutil import iso
 from ..core.topology import dispatch_key
@@ -116,7 +117,9 @@ async def publish(tick_payload: dict[str, Any], check_config: CheckConfig) -> di
     The payload is ``meta.payload`` (an object, default empty) with ``agent``,
     ``agent_name``, ``check``, ``check_id``, ``description``, ``slot`` and
     ``idempotency_key`` set. Skipped where there is no bus (``run --local``,
-    ``run-once``). Bloodbank's ``action: publish`` is this handler.
+    ``run-once``). Bloodbank's ``action: publish`` is this handler. A key that is one of
+    the heartbeat's own (a tick, a command to an agent, a run's result or status: see
+    :func:`~..core.envelope.key_kind`) fails the check: an event must not pose as them.
     """
     ctx = current_run()
     if ctx is None or ctx.publish is None:
@@ -128,6 +131,13 @@ async def publish(tick_payload: dict[str, Any], check_config: CheckConfig) -> di
             "status": "failed",
             "error": "meta.eventType must be a routing key: words of letters, digits, "
             "'_' or '-' joined by '.', no wildcards, at most 255 characters",
+        }
+    kind = key_kind(key)
+    if kind is not None:  # an agent would read it as a tick or command, a monitor as ours
+        return {
+            "status": "failed",
+            "error": f"meta.eventType {key!r} is the key of a heartbeat {kind}; "
+            "publish events under keys of their own",
         }
     extra = meta.get("payload", {})
     if not isinstance(extra, dict):
