@@ -396,3 +396,18 @@ def test_config_invalid_survives_a_state_save_and_load() -> None:
     assert count == 2
     assert fixed.agents["a"].config_error == "y" * 200
     assert fixed.agents["a"].config_invalid_at is None
+
+
+def test_a_started_folded_after_its_own_result_is_not_a_new_run() -> None:
+    """Deliveries are handled concurrently: a run's started can be folded after its
+    result. It must not leave the check shown as running (nor time it out later)."""
+    state = observe(WatchState(), result("a", "c", key="a:c:1"), T0 + 5)
+    state = observe(state, started("a", "c", "a:c:1", timeout_ms=MIN), T0)
+    check = state.agents["a"].checks["c"]
+    assert check.started_at is None
+    assert check.last_status == "success"
+    state, alerts = evaluate(state, CONFIG, T0 + 10 * MIN)
+    assert [a for a in alerts if a.kind == "timeout"] == []
+    # A forced rerun in the same slot (same key) starts after the result: it is running.
+    state = observe(state, started("a", "c", "a:c:1"), T0 + 6)
+    assert state.agents["a"].checks["c"].started_at == T0 + 6

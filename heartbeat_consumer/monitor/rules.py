@@ -124,6 +124,9 @@ class CheckView:
     """Idempotency key of a run announced and not finished."""
     started_at: int | None = None
     timeout_ms: int | None = None
+    last_key: str | None = None
+    """Idempotency key of the last result: that run's ``started``, if it comes after it
+    (the monitor handles deliveries concurrently), is not taken for a new run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +353,13 @@ def _fold_check(
     if cadence:
         check = replace(check, cadence_ms=cadence)
     if kind == "started":
+        key = str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS]
+        finished = check.last_result_at
+        if key and key == check.last_key and finished is not None and at_ms <= finished:
+            return check  # that run has finished already (a forced rerun starts later)
         return replace(
             check,
-            running_key=str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS],
+            running_key=key,
             started_at=at_ms,
             timeout_ms=_duration(payload.get("timeout_ms")) or None,
         )
@@ -363,6 +370,7 @@ def _fold_check(
         "last_result_at": at_ms,
         "last_error": str(error)[:MAX_ERROR_CHARS] if error else None,
         "duration_ms": _duration(payload.get("duration_ms"), minimum=0),
+        "last_key": str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS] or None,
     }
     changes["failures"] = check.failures + 1 if status in FAILED_STATUSES else 0
     if status in OK_STATUSES:  # the agent records the slot as lastRun: the check ran
