@@ -148,8 +148,17 @@ async def serve_fleet(n: int, exchange_name: str) -> None:
             rescan_s=3600,
         )
         await fleet.start()
+        profile = os.environ.get("BENCH_PROFILE")  # a file: the fleet's profile, as text
+        if profile:
+            from pyinstrument import Profiler  # pip install pyinstrument (not a dependency)
+
+            profiler = Profiler(interval=0.0005, async_mode="disabled")
+            profiler.start()
         print("READY", flush=True)
         await until_terminated()
+        if profile:
+            profiler.stop()
+            Path(profile).write_text(profiler.output_text(unicode=False, show_all=False))
         await fleet.stop()
 
 

@@ -60,14 +60,27 @@ async def measure(n: int, concurrency: int) -> None:
         )
         await fleet.start()
         took = time.monotonic() - started
+        first = fleet.last_start
         await asyncio.sleep(1)
         after = rss_mb()
         await fleet.stop()
+        # A restart: the same agents, their queues and state files there already.
+        again = Fleet(
+            tmp,
+            bus=BusSettings(url=URL, exchange=exchange),
+            rescan_s=3600,
+            start_concurrency=concurrency,
+        )
+        await again.start()
+        restart = again.last_start
+        await again.stop()
     await delete(exchange, agents)
     per_agent = (after - before) / n * 1024
     print(
         f"{n:>6} agents  RSS {after:7.1f} MB  (+{per_agent:6.1f} KB/agent)  "
-        f"start-up {took:5.1f} s, {concurrency:>2} at once"
+        f"{concurrency:>2} at once: new {took:5.1f} s (consuming after "
+        f"{first.consuming_s:5.2f} s); restart: consuming after {restart.consuming_s:5.2f} s, "
+        f"evaluated after {restart.evaluated_s:5.2f} s"
     )
 
 

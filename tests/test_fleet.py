@@ -265,7 +265,7 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
 ) -> None:
     """A rescan starts its new agents START_CONCURRENCY at a time (not one after another,
     nor all at once: each holds a channel of its own while it declares); one that fails
-    is reported and does not hold up the rest."""
+    is reported and does not hold up the rest; they are evaluated once all consume."""
     from heartbeat_consumer.bus import fleet as fleet_module
 
     names = [f"a{i:02d}" for i in range(40)]
@@ -274,7 +274,17 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
     fleet = Fleet(tmp_path, rescan_s=3600)
     running, most, added, failed = 0, 0, [], []
 
-    async def add(agent: str, path: Path, exchanges_ready: bool) -> None:
+    evaluated: list[str] = []
+
+    class Started:
+        def __init__(self, agent: str) -> None:
+            self.agent = agent
+
+        async def evaluate_now(self) -> None:
+            assert sorted(added) == [n for n in names if n != "a07"], "all consume first"
+            evaluated.append(self.agent)
+
+    async def add(agent: str, path: Path, exchanges_ready: bool, lender: object) -> Started:
         nonlocal running, most
         assert exchanges_ready, "the exchanges were ensured once, before"
         running += 1
@@ -284,6 +294,7 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
         if agent == "a07":
             raise RuntimeError("refused")
         added.append(agent)
+        return Started(agent)
 
     async def start_failed(agent: str, exc: Exception) -> None:
         failed.append((agent, str(exc)))
@@ -298,6 +309,8 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
     assert most == fleet_module.START_CONCURRENCY
     assert sorted(added) == [n for n in names if n != "a07"]
     assert failed == [("a07", "refused")]
+    assert sorted(evaluated) == sorted(added), "each started agent is evaluated once"
+    assert fleet.last_start.agents == len(added)
     assert Fleet(tmp_path, start_concurrency=1).start_concurrency == 1
     with pytest.raises(ValueError, match="at least 1"):
         Fleet(tmp_path, start_concurrency=0)
@@ -327,5 +340,46 @@ async def test_agents_starting_together_share_one_consuming_channel(
         listing = await rabbitmqctl("list_connections", "channels")
         counts = [int(c) for c in listing.split() if c.isdigit()]
         assert max(counts) <= 5, f"one channel per agent? {counts}"
+    finally:
+        await fleet.stop()
+
+
+async def test_a_refusal_on_the_lent_channel_falls_back_and_the_next_agent_declares_anew(
+    bus: Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents starting together declare on a channel lent to them. One whose inbox exists
+    with other arguments is refused there (which closes that channel): it falls back to
+    declaring step by step (the queue is used as it is, with a warning), and the agents
+    after it, one at a time here, get a new channel; all of them answer."""
+    caplog.set_level("DEBUG", logger="heartbeat_consumer.provision")
+    agents = sorted(bus.agent("f") for _ in range(3))
+    for agent in agents:
+        add_agent(tmp_path, agent)
+    other = await aio_pika.connect(bus.url)
+    try:
+        channel = await other.channel()
+        await channel.declare_queue(
+            f"agent.{agents[0]}.inbox", durable=True, arguments={"x-max-length": 7}
+        )
+    finally:
+        await other.close()
+    results = await bus.collector("heartbeat.*.c.*")
+    fleet = Fleet(
+        tmp_path,
+        bus.url,
+        bus.exchange_name,
+        tick_interval_ms=1000,
+        rescan_s=3600,
+        start_concurrency=1,
+    )
+    await fleet.start()
+    try:
+        keys = {m.routing_key for m in await take(results, 3, within=30)}
+        assert keys == {f"heartbeat.{a}.c.success" for a in agents}
+        assert set(fleet.agents) == set(agents) and not fleet.failed
+        assert f"{agents[0]}: declaring on the shared channel failed" in caplog.text
+        assert f"queue agent.{agents[0]}.inbox exists with other arguments" in caplog.text
+        assert fleet.last_start.agents == 3
+        assert (await fleet.health()).ok
     finally:
         await fleet.stop()

@@ -213,9 +213,10 @@ class AgentConsumer:
 
     # --- start-up -------------------------------------------------------------------------
 
-    async def declare(self) -> None:
+    async def declare(self, lent: AbstractChannel | None = None) -> None:
         """Declare (or check) exchanges, the dead-letter queue, the inbox and its two
-        bindings. Needs a connected broker; raises :class:`TopologyError`."""
+        bindings (on ``lent`` first, a channel a fleet lends to the agents it starts).
+        Needs a connected broker; raises :class:`TopologyError`."""
         connection = await self.broker.connect()
         await provision_agent(
             connection,
@@ -225,6 +226,7 @@ class AgentConsumer:
             dead_letters=self.dead_letter_limits,
             declare=self.declare_topology,
             exchanges=not self.exchanges_ready,
+            channel=lent,
         )
         # On the subscriber's channel: FastStream keeps the first declared queue object
         # and consumes through it, so declaring it on the broker's default channel would
@@ -239,21 +241,32 @@ class AgentConsumer:
         self.broker._subscribers.discard(self.subscriber)
         self.lock.release()
 
-    async def open(self) -> None:
-        """Load the state, declare the topology, say ``online`` and evaluate once.
+    async def open(self, *, evaluate: bool = True, lent: AbstractChannel | None = None) -> None:
+        """Load the state, declare the topology (on ``lent`` first), say ``online`` and,
+        with ``evaluate``, evaluate once (a fleet does that once its agents consume).
 
         An unusable state file does not stop the agent: it is reported (a
         ``state_error`` status event) and the state is kept in memory meanwhile. Raises
         :class:`~.store.AgentBusy` when another consumer of the agent runs with the same
         state directory."""
-        self.lock.acquire()
-        problem = self.runner.start(require_writable=False)
-        await self.declare()
+        # In a worker thread: a fleet starting many agents at once does their file
+        # system work side by side, and the event loop goes on with their declarations.
+        problem = await asyncio.to_thread(self._open_files)
+        await self.declare(lent)
         await self.publish_status("online", pid=os.getpid())
         if problem is not None:
             log.error("%s: %s; running with the state in memory", self.agent, problem)
             await self._report_state(problem)
-        await self.evaluate_now()
+        if evaluate:
+            await self.evaluate_now()
+
+    def _open_files(self) -> StateError | None:
+        self.lock.acquire()
+        try:
+            return self.runner.start(require_writable=False)
+        except BaseException:
+            self.lock.release()
+            raise
 
     async def _report_state(self, problem: Exception | None) -> None:
         """``state_error`` while saving fails; ``state_ok`` once it works again."""

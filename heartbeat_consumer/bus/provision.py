@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import (
+    AMQPError,
     ChannelAccessRefused,
+    ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
 )
@@ -249,16 +251,39 @@ async def provision_agent(
     declare: bool = True,
     require: bool = False,
     exchanges: bool = True,
+    channel: AbstractChannel | None = None,
 ) -> None:
     """Everything an agent's consumer needs: exchanges, DLQ, inbox and bindings.
     ``require``: a declaration refused is an error (an admin provisioning).
     ``exchanges=False``: the exchanges were just ensured (a fleet does it once for all
-    the agents it starts together)."""
+    the agents it starts together). ``channel``: tried first for all of it at once (a
+    fleet lends one to each agent it starts: five round trips instead of eleven); if
+    anything is refused there, which closes that channel, each step is done again on a
+    channel of its own, to tell a refusal from a mismatch and fall back as above."""
     if exchanges:
         await declare_exchanges(connection, exchange, declare=declare, require=require)
     dlx = dead_letter_exchange(exchange)
     dlq = dead_letter_queue(agent)
     limits = dead_letters or DeadLetterLimits()
+    bindings = [(exchange, key) for key in inbox_bindings(agent)]
+    arguments = (inbox or InboxOptions()).arguments()
+    if channel is not None and not channel.is_closed:
+        try:
+            if declare:
+                dead = await channel.declare_queue(dlq, durable=True, arguments=_classic(limits))
+                await dead.bind(dlx, routing_key=dlq)
+                queue = await channel.declare_queue(
+                    inbox_queue(agent), durable=True, arguments=arguments
+                )
+                for bound, key in bindings:
+                    await queue.bind(bound, routing_key=key)
+            else:
+                await channel.declare_queue(dlq, passive=True)
+                await channel.declare_queue(inbox_queue(agent), passive=True)
+            return
+        except (AMQPError, ChannelInvalidStateError) as exc:
+            # That closed the channel (its lender opens another): step by step instead.
+            log.debug("%s: declaring on the shared channel failed (%s); step by step", agent, exc)
     await _queue(
         connection,
         dlq,
@@ -267,8 +292,6 @@ async def provision_agent(
         declare=declare,
         require=require,
     )
-    bindings = [(exchange, key) for key in inbox_bindings(agent)]
-    arguments = (inbox or InboxOptions()).arguments()
     await _queue(
         connection,
         inbox_queue(agent),
