@@ -2,6 +2,7 @@
 echo measured in the same run.
 
 Run: make bench   (or .venv/bin/python bench/bench_bus.py [N ...]; RABBIT_URL or localhost)
+BENCH_PROFILE=FILE writes the fleet child's cProfile statistics to FILE.
 
 The system under test runs in a child process; this process is the ticker and the
 collector. Both sides see the same traffic:
@@ -28,6 +29,7 @@ result's arrival; p50 and p99 of 300.
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import logging
 import os
 import platform
@@ -148,17 +150,15 @@ async def serve_fleet(n: int, exchange_name: str) -> None:
             rescan_s=3600,
         )
         await fleet.start()
-        profile = os.environ.get("BENCH_PROFILE")  # a file: the fleet's profile, as text
+        profile = os.environ.get("BENCH_PROFILE")  # a file: the fleet's cProfile stats
+        profiler = cProfile.Profile()
         if profile:
-            from pyinstrument import Profiler  # pip install pyinstrument (not a dependency)
-
-            profiler = Profiler(interval=0.0005, async_mode="disabled")
-            profiler.start()
+            profiler.enable()
         print("READY", flush=True)
         await until_terminated()
         if profile:
-            profiler.stop()
-            Path(profile).write_text(profiler.output_text(unicode=False, show_all=False))
+            profiler.disable()
+            profiler.dump_stats(profile)
         await fleet.stop()
 
 

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from heartbeat_consumer import AgentRunner, CheckConfig, RunResult, register_handler
+from heartbeat_consumer.handlers.registry import unregister_handler
 from heartbeat_consumer.runtime.local import next_slot, run_local, run_once
 from heartbeat_consumer.runtime.store import StateStore
 
@@ -453,3 +454,54 @@ async def test_a_fifo_or_a_device_as_config_blocks_nothing(
         report = await asyncio.wait_for(runner.tick(T0), 5)
         assert report.config_error is not None
         assert "not a regular file" in str(report.config_error)
+
+
+async def test_the_started_event_is_confirmed_while_the_handler_runs_and_before_the_result(
+    write_config: WriteConfig,
+) -> None:
+    """Pipelined: the started event's confirmation is awaited beside the handler, not
+    before it (here it can only come once the handler has begun), and the result is
+    handed on only after it."""
+    handler_began = asyncio.Event()
+    order: list[str] = []
+
+    @register_handler("pipelined_probe")
+    async def probe(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        order.append("handler")
+        handler_began.set()
+        await asyncio.sleep(0.01)
+        return {"status": "success"}
+
+    async def on_start(run: Any) -> None:
+        await handler_began.wait()  # a confirmation that arrives while the handler runs
+        await asyncio.sleep(0.05)  # and after the handler is done
+        order.append("started")
+
+    path = write_config(config({"c": {"cadenceMs": MIN, "handler": "pipelined_probe"}}))
+    runner, rec = runner_for(path, on_start=on_start)
+    try:
+        report = await asyncio.wait_for(runner.tick(T0, {"event_id": "e"}), 5)
+    finally:
+        unregister_handler("pipelined_probe")
+    assert [r.status for r in report.results] == ["success"]
+    assert order == ["handler", "started"]
+    assert len(rec.results) == 1
+
+
+async def test_a_started_event_that_fails_does_not_undo_the_run(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler has run by the time the started event's publish fails: its result is
+    handed on and the state saved (not a second run on the redelivery)."""
+
+    async def on_start(run: Any) -> None:
+        raise ConnectionError("the broker went away")
+
+    path = write_config(config({"c": {"cadenceMs": MIN, "handler": "default"}}))
+    runner, rec = runner_for(path, on_start=on_start)
+    report = await runner.tick(T0, {"event_id": "e"})
+    assert [r.status for r in report.results] == ["success"]
+    assert len(rec.results) == 1
+    assert "started event not confirmed" in caplog.text
+    saved, _ = StateStore(path.with_name("heartbeat.json.state.json")).load()
+    assert saved.check("c").last_run == T0

@@ -796,3 +796,92 @@ async def test_a_forced_run_redelivered_after_a_lost_connection_is_not_run_again
         assert await bus.count(results.name) == 1, "its result was re-sent, once"
     finally:
         unregister_handler(f"long_{agent}")
+
+
+async def test_killed_connection_with_a_fleet_s_confirms_in_flight_loses_nothing_acked(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Twelve agents of one fleet share one connection; every tick makes each of them
+    publish a started event and a result (30 ms apart) and wait for their confirms, so
+    at any moment a batch of confirms from several agents is in flight on it. The
+    connection is killed mid-stream: every tick the broker confirmed still gives each
+    agent exactly one run and one result (a result re-sent is the same event), and
+    every agent's saved state has the last slot."""
+    agents = sorted(bus.agent("k") for _ in range(12))
+    name = f"count_{agents[0]}"
+    calls: list[str] = []
+
+    @register_handler(name)
+    async def count(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        calls.append(payload["idempotency_key"])
+        await asyncio.sleep(0.03)
+        return {"status": "success"}
+
+    configs, states = tmp_path / "configs", tmp_path / "state"
+    configs.mkdir()
+    for agent in agents:
+        (configs / f"{agent}.heartbeat.json").write_bytes(
+            orjson.dumps(
+                {"agent": agent, "checks": {"c": {"cadenceMs": INTERVAL, "handler": name}}}
+            )
+        )
+    results = await bus.collector("heartbeat.*.c.success", durable=True)
+    fleet = Fleet(
+        configs,
+        bus.url,
+        bus.exchange_name,
+        tick_interval_ms=INTERVAL,
+        state_dir=states,
+        rescan_s=3600,
+    )
+    seen: list[dict[str, Any]] = []
+    confirmed: set[int] = set()
+    try:
+        await fleet.start()
+        first = floor_to(now_ms(), INTERVAL) + 30_000
+        injector: asyncio.Task[str] | None = None
+        after_fault = 0
+        for i in range(400):
+            slot = first + i * INTERVAL
+            with contextlib.suppress(Exception):
+                persistent = aio_pika.DeliveryMode.PERSISTENT
+                await asyncio.wait_for(
+                    bus.publish("system.heartbeat.tick", slot_tick(slot), delivery_mode=persistent),
+                    2,
+                )
+                confirmed.add(slot)
+            if i == 10:
+                injector = asyncio.create_task(
+                    rabbitmqctl("close_all_connections", "test: confirms in flight")
+                )
+            if injector is not None and injector.done():
+                after_fault += 1
+                if after_fault == 10:
+                    break
+            await asyncio.sleep(0.05)
+        assert injector is not None and injector.done(), "the fault did not end"
+        await injector
+        want = {f"{agent}:c:{slot}" for agent in agents for slot in confirmed}
+        for _ in range(600):  # up to a minute for the backlog
+            with contextlib.suppress(Exception):
+                seen += await read_all(results)
+            if want <= {e["payload"]["idempotency_key"] for e in seen}:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await fleet.stop()
+        unregister_handler(name)
+    assert len(confirmed) >= 15
+    keys = {e["payload"]["idempotency_key"] for e in seen}
+    missing = sorted(want - keys)
+    assert not missing, f"{len(missing)} confirmed (agent, tick) without a result: {missing[:5]}"
+    ran_twice = [key for key, n in Counter(calls).items() if n > 1]
+    assert not ran_twice, f"handler ran twice for {ran_twice[:5]}"
+    for key in keys:  # a re-sent result is the same event, not a new run
+        ids = {e["event_id"] for e in seen if e["payload"]["idempotency_key"] == key}
+        assert len(ids) == 1, f"{key}: {len(ids)} different results"
+    for agent in agents:
+        saved, warning = StateStore(states / f"{agent}.state.json").load()
+        assert warning is None
+        ran = {int(k.rsplit(":", 1)[1]) for k in keys if k.startswith(f"{agent}:")}
+        assert saved.check("c").last_run == max(ran), agent

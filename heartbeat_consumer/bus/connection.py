@@ -257,11 +257,12 @@ async def queue_health(
     return Health(ok=consuming and consumers > 0, connected=True, detail=detail)
 
 
-def raw_body(message: StreamMessage[Any]) -> bytes:
+async def raw_body(message: StreamMessage[Any]) -> bytes:
     """A FastStream decoder that does not decode: the handler takes the raw body and
     decodes it itself. (FastStream's own decoder parses by content type before the
     handler runs; with manual acks a body that does not match its content type would
-    stay unacknowledged for ever.)"""
+    stay unacknowledged for ever.) A coroutine: FastStream runs a plain function in a
+    worker thread, a thread hop per delivery."""
     return message.body
 
 

@@ -24,6 +24,7 @@ names must be names (``^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$``, or ``*`` where it mea
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 import socket
 import uuid
@@ -150,6 +151,12 @@ def local_event_id(slot_ms: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"local:{slot_ms}"))
 
 
+@functools.cache
+def host_name() -> str:
+    """This host's name, read once per process, not with a system call per event."""
+    return socket.gethostname()
+
+
 def envelope(
     event_type: str,
     payload: dict[str, Any],
@@ -176,7 +183,7 @@ def envelope(
         "timestamp": iso(timestamp_ms),
         "version": VERSION,
         "source": {
-            "host": socket.gethostname(),
+            "host": host_name(),
             "type": source_type,
             "app": APP,
             "meta": {"component": component},

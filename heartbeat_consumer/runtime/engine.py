@@ -71,6 +71,12 @@ MANUAL_RUNS_REMEMBERED = 1000
 """Characters of a result kept in the state file's ``lastResult``."""
 
 
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Marks a task's exception as seen (it is logged where the task is awaited)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -516,8 +522,13 @@ class AgentRunner:
             cadence_ms=check.cadence_ms,
             timeout_ms=check.effective_timeout_ms,
         )
+        # The started event is confirmed while the handler runs, and before its result
+        # is sent (so that the two arrive in order). If it fails, the run is not undone:
+        # its result is handed on as usual, or kept to be re-sent if that fails too.
+        announcing = None
         if self.on_start is not None:
-            await self.on_start(start)
+            announcing = asyncio.ensure_future(self.on_start(start))
+            announcing.add_done_callback(_retrieved)
         if handler is None:  # unregistered between plan and run
             outcome_status: Status = "failed"
             result: dict[str, Any] = {}
@@ -526,6 +537,11 @@ class AgentRunner:
             outcome = await invoke(handler, payload, check, context)
             outcome_status, result, error = outcome.status, outcome.result, outcome.error
         finished = self.clock()
+        if announcing is not None:
+            try:
+                await announcing
+            except Exception as exc:
+                log.warning("%s: started event not confirmed (%s); its result follows", key, exc)
         after = record_run(
             context.state,
             check=check.name,
