@@ -34,11 +34,20 @@ demo: $(STAMP)
 	$(BIN)/heartbeat-consumer status examples/cack.heartbeat.json --state .demo/cack.state.json
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEERS) .demo .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
-# Benchmarks against the RabbitMQ of `make test` (RABBIT_URL or localhost); about 10 minutes.
-# They print tables; bench/results.md records a run. Not part of `make test`.
-bench: $(STAMP)
+# Benchmarks against the RabbitMQ of `make test` (RABBIT_URL or localhost); about 15 minutes.
+# They print tables; bench/results.md records a run. Not part of `make test`. The peers
+# measured beside us (Celery) go into an environment of their own, bench/.peers.
+PEERS := bench/.peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): bench/peers.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet -r bench/peers.txt
+	touch $(PEERS_STAMP)
+
+bench: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python bench/bench_evaluate.py
 	$(BIN)/python bench/bench_bus.py
 	$(BIN)/python bench/bench_fleet_memory.py

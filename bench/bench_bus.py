@@ -40,6 +40,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import orjson
@@ -171,6 +172,7 @@ class Bench:
         self.arrived: list[float] = []
         self.waiter: asyncio.Event = asyncio.Event()
         self.want = 0
+        self.celery_agents: list[str] = []
 
     async def open(self) -> None:
         self.connection = await aio_pika.connect(URL)
@@ -196,13 +198,26 @@ class Bench:
             await asyncio.wait_for(self.waiter.wait(), within_s)
 
     async def send(self, slot_ms: int) -> None:
+        if self.celery_agents:  # Celery has no fan-out: a task per agent and tick
+            queue = celery_queue(self.exchange_name)
+            await asyncio.gather(
+                *(
+                    self.channel.default_exchange.publish(celery_task(agent, slot_ms), queue)
+                    for agent in self.celery_agents
+                )
+            )
+            return
         await self.exchange.publish(aio_pika.Message(tick(slot_ms)), "system.heartbeat.tick")
 
     async def close(self, n: int, kind: str) -> None:
         await self.channel.close()  # our consumer goes before its queue
         channel = await self.connection.channel()
         await channel.queue_delete(f"{self.exchange_name}.collect")
+        if kind in CELERY_POOLS:
+            await channel.queue_delete(celery_queue(self.exchange_name))
         for i in range(n):
+            if kind in CELERY_POOLS:
+                break
             if kind.startswith("echo"):
                 await channel.queue_delete(f"{self.exchange_name}.echo.{i}")
             else:
@@ -214,16 +229,71 @@ class Bench:
         await self.connection.close()
 
 
-async def start_child(kind: str, n: int, exchange_name: str) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        __file__,
-        "--serve",
-        kind,
-        str(n),
-        exchange_name,
-        stdout=asyncio.subprocess.PIPE,
+PEERS = Path(__file__).with_name(".peers")
+"""The peers' own environment (``make bench`` makes it): Celery, not a project dependency."""
+CELERY_POOLS = {
+    "celery-solo": ["--pool", "solo"],
+    "celery-threads": ["--pool", "threads", "-c", "8"],
+}
+
+
+def celery_queue(exchange_name: str) -> str:
+    return f"{exchange_name}.celery"
+
+
+def celery_task(agent: str, slot_ms: int) -> aio_pika.Message:
+    """A Celery task message (protocol 2) for ``peer.beat(agent, slot_ms)``, as Celery's
+    own client sends it: persistent, JSON."""
+    task_id = str(uuid.uuid4())
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": "peer.beat",
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": repr((agent, slot_ms)),
+        "kwargsrepr": "{}",
+        "origin": "bench_bus",
+    }
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    return aio_pika.Message(
+        orjson.dumps([[agent, slot_ms], {}, embed]),
+        headers=headers,
+        content_type="application/json",
+        content_encoding="utf-8",
+        correlation_id=task_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
+
+
+async def start_child(kind: str, n: int, exchange_name: str) -> asyncio.subprocess.Process:
+    if kind in CELERY_POOLS:
+        env = {
+            **os.environ,
+            "BENCH_URL": URL,
+            "BENCH_EXCHANGE": exchange_name,
+        }
+        argv = [str(PEERS / "bin" / "celery"), "-A", "celery_peer", "worker"]
+        argv += [*CELERY_POOLS[kind], "-Q", celery_queue(exchange_name), "-l", "warning"]
+        argv += ["--without-heartbeat", "--without-mingle", "--without-gossip"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=Path(__file__).parent, env=env, stdout=asyncio.subprocess.PIPE
+        )
+    else:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--serve",
+            kind,
+            str(n),
+            exchange_name,
+            stdout=asyncio.subprocess.PIPE,
+        )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 600)
     assert line.strip() == b"READY", line
@@ -241,6 +311,9 @@ async def run(kind: str, n: int, ticks: int) -> tuple[float, list[float]]:
     exchange_name = f"bench.{uuid.uuid4().hex[:8]}"
     bench = Bench(exchange_name)
     await bench.open()
+    if kind in CELERY_POOLS:
+        bench.celery_agents = [f"{exchange_name.rsplit('.', 1)[1]}c{i}" for i in range(n)]
+        await bench.channel.declare_queue(celery_queue(exchange_name), durable=True)
     proc = await start_child(kind, n, exchange_name)
     try:
         if kind == "fleet":  # each agent's start-up run
@@ -277,20 +350,30 @@ async def main(sizes: list[int]) -> None:
     print(f"# bus benchmarks, {time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, ", end="")
     print(f"python {platform.python_version()}, broker {URL.split('@')[-1]}")
     print()
-    print(
-        "| agents | ticks | raw aio-pika echo | echo + the same I/O | heartbeat-consumer ", end=""
-    )
-    print("| ratio to echo | ratio to echo + same I/O |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    peers = list(CELERY_POOLS) if (PEERS / "bin" / "celery").exists() else []
+    if not peers:
+        print(f"(Celery is not measured: {PEERS} is missing; `make bench` makes it)\n")
+    header = "| agents | ticks | raw aio-pika echo | echo + the same I/O "
+    header += "".join(f"| Celery, {kind.split('-')[1]} pool " for kind in peers)
+    print(header + "| heartbeat-consumer | ratio to echo | ratio to echo + same I/O |")
+    print("|---:|---:|---:|---:|" + "---:|" * len(peers) + "---:|---:|---:|")
     for n in sizes:
         ticks = TICKS.get(n, max(5, 2000 // n))
         echo, _ = await run("echo", n, ticks)
         same, _ = await run("echo-same-work", n, ticks)
+        celery = [(await run(kind, n, ticks))[0] for kind in peers]
         fleet, _ = await run("fleet", n, ticks)
         print(
-            f"| {n} | {ticks} | {echo:,.0f}/s | {same:,.0f}/s | {fleet:,.0f}/s "
-            f"| {fleet / echo:.2f}x | {fleet / same:.2f}x |",
+            f"| {n} | {ticks} | {echo:,.0f}/s | {same:,.0f}/s "
+            + "".join(f"| {c:,.0f}/s " for c in celery)
+            + f"| {fleet:,.0f}/s | {fleet / echo:.2f}x | {fleet / same:.2f}x |",
             flush=True,
+        )
+    if peers:
+        print(
+            "\nPer task Celery (acks_late, prefetch 1, persistent, confirmed) publishes one"
+            " result and acks; it keeps no state (no fsync) and sends no started event,"
+            " which heartbeat-consumer does per tick and agent."
         )
     latencies = {
         "raw aio-pika echo": (await run("echo", 1, 0))[1],
