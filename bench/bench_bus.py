@@ -213,8 +213,9 @@ class Bench:
         await self.channel.close()  # our consumer goes before its queue
         channel = await self.connection.channel()
         await channel.queue_delete(f"{self.exchange_name}.collect")
-        if kind in CELERY_POOLS:
+        if kind in CELERY_POOLS:  # the worker declares an exchange of the queue's name
             await channel.queue_delete(celery_queue(self.exchange_name))
+            await channel.exchange_delete(celery_queue(self.exchange_name))
         for i in range(n):
             if kind in CELERY_POOLS:
                 break
@@ -295,8 +296,9 @@ async def start_child(kind: str, n: int, exchange_name: str) -> asyncio.subproce
             stdout=asyncio.subprocess.PIPE,
         )
     assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 600)
-    assert line.strip() == b"READY", line
+    deadline = time.monotonic() + 600
+    while (line := await asyncio.wait_for(proc.stdout.readline(), 600)).strip() != b"READY":
+        assert line and time.monotonic() < deadline, "the child ended before it was ready"
     return proc
 
 
@@ -314,7 +316,11 @@ async def run(kind: str, n: int, ticks: int) -> tuple[float, list[float]]:
     if kind in CELERY_POOLS:
         bench.celery_agents = [f"{exchange_name.rsplit('.', 1)[1]}c{i}" for i in range(n)]
         await bench.channel.declare_queue(celery_queue(exchange_name), durable=True)
-    proc = await start_child(kind, n, exchange_name)
+    try:
+        proc = await start_child(kind, n, exchange_name)
+    except BaseException:
+        await bench.close(n, kind)
+        raise
     try:
         if kind == "fleet":  # each agent's start-up run
             await bench.until(n, 120)

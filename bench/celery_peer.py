@@ -35,6 +35,7 @@ app.conf.update(
     task_ignore_result=True,  # the result is the event the task publishes
     broker_transport_options={"confirm_publish": True},
     worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,  # READY goes to bench_bus.py on stdout
     broker_connection_retry_on_startup=True,
     worker_enable_remote_control=False,  # no pidbox exchanges left on the broker
     worker_send_task_events=False,
