@@ -19,11 +19,12 @@ from heartbeat_consumer import CheckConfig, register_handler
 from heartbeat_consumer.bus.connection import REASON_HEADER
 from heartbeat_consumer.bus.consumer import HeartbeatConsumer, TopologyError
 from heartbeat_consumer.core.envelope import correlation_uuid
+from heartbeat_consumer.core.timeutil import floor_to
 from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, drain, drain_all, rabbitmqctl, running, take
+from .broker import Bus, drain, drain_all, rabbitmqctl, running, settled, take
 from .conftest import ROOT
-from .helpers import BIN, cli, tick, write
+from .helpers import BIN, cli, now_ms, slot_tick, tick, write
 
 MIN = 60_000
 
@@ -781,6 +782,44 @@ async def test_a_tick_that_failed_on_the_broker_is_evaluated_when_it_comes_back(
         (result,) = await take(results, 1)
     assert not failures
     assert result.routing_key == f"heartbeat.{agent}.c.success"
+
+
+async def test_a_broker_that_fails_publishes_for_two_seconds_dead_letters_no_tick(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The result of a tick cannot be published for two seconds (as while a connection
+    is restored). The delivery goes back to the queue after a growing pause, not five
+    times within milliseconds, so it is not dead-lettered: its result (kept, not re-run)
+    is sent once publishing works again, and the tick is acked."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    async with running(bus, agent, config, tick_interval_ms=1000) as consumer:
+        await take(results, 1)  # start-up
+        runner = consumer.agent.runner
+        publish = runner.on_result
+        assert publish is not None
+        loop = asyncio.get_running_loop()
+        broken_until = loop.time() + 3600.0
+        failed = 0
+
+        async def flaky(result: Any) -> None:
+            nonlocal failed
+            if loop.time() < broken_until:
+                failed += 1
+                raise ConnectionError("the broker went away")
+            await publish(result)
+
+        runner.on_result = flaky
+        await asyncio.sleep(1.1)
+        broken_until = loop.time() + 2.0
+        ahead = floor_to(now_ms(), 1000) + 30_000  # not stale while it is retried
+        await bus.publish(f"agent.{agent}.heartbeat.tick", slot_tick(ahead))
+        (result,) = await take(results, 1, within=15)
+        await settled(f"agent.{agent}.inbox")
+        assert await bus.count(f"agent.{agent}.dlq") == 0, "a confirmed tick dead-lettered"
+    assert result.routing_key == f"heartbeat.{agent}.c.success"
+    assert 2 <= failed < 5, failed
 
 
 async def test_an_unreadable_command_is_dead_lettered_and_answered(

@@ -12,9 +12,10 @@ Topology (see :mod:`.provision`, which declares it or checks that an admin did):
 Every delivery ends in an ack or a dead letter, whatever its headers or body: the body
 is taken raw and decoded here; a delivery that cannot be used is dead-lettered with the
 reason; one that fails on the broker or the disk is requeued, and dead-lettered after
-:data:`MAX_ATTEMPTS` such failures. A tick is acknowledged only after its result is
-published (with publisher confirms, persistent) and the state is saved; prefetch 1
-makes one check run at a time per agent while later ticks wait in the queue.
+:data:`MAX_ATTEMPTS` such failures (held longer before each retry). A tick is
+acknowledged only after its result is published (with publisher confirms, persistent)
+and the state is saved; prefetch 1 makes one check run at a time per agent while later
+ticks wait in the queue.
 
 Every command, and every tick that is not stale or a repeat of one already handled
 (same event id), gets an answer correlated with it (AMQP ``correlation_id`` = its event
@@ -123,6 +124,12 @@ clock skew; further ahead it is dead-lettered: run at its slot, it would record 
 in the future and hold the check (and every earlier tick) back until then."""
 MAX_ATTEMPTS = 5
 """Transient failures (broker, disk) of one delivery before it is dead-lettered."""
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 8.0
+"""A delivery that failed for a transient reason is held this long before it goes back
+to the queue, doubling per attempt (0.5, 1, 2, 4 s): the attempts span longer than the
+connection's reconnect interval (5 s), so a broker that went away for a moment costs a
+confirmed tick no dead letter. Held, the agent handles nothing else meanwhile."""
 READ_AHEAD = 500
 """Commands read (and coalesced) behind the one delivered, at most."""
 MAX_HOLD_S = 60.0
@@ -134,6 +141,11 @@ SEEN_TICKS = 64
 """Event ids of recent ticks remembered (a repeat is not evaluated nor answered again);
 an id is remembered once its tick was handled, so a redelivery after a failure is
 evaluated."""
+
+
+def retry_delay_s(attempts: int) -> float:
+    """How long a delivery that failed ``attempts`` times is held before it is requeued."""
+    return min(RETRY_FIRST_S * 2.0 ** (attempts - 1), RETRY_MAX_S)
 
 
 class AgentConsumer:
@@ -482,10 +494,18 @@ class AgentConsumer:
     async def _fail(self, messages: Sequence[AbstractIncomingMessage], exc: BaseException) -> None:
         """Settle deliveries that failed: requeue after a broker or disk failure (up to
         :data:`MAX_ATTEMPTS`), else dead-letter with the reason. Never raises."""
+        attempts_of = {
+            id(m): self._redeliveries.failed(m) if is_transient(exc) else 0
+            for m in messages
+            if not m.processed
+        }
+        retried = [n for n in attempts_of.values() if 0 < n < MAX_ATTEMPTS]
+        if retried:
+            await asyncio.sleep(retry_delay_s(max(retried)))
         for message in messages:
-            if message.processed:
+            if message.processed or id(message) not in attempts_of:
                 continue
-            attempts = self._redeliveries.failed(message) if is_transient(exc) else 0
+            attempts = attempts_of[id(message)]
             if 0 < attempts < MAX_ATTEMPTS:
                 log.warning(
                     "%s: %s failed (%s: %s); returned to the queue (attempt %d of %d)",
