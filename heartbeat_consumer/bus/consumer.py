@@ -180,8 +180,8 @@ class AgentConsumer:
         self.tick_interval_ms = inbox.tick_interval_ms
         self.alive_every_ms = inbox.alive_every_ms
         self._heard_at: int | None = None
-        """The slot of our last run or ``alive``: an idle agent says ``alive`` when its
-        last word is ``alive_every_ms`` old (not on every tick)."""
+        """The slot of our last run, ``alive`` or ``online``: an idle agent says ``alive``
+        when its last word is ``alive_every_ms`` old (not on every tick)."""
         # Passive for FastStream: provision_agent declared it (or an admin did).
         self.queue = RabbitQueue(
             inbox_queue(agent), durable=True, declare=False, routing_key=inbox_bindings(agent)[0]
@@ -266,6 +266,8 @@ class AgentConsumer:
         problem = await asyncio.to_thread(self._open_files)
         await self.declare(lent)
         await self.publish_status("online", pid=os.getpid())
+        # Heard now: an evaluation at start-up that runs nothing says no ``alive`` too.
+        self._heard_at = floor_to(wall_clock_ms(), self.tick_interval_ms)
         if problem is not None:
             log.error("%s: %s; running with the state in memory", self.agent, problem)
             await self._report_state(problem)
