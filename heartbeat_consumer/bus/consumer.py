@@ -93,6 +93,7 @@ from .connection import (
     closed_on_failure,
     connect,
     dead_letter,
+    drop_test_recorder,
     is_transient,
     make_broker,
     publish_json,
@@ -215,6 +216,7 @@ class AgentConsumer:
             persistent=False,  # held here, so a fleet can drop a removed agent
         )
         self.subscriber(self.on_message)
+        drop_test_recorder(self.subscriber)
         self.lock = AgentLock(self.runner.store.path.parent, self.agent)
         state = self.runner.store.path
         if self.lock.path in (state, state.with_name(state.name + ".lock")):
