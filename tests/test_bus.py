@@ -911,25 +911,6 @@ async def test_two_forced_runs_in_one_slot_have_two_result_ids(bus: Bus, tmp_pat
     assert len(keys) == 1, "one slot: one idempotency key"
 
 
-async def test_an_agent_with_nothing_due_at_start_up_says_online_not_also_alive(
-    bus: Bus, tmp_path: Path
-) -> None:
-    """``online`` is the agent's word at start-up; a first evaluation that runs nothing
-    adds no ``alive`` (a fleet of 10,000 restarting sent 20,000 events, not 10,000)."""
-    agent = bus.agent()
-    config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": "default"}})
-    state = tmp_path / "s.json"
-    results = await bus.collector(f"heartbeat.{agent}.c.*")
-    async with running(bus, agent, config, state_path=state):
-        await take(results, 1)  # ran once: nothing is due for an hour
-    events = await bus.collector(f"heartbeat.{agent}._status.*")
-    async with running(bus, agent, config, state_path=state) as consumer:
-        await consumer.agent.evaluate_now()  # and once more: still nothing to say
-        await asyncio.sleep(0.5)
-    keys = [m.routing_key for m in await drain_all(events)]
-    assert keys == [f"heartbeat.{agent}._status.{s}" for s in ("online", "offline")], keys
-
-
 async def test_an_idle_agent_says_alive_now_and_then_not_on_every_tick(
     bus: Bus, tmp_path: Path
 ) -> None:

@@ -505,3 +505,42 @@ async def test_a_started_event_that_fails_does_not_undo_the_run(
     assert "started event not confirmed" in caplog.text
     saved, _ = StateStore(path.with_name("heartbeat.json.state.json")).load()
     assert saved.check("c").last_run == T0
+
+
+async def test_a_run_cancelled_in_its_handler_leaves_no_started_event_behind(
+    write_config: WriteConfig,
+) -> None:
+    """The started event is sent beside the handler; if the run is cancelled (shutdown,
+    a lost connection) before that event went out, it is not sent afterwards."""
+    began = asyncio.Event()
+    announced: list[str] = []
+    announcing_cancelled = asyncio.Event()
+
+    @register_handler("cancelled_probe")
+    async def probe(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        began.set()
+        await asyncio.sleep(3600)
+        return {"status": "success"}
+
+    async def on_start(run: Any) -> None:
+        try:
+            await asyncio.sleep(0.2)  # a confirmation still on its way
+        except asyncio.CancelledError:
+            announcing_cancelled.set()
+            raise
+        announced.append(run.idempotency_key)
+
+    path = write_config(config({"c": {"cadenceMs": MIN, "handler": "cancelled_probe"}}))
+    runner, rec = runner_for(path, on_start=on_start)
+    try:
+        task = asyncio.create_task(runner.tick(T0, {"event_id": "e"}))
+        await asyncio.wait_for(began.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(announcing_cancelled.wait(), 5)
+        await asyncio.sleep(0.3)
+    finally:
+        unregister_handler("cancelled_probe")
+    assert announced == []
+    assert rec.results == []

@@ -261,8 +261,9 @@ async def queue_health(
 def drop_test_recorder(subscriber: object) -> None:
     """Let go of the MagicMock that FastStream makes for each handler, for its test
     broker's assertions: 11 KB an agent (a fifth of a fleet agent's memory), never used
-    here (the project's tests use a real broker). Looked up defensively: a FastStream
-    without it is left as it is."""
+    here (the project's tests use a real broker; FastStream's ``TestRabbitBroker``,
+    which needs it, cannot drive such a subscriber). Looked up defensively: a
+    FastStream without it is left as it is."""
     for call in getattr(subscriber, "calls", ()):
         recorder = getattr(getattr(call, "handler", None), "_recorder", None)
         if recorder is not None and hasattr(recorder, "mock"):

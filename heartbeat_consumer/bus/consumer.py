@@ -181,8 +181,8 @@ class AgentConsumer:
         self.tick_interval_ms = inbox.tick_interval_ms
         self.alive_every_ms = inbox.alive_every_ms
         self._heard_at: int | None = None
-        """The slot of our last run, ``alive`` or ``online``: an idle agent says ``alive``
-        when its last word is ``alive_every_ms`` old (not on every tick)."""
+        """The slot of our last run or ``alive``: an idle agent says ``alive`` when its
+        last word is ``alive_every_ms`` old (not on every tick)."""
         # Passive for FastStream: provision_agent declared it (or an admin did).
         self.queue = RabbitQueue(
             inbox_queue(agent), durable=True, declare=False, routing_key=inbox_bindings(agent)[0]
@@ -265,11 +265,16 @@ class AgentConsumer:
         state directory."""
         # In a worker thread: a fleet starting many agents at once does their file
         # system work side by side, and the event loop goes on with their declarations.
-        problem = await asyncio.to_thread(self._open_files)
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_files))
+        try:
+            problem = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the thread goes on: let go of what it takes
+            with contextlib.suppress(BaseException):
+                await opening
+            self.lock.release()
+            raise
         await self.declare(lent)
         await self.publish_status("online", pid=os.getpid())
-        # Heard now: an evaluation at start-up that runs nothing says no ``alive`` too.
-        self._heard_at = floor_to(wall_clock_ms(), self.tick_interval_ms)
         if problem is not None:
             log.error("%s: %s; running with the state in memory", self.agent, problem)
             await self._report_state(problem)
@@ -293,8 +298,9 @@ class AgentConsumer:
             self._state_problem = None
             await self.publish_status("state_ok")
 
-    async def evaluate_now(self) -> TickReport:
-        """Evaluate once at start-up, for the slot containing now, without a tick."""
+    async def evaluate_now(self) -> TickReport | None:
+        """Evaluate once at start-up, for the slot containing now, without a tick; None
+        when a tick for that slot (or a later one) came first."""
         slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
         env = local_envelope(slot, source_type="startup")
         return await self._tick(slot, env)
@@ -601,12 +607,16 @@ class AgentConsumer:
             self._seen_ticks.popitem(last=False)
 
     async def _evaluate_tick(self, tick: Tick, alone: bool) -> None:
-        if self.last_slot is not None and tick.slot_ms <= self.last_slot:
+        report = None
+        if self.last_slot is None or tick.slot_ms > self.last_slot:
+            report = await self._tick(tick.slot_ms, tick.envelope, answer=not alone)
+        if report is None:  # evaluated already (by a tick, or at start-up meanwhile)
+            latest = self.last_slot if self.last_slot is not None else tick.slot_ms
             log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))
             self.metrics.tick(self.agent, "duplicate")
             if not alone:  # a tick to every agent: no answer from each (a flood of them)
                 return
-            later = "" if tick.slot_ms == self.last_slot else f"; the latest: {iso(self.last_slot)}"
+            later = "" if tick.slot_ms == latest else f"; the latest: {iso(latest)}"
             why = (
                 f"the slot {iso(tick.slot_ms)} was evaluated already (at start-up or by an "
                 f"earlier tick{later}): a check runs once per slot; run one now with "
@@ -614,7 +624,6 @@ class AgentConsumer:
             )
             await self.reply("tick", tick.event_id, "nothing_due", why, slot=iso(tick.slot_ms))
             return
-        report = await self._tick(tick.slot_ms, tick.envelope, answer=not alone)
         self.metrics.tick(self.agent, "evaluated")
         if alone:
             await self._answer_tick(tick, report)
@@ -632,11 +641,16 @@ class AgentConsumer:
             why = report.plan.why_nothing() if report.plan else "nothing due"
             await self.reply("tick", tick.event_id, "nothing_due", why, slot=slot)
 
-    async def _tick(self, slot_ms: int, env: dict[str, Any], *, answer: bool = True) -> TickReport:
-        """Evaluate a slot. ``answer``: the status events (``alive``, ``config_invalid``)
-        carry the tick's event id as their correlation: the answer to a tick sent to
-        every agent."""
+    async def _tick(
+        self, slot_ms: int, env: dict[str, Any], *, answer: bool = True
+    ) -> TickReport | None:
+        """Evaluate a slot, unless it (or a later one) was evaluated already: then None
+        (each slot once, whichever comes first of the start-up evaluation and a tick).
+        ``answer``: the status events (``alive``, ``config_invalid``) carry the tick's
+        event id as their correlation: the answer to a tick sent to every agent."""
         async with self._lock:
+            if self.last_slot is not None and slot_ms <= self.last_slot:
+                return None
             self._correlation = [str(env.get("event_id", ""))]
             report = await self.runner.tick(slot_ms, env)
             self.last_slot = max(slot_ms, self.last_slot or slot_ms)

@@ -76,9 +76,10 @@ log = logging.getLogger("heartbeat_consumer.fleet")
 SUFFIX = CONFIG_SUFFIX
 STATE_SUFFIX = ".state.json"
 START_CONCURRENCY = 16
-"""Agents started at once (each declares on a channel of its own, says ``online`` and
-evaluates): well under the 64 channels that deploy/rabbitmq/permissions.sh allows a
-user, with the fleet's shared channel beside them."""
+"""Agents started at once (each declares on a channel lent to it, says ``online`` and
+starts its consumer; as many are evaluated at once): well under the 64 channels that
+deploy/rabbitmq/permissions.sh allows a user, with the fleet's shared channel beside
+them."""
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 
@@ -227,11 +228,10 @@ class Fleet:
         self.agents: dict[str, AgentConsumer] = {}
         self.failed: dict[str, _Failed] = {}
         """Agents that failed to start, retried with backoff."""
-        self._started = False
         self._empty_reported = False
         self._reported: set[str] = set()
-        self.last_start = StartTimes(0, 0.0, 0.0)
         """File names already reported as not agent names (reported once each)."""
+        self.last_start = StartTimes(0, 0.0, 0.0)
 
     def _consumer(self, agent: str, path: Path) -> AgentConsumer:
         state = self.state_dir / f"{agent}.state.json" if self.state_dir else None
@@ -348,38 +348,48 @@ class Fleet:
 
     async def _start_agents(self, due: dict[str, Path]) -> None:
         """Start ``due``, ``start_concurrency`` at a time, each declaring on a channel
-        lent to it; then evaluate each once, when all of them consume (a tick that comes
-        meanwhile is handled as usual: the agent's lock keeps the two apart)."""
+        lent to it; each is evaluated once after its consumer started, beside the next
+        ones starting (a tick that comes meanwhile is handled as usual: each slot is
+        evaluated once), so that one slow agent holds up no other's evaluation."""
         began = time.monotonic()
         ready = await self._exchanges_ready()
-        limit = asyncio.Semaphore(self.start_concurrency)
+        starting = asyncio.Semaphore(self.start_concurrency)
+        evaluating = asyncio.Semaphore(self.start_concurrency)
+        evaluations: list[asyncio.Task[None]] = []
         started: list[AgentConsumer] = []
         lender = None
         with contextlib.suppress(Exception):  # without it, each agent declares alone
             lender = _Lender(await self.broker.connect())
 
-        async def add(agent: str) -> None:
-            async with limit:
-                try:
-                    started.append(await self._add(agent, due[agent], ready, lender))
-                except Exception as exc:
-                    await self._start_failed(agent, exc)
-
-        try:
-            await asyncio.gather(*(add(agent) for agent in due))
-        finally:
-            if lender is not None:
-                await lender.close()
-        consuming = time.monotonic() - began
-
         async def evaluate(consumer: AgentConsumer) -> None:
-            async with limit:
+            async with evaluating:
                 try:
                     await consumer.evaluate_now()
                 except Exception as exc:  # it consumes: the next tick evaluates it again
                     log.warning("fleet: %s: first evaluation failed: %s", consumer.agent, exc)
 
-        await asyncio.gather(*(evaluate(consumer) for consumer in started))
+        async def add(agent: str) -> None:
+            async with starting:
+                try:
+                    consumer = await self._add(agent, due[agent], ready, lender)
+                except Exception as exc:
+                    await self._start_failed(agent, exc)
+                    return
+            started.append(consumer)
+            evaluations.append(asyncio.create_task(evaluate(consumer)))
+
+        try:
+            try:
+                await asyncio.gather(*(add(agent) for agent in due))
+            finally:
+                if lender is not None:
+                    await lender.close()
+            consuming = time.monotonic() - began
+            await asyncio.gather(*evaluations)
+        except BaseException:
+            for task in evaluations:
+                task.cancel()
+            raise
         self.last_start = StartTimes(len(started), consuming, time.monotonic() - began)
         if started:
             log.info(
@@ -452,7 +462,6 @@ class Fleet:
             # Started with no subscriber: each agent starts its own as it is added (the
             # broker's start would start them one after another).
             await self.broker.start()
-            self._started = True
             await self.rescan()
 
     async def stop(self) -> None:

@@ -534,7 +534,12 @@ class AgentRunner:
             result: dict[str, Any] = {}
             error: str | None = f"unknown handler {check.handler!r}"
         else:
-            outcome = await invoke(handler, payload, check, context)
+            try:
+                outcome = await invoke(handler, payload, check, context)
+            except BaseException:  # cancelled: no started event without its run
+                if announcing is not None:
+                    announcing.cancel()
+                raise
             outcome_status, result, error = outcome.status, outcome.result, outcome.error
         finished = self.clock()
         if announcing is not None:
