@@ -450,3 +450,43 @@ async def test_a_slot_is_evaluated_once_when_a_tick_for_it_comes_before_the_star
     finally:
         await fleet.stop()
     assert first.routing_key in {f"heartbeat.{agent}.{c}.success" for c in checks}
+
+
+async def test_one_slow_agent_holds_up_the_others_first_evaluation_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents starting together are evaluated once all consume; one that takes long to
+    start (a hung state disk, a blocked broker) delays the others' evaluation by at most
+    EVALUATE_WITHIN_S, and is evaluated itself once it has started."""
+    from heartbeat_consumer.bus import fleet as fleet_module
+
+    for name in ("fast1", "fast2", "slow"):
+        add_agent(tmp_path, name)
+    fleet = Fleet(tmp_path, rescan_s=3600)
+    slow_may_finish = asyncio.Event()
+    evaluated: list[str] = []
+
+    class Started:
+        def __init__(self, agent: str) -> None:
+            self.agent = agent
+
+        async def evaluate_now(self) -> None:
+            evaluated.append(self.agent)
+            if len(evaluated) == 2:
+                slow_may_finish.set()
+
+    async def add(agent: str, path: Path, exchanges_ready: bool, lender: object) -> Started:
+        if agent == "slow":
+            await asyncio.wait_for(slow_may_finish.wait(), 10)
+        return Started(agent)
+
+    async def exchanges_ready() -> bool:
+        return True
+
+    monkeypatch.setattr(fleet_module, "EVALUATE_WITHIN_S", 0.05)
+    monkeypatch.setattr(fleet, "_exchanges_ready", exchanges_ready)
+    monkeypatch.setattr(fleet, "_add", add)
+    await fleet.rescan()
+    assert sorted(evaluated[:2]) == ["fast1", "fast2"]
+    assert evaluated[2:] == ["slow"]
+    assert fleet.last_start.agents == 3

@@ -80,6 +80,9 @@ START_CONCURRENCY = 16
 starts its consumer; as many are evaluated at once): well under the 64 channels that
 deploy/rabbitmq/permissions.sh allows a user, with the fleet's shared channel beside
 them."""
+EVALUATE_WITHIN_S = 30.0
+"""Agents starting together are evaluated once all of them consume, or after this long
+at the latest (one that takes longer to start holds up the others no further)."""
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 
@@ -126,6 +129,44 @@ class _Lender:
                 await channel.close()
         self.idle.clear()
         self.opened.clear()
+
+
+class _FirstEvaluations:
+    """The start-up evaluations of agents starting together: held back until
+    :meth:`begin`, then run (``concurrency`` at a time) as agents are added."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.limit = asyncio.Semaphore(concurrency)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.waiting: list[AgentConsumer] = []
+        self.begun = False
+        self.count = 0
+
+    def add(self, consumer: AgentConsumer) -> None:
+        self.count += 1
+        if self.begun:
+            self.tasks.append(asyncio.create_task(self._evaluate(consumer)))
+        else:
+            self.waiting.append(consumer)
+
+    def begin(self) -> None:
+        self.begun = True
+        waiting, self.waiting = self.waiting, []
+        self.tasks += [asyncio.create_task(self._evaluate(c)) for c in waiting]
+
+    async def done(self) -> None:
+        await asyncio.gather(*self.tasks)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    async def _evaluate(self, consumer: AgentConsumer) -> None:
+        async with self.limit:
+            try:
+                await consumer.evaluate_now()
+            except Exception as exc:  # it consumes: the next tick evaluates it again
+                log.warning("fleet: %s: first evaluation failed: %s", consumer.agent, exc)
 
 
 class FleetError(Exception):
@@ -348,25 +389,17 @@ class Fleet:
 
     async def _start_agents(self, due: dict[str, Path]) -> None:
         """Start ``due``, ``start_concurrency`` at a time, each declaring on a channel
-        lent to it; each is evaluated once after its consumer started, beside the next
-        ones starting (a tick that comes meanwhile is handled as usual: each slot is
-        evaluated once), so that one slow agent holds up no other's evaluation."""
+        lent to it; evaluate each once, when all of them consume (their start-up is not
+        slowed by evaluations), or when :data:`EVALUATE_WITHIN_S` have passed (one slow
+        agent holds up no other's evaluation for longer). A tick that comes meanwhile is
+        handled as usual: each slot is evaluated once, whichever comes first."""
         began = time.monotonic()
         ready = await self._exchanges_ready()
         starting = asyncio.Semaphore(self.start_concurrency)
-        evaluating = asyncio.Semaphore(self.start_concurrency)
-        evaluations: list[asyncio.Task[None]] = []
-        started: list[AgentConsumer] = []
+        evaluations = _FirstEvaluations(self.start_concurrency)
         lender = None
         with contextlib.suppress(Exception):  # without it, each agent declares alone
             lender = _Lender(await self.broker.connect())
-
-        async def evaluate(consumer: AgentConsumer) -> None:
-            async with evaluating:
-                try:
-                    await consumer.evaluate_now()
-                except Exception as exc:  # it consumes: the next tick evaluates it again
-                    log.warning("fleet: %s: first evaluation failed: %s", consumer.agent, exc)
 
         async def add(agent: str) -> None:
             async with starting:
@@ -375,23 +408,25 @@ class Fleet:
                 except Exception as exc:
                     await self._start_failed(agent, exc)
                     return
-            started.append(consumer)
-            evaluations.append(asyncio.create_task(evaluate(consumer)))
+            evaluations.add(consumer)
 
+        adding = asyncio.ensure_future(asyncio.gather(*(add(agent) for agent in due)))
         try:
             try:
-                await asyncio.gather(*(add(agent) for agent in due))
+                await asyncio.wait({adding}, timeout=EVALUATE_WITHIN_S)
+                evaluations.begin()
+                await adding
             finally:
                 if lender is not None:
                     await lender.close()
             consuming = time.monotonic() - began
-            await asyncio.gather(*evaluations)
+            await evaluations.done()
         except BaseException:
-            for task in evaluations:
-                task.cancel()
+            adding.cancel()
+            evaluations.cancel()
             raise
-        self.last_start = StartTimes(len(started), consuming, time.monotonic() - began)
-        if started:
+        self.last_start = StartTimes(evaluations.count, consuming, time.monotonic() - began)
+        if evaluations.count:
             log.info(
                 "fleet: %d agent(s) consuming after %.2f s, evaluated after %.2f s",
                 *self.last_start,
