@@ -137,7 +137,7 @@ async def test_config_errors_are_counted(bus: Bus, tmp_path: Path) -> None:
     await consumer.start()
     try:
         config.write_text("{broken")
-        await consumer.agent.evaluate_now()
+        await consumer.agent.evaluate_now(again=True)
         text = consumer.metrics.render()
         assert sample(text, "heartbeat_config_valid", agent=agent) == 0
         assert sample(text, "heartbeat_config_errors_total", agent=agent) == 1

@@ -298,12 +298,12 @@ class AgentConsumer:
             self._state_problem = None
             await self.publish_status("state_ok")
 
-    async def evaluate_now(self) -> TickReport | None:
+    async def evaluate_now(self, *, again: bool = False) -> TickReport | None:
         """Evaluate once at start-up, for the slot containing now, without a tick; None
-        when a tick for that slot (or a later one) came first."""
+        when a tick for that slot (or a later one) came first, unless ``again``."""
         slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
         env = local_envelope(slot, source_type="startup")
-        return await self._tick(slot, env)
+        return await self._tick(slot, env, again=again)
 
     async def health(self, channel: AbstractChannel | None = None) -> Health:
         """Healthy when our subscriber runs and the broker counts a consumer on the inbox
@@ -642,14 +642,15 @@ class AgentConsumer:
             await self.reply("tick", tick.event_id, "nothing_due", why, slot=slot)
 
     async def _tick(
-        self, slot_ms: int, env: dict[str, Any], *, answer: bool = True
+        self, slot_ms: int, env: dict[str, Any], *, answer: bool = True, again: bool = False
     ) -> TickReport | None:
         """Evaluate a slot, unless it (or a later one) was evaluated already: then None
         (each slot once, whichever comes first of the start-up evaluation and a tick).
         ``answer``: the status events (``alive``, ``config_invalid``) carry the tick's
-        event id as their correlation: the answer to a tick sent to every agent."""
+        event id as their correlation: the answer to a tick sent to every agent.
+        ``again``: evaluate it even so (by hand)."""
         async with self._lock:
-            if self.last_slot is not None and slot_ms <= self.last_slot:
+            if not again and self.last_slot is not None and slot_ms <= self.last_slot:
                 return None
             self._correlation = [str(env.get("event_id", ""))]
             report = await self.runner.tick(slot_ms, env)
