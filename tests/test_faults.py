@@ -34,7 +34,7 @@ from heartbeat_consumer.handlers.registry import unregister_handler
 from heartbeat_consumer.runtime.store import StateStore
 
 from .broker import Bus, drain_all, queue_stats, rabbitmqctl, running, settled, take, watching
-from .helpers import BIN, envelope, memory_mb, now_ms, slot_tick, until, write
+from .helpers import BIN, envelope, memory_mb, now_ms, sample, slot_tick, until, write
 
 pytestmark = pytest.mark.rabbit
 
@@ -798,14 +798,22 @@ async def test_a_forced_run_redelivered_after_a_lost_connection_is_not_run_again
         unregister_handler(f"long_{agent}")
 
 
-def ran_or_not(states: Path, key: str, calls: list[str]) -> str:
+def ran_or_not(states: Path, key: str, calls: list[str], metrics: bytes) -> str:
     """What became of a (agent, slot) without a result: did its handler run, does the
-    agent's state have the run, what did the agent run around it."""
+    agent's state have the run, what did the agent run around it, how many of its ticks
+    expired (stale) or were taken for repeats."""
     agent, _, slot = key.split(":")
     saved, _ = StateStore(states / f"{agent}.state.json").load()
     runs = [entry.slot for entry in saved.history if entry.check == "c"]
     near = [r for r in runs if abs(r - int(slot)) <= 1000]
-    return f"{key}: handler ran {calls.count(key)}x, in state {int(slot) in runs}, runs {near}"
+    ticks = {
+        outcome: sample(metrics, "heartbeat_ticks_received_total", agent=agent, outcome=outcome)
+        for outcome in ("stale", "duplicate")
+    }
+    return (
+        f"{key}: handler ran {calls.count(key)}x, in state {int(slot) in runs}, "
+        f"runs {near}, ticks {ticks}"
+    )
 
 
 @pytest.mark.xfail(
@@ -854,7 +862,9 @@ async def test_killed_connection_with_a_fleet_s_confirms_in_flight_loses_nothing
     confirmed: set[int] = set()
     try:
         await fleet.start()
-        first = floor_to(now_ms(), INTERVAL) + 30_000
+        # Stamped 50 s ahead (the skew tolerance is 60 s): no tick of the stream expires
+        # (stale, 2 intervals after its slot) while the backlog is worked off.
+        first = floor_to(now_ms(), INTERVAL) + 50_000
         injector: asyncio.Task[str] | None = None
         after_fault = 0
         for i in range(400):
@@ -884,6 +894,7 @@ async def test_killed_connection_with_a_fleet_s_confirms_in_flight_loses_nothing
             if want <= {e["payload"]["idempotency_key"] for e in seen}:
                 break
             await asyncio.sleep(0.1)
+        metrics = fleet.metrics.render()
     finally:
         await fleet.stop()
         unregister_handler(name)
@@ -892,7 +903,7 @@ async def test_killed_connection_with_a_fleet_s_confirms_in_flight_loses_nothing
     missing = sorted(want - keys)
     assert not missing, (
         f"{len(missing)} confirmed (agent, tick) without a result: {missing[:5]}; "
-        + "; ".join(ran_or_not(states, key, calls) for key in missing[:5])
+        + "; ".join(ran_or_not(states, key, calls, metrics) for key in missing[:5])
     )
     ran_twice = [key for key, n in Counter(calls).items() if n > 1]
     assert not ran_twice, f"handler ran twice for {ran_twice[:5]}"
