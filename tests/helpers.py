@@ -135,3 +135,11 @@ def memory_mb(field: str) -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no {field}")
+
+
+async def clear_of_the_minute_end(seconds: float) -> None:
+    """Wait, if need be, so that the next ``seconds`` fall in one wall-clock minute (a
+    test whose start-up run and later tick must share a one-minute slot)."""
+    now = time.time()
+    if now % 60 + seconds >= 60:
+        await asyncio.sleep(60 - now % 60 + 0.5)
