@@ -45,6 +45,15 @@ def write_configs(directory: str, agents: list[str]) -> None:
         )
 
 
+def new_fleet(directory: str, exchange: str, concurrency: int) -> Fleet:
+    return Fleet(
+        directory,
+        bus=BusSettings(url=URL, exchange=exchange),
+        rescan_s=3600,
+        start_concurrency=concurrency,
+    )
+
+
 async def measure(n: int, concurrency: int) -> None:
     exchange = f"bench.hb.{uuid.uuid4().hex[:8]}"
     agents = [f"b{uuid.uuid4().hex[:10]}" for _ in range(n)]
@@ -52,12 +61,7 @@ async def measure(n: int, concurrency: int) -> None:
         write_configs(tmp, agents)
         before = rss_mb()
         started = time.monotonic()
-        fleet = Fleet(
-            tmp,
-            bus=BusSettings(url=URL, exchange=exchange),
-            rescan_s=3600,
-            start_concurrency=concurrency,
-        )
+        fleet = new_fleet(tmp, exchange, concurrency)
         await fleet.start()
         took = time.monotonic() - started
         first = fleet.last_start
@@ -65,12 +69,7 @@ async def measure(n: int, concurrency: int) -> None:
         after = rss_mb()
         await fleet.stop()
         # A restart: the same agents, their queues and state files there already.
-        again = Fleet(
-            tmp,
-            bus=BusSettings(url=URL, exchange=exchange),
-            rescan_s=3600,
-            start_concurrency=concurrency,
-        )
+        again = new_fleet(tmp, exchange, concurrency)
         await again.start()
         restart = again.last_start
         await again.stop()

@@ -832,72 +832,65 @@ async def test_killed_connection_with_a_fleet_s_confirms_in_flight_loses_nothing
     agent exactly one run and one result (a result re-sent is the same event), and
     every agent's saved state has the last slot."""
     agents = sorted(bus.agent("k") for _ in range(12))
-    name = f"count_{agents[0]}"
-    calls: list[str] = []
-
-    @register_handler(name)
-    async def count(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
-        calls.append(payload["idempotency_key"])
-        await asyncio.sleep(0.03)
-        return {"status": "success"}
-
-    configs, states = tmp_path / "configs", tmp_path / "state"
-    configs.mkdir()
-    for agent in agents:
-        (configs / f"{agent}.heartbeat.json").write_bytes(
-            orjson.dumps(
-                {"agent": agent, "checks": {"c": {"cadenceMs": INTERVAL, "handler": name}}}
+    with counting_handler(agents[0]) as (name, calls):
+        configs, states = tmp_path / "configs", tmp_path / "state"
+        configs.mkdir()
+        for agent in agents:
+            (configs / f"{agent}.heartbeat.json").write_bytes(
+                orjson.dumps(
+                    {"agent": agent, "checks": {"c": {"cadenceMs": INTERVAL, "handler": name}}}
+                )
             )
+        results = await bus.collector("heartbeat.*.c.success", durable=True)
+        fleet = Fleet(
+            configs,
+            bus.url,
+            bus.exchange_name,
+            tick_interval_ms=INTERVAL,
+            state_dir=states,
+            rescan_s=3600,
         )
-    results = await bus.collector("heartbeat.*.c.success", durable=True)
-    fleet = Fleet(
-        configs,
-        bus.url,
-        bus.exchange_name,
-        tick_interval_ms=INTERVAL,
-        state_dir=states,
-        rescan_s=3600,
-    )
-    seen: list[dict[str, Any]] = []
-    confirmed: set[int] = set()
-    try:
-        await fleet.start()
-        # Stamped 50 s ahead (the skew tolerance is 60 s): no tick of the stream expires
-        # (stale, 2 intervals after its slot) while the backlog is worked off.
-        first = floor_to(now_ms(), INTERVAL) + 50_000
-        injector: asyncio.Task[str] | None = None
-        after_fault = 0
-        for i in range(400):
-            slot = first + i * INTERVAL
-            with contextlib.suppress(Exception):
-                persistent = aio_pika.DeliveryMode.PERSISTENT
-                await asyncio.wait_for(
-                    bus.publish("system.heartbeat.tick", slot_tick(slot), delivery_mode=persistent),
-                    2,
-                )
-                confirmed.add(slot)
-            if i == 10:
-                injector = asyncio.create_task(
-                    rabbitmqctl("close_all_connections", "test: confirms in flight")
-                )
-            if injector is not None and injector.done():
-                after_fault += 1
-                if after_fault == 10:
+        seen: list[dict[str, Any]] = []
+        confirmed: set[int] = set()
+        try:
+            await fleet.start()
+            # Stamped 50 s ahead (the skew tolerance is 60 s): no tick of the stream expires
+            # (stale, 2 intervals after its slot) while the backlog is worked off.
+            first = floor_to(now_ms(), INTERVAL) + 50_000
+            injector: asyncio.Task[str] | None = None
+            after_fault = 0
+            for i in range(400):
+                slot = first + i * INTERVAL
+                with contextlib.suppress(Exception):
+                    persistent = aio_pika.DeliveryMode.PERSISTENT
+                    await asyncio.wait_for(
+                        bus.publish(
+                            "system.heartbeat.tick", slot_tick(slot), delivery_mode=persistent
+                        ),
+                        2,
+                    )
+                    confirmed.add(slot)
+                if i == 10:
+                    injector = asyncio.create_task(
+                        rabbitmqctl("close_all_connections", "test: confirms in flight")
+                    )
+                if injector is not None and injector.done():
+                    after_fault += 1
+                    if after_fault == 10:
+                        break
+                await asyncio.sleep(0.05)
+            assert injector is not None and injector.done(), "the fault did not end"
+            await injector
+            want = {f"{agent}:c:{slot}" for agent in agents for slot in confirmed}
+            for _ in range(600):  # up to a minute for the backlog
+                with contextlib.suppress(Exception):
+                    seen += await read_all(results)
+                if want <= {e["payload"]["idempotency_key"] for e in seen}:
                     break
-            await asyncio.sleep(0.05)
-        assert injector is not None and injector.done(), "the fault did not end"
-        await injector
-        want = {f"{agent}:c:{slot}" for agent in agents for slot in confirmed}
-        for _ in range(600):  # up to a minute for the backlog
-            with contextlib.suppress(Exception):
-                seen += await read_all(results)
-            if want <= {e["payload"]["idempotency_key"] for e in seen}:
-                break
-            await asyncio.sleep(0.1)
-        metrics = fleet.metrics.render()
-    finally:
-        await fleet.stop()
-        unregister_handler(name)
+                await asyncio.sleep(0.1)
+            metrics = fleet.metrics.render()
+        finally:
+            await fleet.stop()
     assert len(confirmed) >= 15
     keys = {e["payload"]["idempotency_key"] for e in seen}
     missing = sorted(want - keys)

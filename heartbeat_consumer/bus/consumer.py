@@ -504,18 +504,18 @@ class AgentConsumer:
     async def _fail(self, messages: Sequence[AbstractIncomingMessage], exc: BaseException) -> None:
         """Settle deliveries that failed: requeue after a broker or disk failure (up to
         :data:`MAX_ATTEMPTS`), else dead-letter with the reason. Never raises."""
-        attempts_of = {
-            id(m): self._redeliveries.failed(m) if is_transient(exc) else 0
+        transient = is_transient(exc)
+        unsettled = [
+            (m, self._redeliveries.failed(m) if transient else 0)
             for m in messages
             if not m.processed
-        }
-        retried = [n for n in attempts_of.values() if 0 < n < MAX_ATTEMPTS]
+        ]
+        retried = [n for _, n in unsettled if 0 < n < MAX_ATTEMPTS]
         if retried:
             await asyncio.sleep(retry_delay_s(max(retried)))
-        for message in messages:
-            if message.processed or id(message) not in attempts_of:
+        for message, attempts in unsettled:
+            if message.processed:
                 continue
-            attempts = attempts_of[id(message)]
             if 0 < attempts < MAX_ATTEMPTS:
                 log.warning(
                     "%s: %s failed (%s: %s); returned to the queue (attempt %d of %d)",
@@ -607,9 +607,7 @@ class AgentConsumer:
             self._seen_ticks.popitem(last=False)
 
     async def _evaluate_tick(self, tick: Tick, alone: bool) -> None:
-        report = None
-        if self.last_slot is None or tick.slot_ms > self.last_slot:
-            report = await self._tick(tick.slot_ms, tick.envelope, answer=not alone)
+        report = await self._tick(tick.slot_ms, tick.envelope, answer=not alone)
         if report is None:  # evaluated already (by a tick, or at start-up meanwhile)
             latest = self.last_slot if self.last_slot is not None else tick.slot_ms
             log.debug("%s: tick for %s already handled", self.agent, iso(tick.slot_ms))

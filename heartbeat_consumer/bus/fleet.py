@@ -370,13 +370,6 @@ class Fleet:
             if agent not in self.failed or self.failed[agent].retry_at <= now
         ]
         if due:
-            # FastStream's channel cache is not safe against concurrent first use (two
-            # callers that both miss it open two channels): open the agents' shared
-            # channel once, before they declare through it together. If that fails
-            # (the broker went away), each agent's start fails, and is retried, alone.
-            with contextlib.suppress(Exception):
-                await self.broker.config.channel_manager.get_channel(self.channel)
-        if due:
             await self._start_agents({agent: found[agent] for agent in due})
         if not self.agents and not self.failed and not self._empty_reported:
             log.warning(
@@ -394,6 +387,12 @@ class Fleet:
         agent holds up no other's evaluation for longer). A tick that comes meanwhile is
         handled as usual: each slot is evaluated once, whichever comes first."""
         began = time.monotonic()
+        # FastStream's channel cache is not safe against concurrent first use (two
+        # callers that both miss it open two channels): open the agents' shared channel
+        # once, before they declare through it together. If that fails (the broker went
+        # away), each agent's start fails, and is retried, alone.
+        with contextlib.suppress(Exception):
+            await self.broker.config.channel_manager.get_channel(self.channel)
         ready = await self._exchanges_ready()
         starting = asyncio.Semaphore(self.start_concurrency)
         evaluations = _FirstEvaluations(self.start_concurrency)

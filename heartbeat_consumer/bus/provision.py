@@ -191,6 +191,18 @@ async def declare_exchanges(
     return declared
 
 
+async def _declare_bound(
+    channel: AbstractChannel,
+    name: str,
+    arguments: dict[str, Any],
+    bindings: Iterable[tuple[str, str]],
+) -> None:
+    """Declare a durable queue with ``arguments`` and bind it by (exchange, key)."""
+    queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+    for exchange, key in bindings:
+        await queue.bind(exchange, routing_key=key)
+
+
 async def _queue(
     connection: AbstractRobustConnection,
     name: str,
@@ -214,9 +226,7 @@ async def _queue(
         )
 
     async def active(channel: AbstractChannel) -> None:
-        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
-        for exchange, key in bindings:
-            await queue.bind(exchange, routing_key=key)
+        await _declare_bound(channel, name, arguments, bindings)
 
     mismatched = False
 
@@ -270,13 +280,8 @@ async def provision_agent(
     if channel is not None and not channel.is_closed:
         try:
             if declare:
-                dead = await channel.declare_queue(dlq, durable=True, arguments=_classic(limits))
-                await dead.bind(dlx, routing_key=dlq)
-                queue = await channel.declare_queue(
-                    inbox_queue(agent), durable=True, arguments=arguments
-                )
-                for bound, key in bindings:
-                    await queue.bind(bound, routing_key=key)
+                await _declare_bound(channel, dlq, _classic(limits), [(dlx, dlq)])
+                await _declare_bound(channel, inbox_queue(agent), arguments, bindings)
             else:
                 await channel.declare_queue(dlq, passive=True)
                 await channel.declare_queue(inbox_queue(agent), passive=True)

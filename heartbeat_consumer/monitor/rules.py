@@ -352,8 +352,8 @@ def _fold_check(
     cadence = _duration(payload.get("cadence_ms"))
     if cadence:
         check = replace(check, cadence_ms=cadence)
+    key = str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS]
     if kind == "started":
-        key = str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS]
         finished = check.last_result_at
         if key and key == check.last_key and finished is not None and at_ms <= finished:
             return check  # that run has finished already (a forced rerun starts later)
@@ -370,7 +370,7 @@ def _fold_check(
         "last_result_at": at_ms,
         "last_error": str(error)[:MAX_ERROR_CHARS] if error else None,
         "duration_ms": _duration(payload.get("duration_ms"), minimum=0),
-        "last_key": str(payload.get("idempotency_key") or "")[:MAX_KEY_CHARS] or None,
+        "last_key": key or None,
     }
     changes["failures"] = check.failures + 1 if status in FAILED_STATUSES else 0
     if status in OK_STATUSES:  # the agent records the slot as lastRun: the check ran
