@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,19 @@ def _restore_registry() -> Iterator[None]:
     set_default_handler(default)
     for name in handler_names() - before:
         unregister_handler(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The root logger's handlers and level are what they were after a test that ran
+    the CLI in-process (``setup_logging`` points a handler at the test's captured
+    stderr, which is closed afterwards: every later record would print a "Logging
+    error" with its whole stack, slowing and cluttering the tests after it)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
