@@ -158,10 +158,15 @@ async def drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.Abstract
 async def drain_all(
     queue: aio_pika.abc.AbstractQueue,
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Whatever is in ``queue`` now, status events included."""
+    """Whatever is in ``queue`` now, status events included. Taken without acks: if a
+    get fails after some were taken (a lost channel), those are returned, not dropped."""
     found = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        found.append(message)
+    try:
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            found.append(message)
+    except Exception:
+        if not found:
+            raise
     return found
 
 
