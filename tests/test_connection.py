@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -9,12 +10,16 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
+from aio_pika import RobustConnection
 
-from heartbeat_consumer.bus.connection import TlsError, TlsFiles, make_broker
+from heartbeat_consumer.bus import connection
+from heartbeat_consumer.bus.connection import NodesConnection, TlsError, TlsFiles, make_broker
 from heartbeat_consumer.bus.consumer import HeartbeatConsumer
 from heartbeat_consumer.cli import main
+from heartbeat_consumer.core.topology import InvalidUrl, check_url, mask_url, node_urls
 
 from .broker import Bus, take
+from .helpers import now_ms, slot_tick
 from .requires import need_file, need_tool
 
 SYSTEM_CA = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
@@ -113,3 +118,102 @@ async def test_amqps_with_a_private_ca_end_to_end(bus: Bus, tmp_path: Path) -> N
             await consumer.stop()
     finally:
         proxy.close()
+
+
+# --- a list of broker nodes --------------------------------------------------------------
+
+
+def test_a_url_may_list_the_nodes_of_a_cluster() -> None:
+    two = "amqp://u:p1@a:5672/, amqps://u:p2@b:5671/v"
+    assert node_urls(two) == ["amqp://u:p1@a:5672/", "amqps://u:p2@b:5671/v"]
+    assert check_url(two) == two
+    assert mask_url(two) == "amqp://u:***@a:5672/,amqps://u:***@b:5671/v"
+    # A comma splits only before a scheme: a password with one stays whole, and masked.
+    assert node_urls("amqp://u:pa,ss@a/") == ["amqp://u:pa,ss@a/"]
+    assert mask_url("amqp://u:pa,ss@a/") == "amqp://u:***@a/"
+    with pytest.raises(InvalidUrl, match=r"amqp://u:\*\*\*@b:0/ has port 0"):
+        check_url("amqp://u:p1@a/,amqp://u:secret@b:0/")
+    with pytest.raises(InvalidUrl, match="empty"):
+        check_url(" ")
+
+
+def test_the_connection_attempt_that_a_node_list_wraps_exists() -> None:
+    """NodesConnection wraps aio-pika's private attempt method: an aio-pika that renames
+    it fails here, not by connecting to the first node only."""
+    assert callable(getattr(RobustConnection, connection._CONNECT_TRANSPORT, None))
+    broker = make_broker("amqp://guest:guest@127.0.0.1:1/,amqp://guest:guest@127.0.0.1:2/")
+    made = broker._connection_kwargs["connection_class"]
+    assert issubclass(made, NodesConnection)
+    assert made.node_list == ("amqp://guest:guest@127.0.0.1:1/", "amqp://guest:guest@127.0.0.1:2/")
+    assert "connection_class" not in make_broker()._connection_kwargs
+
+
+async def test_a_consumer_takes_the_first_node_that_answers_and_moves_on_when_it_goes(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Nodes: a port nobody listens on, a proxy to the broker (a node that will go away),
+    the broker itself. The consumer connects through the proxy; when the proxy and its
+    connections go, it reconnects to the broker and goes on answering ticks."""
+    upstream = urlsplit(bus.url)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection(upstream.hostname, upstream.port or 5672)
+        connections.extend((client_w, broker_w))
+        await asyncio.gather(forward(client_r, broker_w), forward(broker_r, client_w))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    user = f"{upstream.username}:{upstream.password}"
+    nodes = [
+        f"amqp://{user}@127.0.0.1:{port}/"
+        for port in (closed.getsockname()[1], proxy.sockets[0].getsockname()[1])
+    ] + [bus.url]
+    agent = bus.agent()
+    config = tmp_path / f"{agent}.heartbeat.json"
+    config.write_bytes(
+        orjson.dumps({"agent": agent, "checks": {"c": {"cadenceMs": 1, "handler": "default"}}})
+    )
+    results = await bus.collector(f"heartbeat.{agent}.c.success")
+    consumer = HeartbeatConsumer(
+        agent, config, ",".join(nodes), bus.exchange_name, state_path=tmp_path / "s"
+    )
+    try:
+        await consumer.start()
+        await take(results, 1)  # the start-up run, through the proxy
+        connection = await consumer.broker.connect()
+        assert isinstance(connection, NodesConnection) and connection.node == 1
+        assert connections, "the consumer did not connect through the second node"
+        proxy.close()
+        for writer in connections:
+            writer.close()
+        for _ in range(150):  # the reconnect interval is 5 s
+            await asyncio.sleep(0.1)
+            if connection.node == 2 and (await consumer.health()).ok:
+                break
+        assert connection.node == 2, "the consumer did not move to the third node"
+        await bus.publish("system.heartbeat.tick", slot_tick(now_ms() + 30_000))  # a later slot
+        await take(results, 1)  # answered through the third node
+    finally:
+        await consumer.stop()
+        closed.close()
+        proxy.close()
+
+
+def test_a_node_list_that_cannot_be_reached_is_one_line_without_passwords() -> None:
+    from heartbeat_consumer.bus.connection import describe_connect_error
+
+    two = "amqp://u:s3cret@a/v,amqp://u:s3cret@b/v"
+    text = describe_connect_error(two, ConnectionRefusedError(111, "refused"))
+    assert "s3cret" not in text and "\n" not in text
+    assert text.startswith("cannot reach RabbitMQ at amqp://u:***@a/v,amqp://u:***@b/v")
+    refused = describe_connect_error(two, ConnectionError("ACCESS_REFUSED"))
+    assert "user 'u'" in refused and "s3cret" not in refused

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import ssl
 import stat
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import orjson
+from aio_pika import RobustConnection
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ProbableAuthenticationError
 from faststream.message import StreamMessage
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
+from yarl import URL
 
-from ..core.topology import DEFAULT_URL, check_resource, check_url, mask_url
+from ..core.topology import DEFAULT_URL, check_resource, check_url, mask_url, node_urls
 from ..ops.health import Health
 from ..ops.logs import first_line
 from . import amqp_decoding
@@ -40,6 +44,7 @@ __all__ = [
     "is_transient",
     "connect",
     "make_broker",
+    "NodesConnection",
     "publish_json",
     "queue_health",
     "raw_body",
@@ -98,24 +103,89 @@ def _regular_file(path: str | None) -> None:
         raise TlsError(f"TLS files unusable ({path} is not a regular file)")
 
 
+NODE_TIMEOUT_S = 5.0
+"""How long a connection attempt waits for one node of a list before it tries the next
+(a node cut off by a partition does not refuse, it does not answer)."""
+
+_CONNECT_TRANSPORT = "_RobustConnection__connect_transport"
+"""aio-pika's one connection attempt of a robust connection (its first connect and each
+reconnect), which :class:`NodesConnection` wraps; tested to exist."""
+
+
+class NodesConnection(RobustConnection):
+    """A robust connection to one node of a list (the nodes of one cluster): each attempt,
+    the first connect and every reconnect, tries the node it was last connected to first,
+    then the others in order, and takes the first that answers. A node that goes away
+    is left for the next one at the next reconnect."""
+
+    node_list: tuple[str, ...] = ()
+    """The nodes' URLs (set on a subclass per broker: :func:`nodes_connection`)."""
+
+    def __init__(
+        self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(url, loop=loop, **kwargs)
+        query = self.url.query  # the connection's parameters, the same for every node
+        self.nodes = [URL(node) for node in self.node_list] or [self.url]
+        self.nodes = [node.with_query(query) if query else node for node in self.nodes]
+        self.node = 0
+        """Index of the node connected to (or tried first next time)."""
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        attempt = getattr(RobustConnection, _CONNECT_TRANSPORT)
+        failure: BaseException | None = None
+        for step in range(len(self.nodes)):
+            index = (self.node + step) % len(self.nodes)
+            self.url = self.nodes[index]
+            try:
+                await asyncio.wait_for(attempt(self), NODE_TIMEOUT_S)
+            except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+                failure = exc
+                log.warning(
+                    "broker node %s did not answer (%s)%s",
+                    mask_url(str(self.url)),
+                    first_line(exc),
+                    "; trying the next" if step + 1 < len(self.nodes) else "",
+                )
+                continue
+            if index != self.node:
+                log.warning("connected to broker node %s", mask_url(str(self.url)))
+            self.node = index
+            return
+        raise failure or ConnectionError("no broker node to connect to")
+
+
+def nodes_connection(nodes: Sequence[str]) -> type[NodesConnection]:
+    """A :class:`NodesConnection` class for ``nodes`` (aio-pika makes the connection
+    from its class and one URL; the list must not go into that URL's query, where
+    the libraries would log it with the passwords)."""
+    return type("NodesConnection", (NodesConnection,), {"node_list": tuple(nodes)})
+
+
 def make_broker(
     url: str = DEFAULT_URL,
     *,
     tls: TlsFiles | None = None,
     graceful_timeout_s: float | None = None,
 ) -> RabbitBroker:
+    """The broker of ``url``: one node, or a comma-separated list of a cluster's nodes
+    (:class:`NodesConnection`)."""
     check_url(url)
+    nodes = node_urls(url)
     security = BaseSecurity(ssl_context=tls.context(), use_ssl=True) if tls else None
     # serializer=None: our handlers take the raw message, so FastStream need not build
     # a pydantic model per subscriber (0.3 ms of CPU per agent of a starting fleet).
-    return RabbitBroker(
-        url,
+    broker = RabbitBroker(
+        nodes[0],
         security=security,
         graceful_timeout=graceful_timeout_s,
         logger=None,
         fail_fast=True,
         serializer=None,
     )
+    if len(nodes) > 1:  # FastStream hands these to aio_pika.connect_robust
+        broker._connection_kwargs["connection_class"] = nodes_connection(nodes)
+    return broker
 
 
 class _QuietReconnects(logging.Filter):
@@ -167,7 +237,7 @@ async def connect(broker: RabbitBroker, url: str) -> AbstractRobustConnection:
 def describe_connect_error(url: str, exc: BaseException) -> str:
     """What a failed connection attempt means, in one line."""
     where = mask_url(url)
-    parts = urlsplit(url)
+    parts = urlsplit((node_urls(url) or [url])[0])  # a cluster's nodes share user and vhost
     user = unquote(parts.username or "guest")
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     text = str(exc.args[-1] if exc.args else exc)

@@ -107,9 +107,30 @@ def check_resource(name: object, what: str = "exchange name") -> str:
     )
 
 
+_NODE_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)")
+
+
+def node_urls(url: str) -> list[str]:
+    """The node URLs of ``url``: one URL, or a comma-separated list of them (the nodes of
+    one cluster, tried in order). A comma splits only before ``amqp://`` or
+    ``amqps://``, so a password with a comma stays whole (percent-encode it as %2C all
+    the same)."""
+    return [part for part in _NODE_SEPARATOR.split(url.strip()) if part]
+
+
 def check_url(url: str) -> str:
-    """``url`` if it is an ``amqp://`` or ``amqps://`` URL with a host and a valid port,
-    else :class:`InvalidUrl` with a one-line reason (and the password masked)."""
+    """``url`` if each of its nodes (:func:`node_urls`) is an ``amqp://`` or ``amqps://``
+    URL with a host and a valid port, else :class:`InvalidUrl` with a one-line reason
+    (and the passwords masked)."""
+    nodes = node_urls(url)
+    if not nodes:
+        raise InvalidUrl("broker URL is empty")
+    for node in nodes:
+        _check_node(node)
+    return url
+
+
+def _check_node(url: str) -> None:
     shown = mask_url(url)
     try:
         parts = urlsplit(url)
@@ -138,7 +159,6 @@ def check_url(url: str) -> str:
             f"broker URL {shown}: set TLS with amqps:// and --ca-file/--cert-file/--key-file, "
             "not in the query"
         )
-    return url
 
 
 def parts_password_free(url: str) -> bool:
@@ -196,6 +216,15 @@ def alert_key(agent: str, kind: str) -> str:
 
 
 def mask_url(url: str) -> str:
+    """``url`` with the password of each of its nodes (:func:`node_urls`) masked."""
+    return (
+        ",".join(mask_node_url(node) for node in node_urls(url))
+        if "," in url
+        else mask_node_url(url)
+    )
+
+
+def mask_node_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for logs): everything between the
     user name and the last ``@`` of the part after ``://``, so that a password with a
     ``#``, ``/`` or ``?`` that was not percent-encoded is masked too."""
