@@ -16,6 +16,7 @@ from heartbeat_consumer.bus import connection
 from heartbeat_consumer.bus.connection import NodesConnection, TlsError, TlsFiles, make_broker
 from heartbeat_consumer.bus.consumer import HeartbeatConsumer
 from heartbeat_consumer.cli import main
+from heartbeat_consumer.core.timeutil import floor_to, iso
 from heartbeat_consumer.core.topology import InvalidUrl, check_url, mask_url, node_urls
 
 from .broker import Bus, take
@@ -135,6 +136,18 @@ def test_a_url_may_list_the_nodes_of_a_cluster() -> None:
         check_url("amqp://u:p1@a/,amqp://u:secret@b:0/")
     with pytest.raises(InvalidUrl, match="empty"):
         check_url(" ")
+    for wrong in ("amqp://u:p1@a/;amqp://u:p2@b/", "amqp://u:p1@a/ amqp://u:p2@b/"):
+        with pytest.raises(InvalidUrl, match="separate the nodes of a cluster with commas") as e:
+            check_url(wrong)
+        assert "p2" not in str(e.value) and "p1" not in str(e.value)
+    assert node_urls("amqp://u:p@a/,AMQP://u:p@b/") == ["amqp://u:p@a/", "AMQP://u:p@b/"]
+
+
+def test_with_tls_files_every_node_must_be_amqps(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")  # not read: the URLs are refused first
+    with pytest.raises(InvalidUrl, match="every node must be amqps://"):
+        make_broker("amqps://u:p@a/,amqp://u:p@b/", tls=TlsFiles(ca_file=str(ca)))
 
 
 def test_the_connection_attempt_that_a_node_list_wraps_exists() -> None:
@@ -200,8 +213,10 @@ async def test_a_consumer_takes_the_first_node_that_answers_and_moves_on_when_it
             if connection.node == 2 and (await consumer.health()).ok:
                 break
         assert connection.node == 2, "the consumer did not move to the third node"
-        await bus.publish("system.heartbeat.tick", slot_tick(now_ms() + 30_000))  # a later slot
-        await take(results, 1)  # answered through the third node
+        tick = slot_tick(floor_to(now_ms(), 60_000) + 60_000)  # the start-up run's next slot
+        await bus.publish("system.heartbeat.tick", tick)
+        (answer,) = await take(results, 1)  # answered through the third node
+        assert orjson.loads(answer.body)["payload"]["slot"].startswith(iso(tick["timestamp"])[:16])
     finally:
         await consumer.stop()
         closed.close()

@@ -25,7 +25,14 @@ from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 from faststream.security import BaseSecurity
 from yarl import URL
 
-from ..core.topology import DEFAULT_URL, check_resource, check_url, mask_url, node_urls
+from ..core.topology import (
+    DEFAULT_URL,
+    InvalidUrl,
+    check_resource,
+    check_url,
+    mask_url,
+    node_urls,
+)
 from ..ops.health import Health
 from ..ops.logs import first_line
 from . import amqp_decoding
@@ -112,6 +119,10 @@ _CONNECT_TRANSPORT = "_RobustConnection__connect_transport"
 reconnect), which :class:`NodesConnection` wraps; tested to exist."""
 
 
+_CONNECT_TIMEOUT = "_RobustConnection__connect_timeout"
+"""The timeout aio-pika gives that attempt's handshake (None: none was given)."""
+
+
 class NodesConnection(RobustConnection):
     """A robust connection to one node of a list (the nodes of one cluster): each attempt,
     the first connect and every reconnect, tries the node it was last connected to first,
@@ -137,8 +148,11 @@ class NodesConnection(RobustConnection):
         for step in range(len(self.nodes)):
             index = (self.node + step) % len(self.nodes)
             self.url = self.nodes[index]
+            # The handshake's timeout (not the restore of channels and consumers after it).
+            if getattr(self, _CONNECT_TIMEOUT, None) is None:
+                setattr(self, _CONNECT_TIMEOUT, NODE_TIMEOUT_S)
             try:
-                await asyncio.wait_for(attempt(self), NODE_TIMEOUT_S)
+                await attempt(self)
             except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
                 failure = exc
                 log.warning(
@@ -172,6 +186,10 @@ def make_broker(
     (:class:`NodesConnection`)."""
     check_url(url)
     nodes = node_urls(url)
+    if tls and len(nodes) > 1 and not all(n.lower().startswith("amqps://") for n in nodes):
+        raise InvalidUrl(  # FastStream makes only the first node amqps:// for the TLS files
+            f"broker URL {mask_url(url)}: with TLS files every node must be amqps://"
+        )
     security = BaseSecurity(ssl_context=tls.context(), use_ssl=True) if tls else None
     # serializer=None: our handlers take the raw message, so FastStream need not build
     # a pydantic model per subscriber (0.3 ms of CPU per agent of a starting fleet).

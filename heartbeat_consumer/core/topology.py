@@ -107,7 +107,7 @@ def check_resource(name: object, what: str = "exchange name") -> str:
     )
 
 
-_NODE_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)")
+_NODE_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)", re.IGNORECASE)
 
 
 def node_urls(url: str) -> list[str]:
@@ -132,6 +132,11 @@ def check_url(url: str) -> str:
 
 def _check_node(url: str) -> None:
     shown = mask_url(url)
+    if "://" in url.partition("://")[2] or any(c.isspace() or c == ";" for c in url):
+        raise InvalidUrl(
+            f"broker URL {shown} holds more than one URL, or spaces or ';': separate the "
+            "nodes of a cluster with commas"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
