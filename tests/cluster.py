@@ -17,6 +17,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -93,7 +94,12 @@ class Cluster:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
         text = out.decode(errors="replace")
         if proc.returncode != 0:
             raise RuntimeError(f"{tool} {' '.join(args)} on {node.name}: {text[-500:]}")
@@ -127,7 +133,18 @@ class Cluster:
         for node in self.nodes:
             with contextlib.suppress(RuntimeError, TimeoutError):  # stopped already
                 await self.stop_node(node)
+            kill_if_running(node)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def kill_if_running(node: Node) -> None:
+    """Kill the VM of a node that would not stop (its pid file's process, if its command
+    line names the node: never a process that reused the pid)."""
+    pid_file = node.home / "mnesia" / f"{node.name}.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().strip())
+        if node.name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
 
 
 def make_cluster(count: int = 3) -> Cluster:
