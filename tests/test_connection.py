@@ -72,14 +72,13 @@ def _make_ca_and_server_cert(directory: Path, openssl: str) -> tuple[Path, Path,
     return ca_crt, crt, key
 
 
-async def test_amqps_with_a_private_ca_end_to_end(bus: Bus, tmp_path: Path) -> None:
-    """A TLS proxy with a private CA in front of the broker: the consumer connects over
-    amqps:// with --ca-file, and a plain default context would refuse it."""
-    openssl = need_tool("openssl", "makes a private CA for the TLS test", "apt-get install openssl")
-    ca, crt, key = _make_ca_and_server_cert(tmp_path, openssl)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(crt, key)
-    upstream = urlsplit(bus.url)
+async def proxy_to(
+    url: str, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    """A TCP proxy on a free port of 127.0.0.1 to the broker of ``url`` (with ``tls``: a
+    TLS server), and the writers of the connections it made (both ends of each)."""
+    upstream = urlsplit(url)
+    connections: list[asyncio.StreamWriter] = []
 
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
@@ -90,9 +89,21 @@ async def test_amqps_with_a_private_ca_end_to_end(bus: Bus, tmp_path: Path) -> N
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         broker_r, broker_w = await asyncio.open_connection(upstream.hostname, upstream.port or 5672)
+        connections.extend((client_w, broker_w))
         await asyncio.gather(forward(client_r, broker_w), forward(broker_r, client_w))
 
-    proxy = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls), connections
+
+
+async def test_amqps_with_a_private_ca_end_to_end(bus: Bus, tmp_path: Path) -> None:
+    """A TLS proxy with a private CA in front of the broker: the consumer connects over
+    amqps:// with --ca-file, and a plain default context would refuse it."""
+    openssl = need_tool("openssl", "makes a private CA for the TLS test", "apt-get install openssl")
+    ca, crt, key = _make_ca_and_server_cert(tmp_path, openssl)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(crt, key)
+    upstream = urlsplit(bus.url)
+    proxy, _ = await proxy_to(bus.url, tls=server_ctx)
     port = proxy.sockets[0].getsockname()[1]
     url = f"amqps://{upstream.username}:{upstream.password}@localhost:{port}/"
     agent = bus.agent()
@@ -168,21 +179,7 @@ async def test_a_consumer_takes_the_first_node_that_answers_and_moves_on_when_it
     the broker itself. The consumer connects through the proxy; when the proxy and its
     connections go, it reconnects to the broker and goes on answering ticks."""
     upstream = urlsplit(bus.url)
-    connections: list[asyncio.StreamWriter] = []
-
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        broker_r, broker_w = await asyncio.open_connection(upstream.hostname, upstream.port or 5672)
-        connections.extend((client_w, broker_w))
-        await asyncio.gather(forward(client_r, broker_w), forward(broker_r, client_w))
-
-    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    proxy, connections = await proxy_to(bus.url)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
     user = f"{upstream.username}:{upstream.password}"

@@ -118,7 +118,6 @@ _CONNECT_TRANSPORT = "_RobustConnection__connect_transport"
 """aio-pika's one connection attempt of a robust connection (its first connect and each
 reconnect), which :class:`NodesConnection` wraps; tested to exist."""
 
-
 _CONNECT_TIMEOUT = "_RobustConnection__connect_timeout"
 """The timeout aio-pika gives that attempt's handshake (None: none was given)."""
 
@@ -137,20 +136,20 @@ class NodesConnection(RobustConnection):
     ) -> None:
         super().__init__(url, loop=loop, **kwargs)
         query = self.url.query  # the connection's parameters, the same for every node
-        self.nodes = [URL(node) for node in self.node_list] or [self.url]
-        self.nodes = [node.with_query(query) if query else node for node in self.nodes]
+        nodes = [URL(node) for node in self.node_list]
+        self.nodes = [node.with_query(query) if query else node for node in nodes] or [self.url]
         self.node = 0
         """Index of the node connected to (or tried first next time)."""
 
     async def _RobustConnection__connect_transport(self) -> None:
         attempt = getattr(RobustConnection, _CONNECT_TRANSPORT)
+        # The handshake's timeout (not the restore of channels and consumers after it).
+        if getattr(self, _CONNECT_TIMEOUT, None) is None:
+            setattr(self, _CONNECT_TIMEOUT, NODE_TIMEOUT_S)
         failure: BaseException | None = None
         for step in range(len(self.nodes)):
             index = (self.node + step) % len(self.nodes)
             self.url = self.nodes[index]
-            # The handshake's timeout (not the restore of channels and consumers after it).
-            if getattr(self, _CONNECT_TIMEOUT, None) is None:
-                setattr(self, _CONNECT_TIMEOUT, NODE_TIMEOUT_S)
             try:
                 await attempt(self)
             except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
