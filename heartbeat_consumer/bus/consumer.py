@@ -28,7 +28,13 @@ Commands are coalesced: when one arrives, the commands queued behind it are read
 (up to :data:`READ_AHEAD` of them, stopping at a tick). Their pauses and resumes are
 applied with one state save, the tick (if one was reached) is handled next, then the
 runs, one per check. A flood of commands costs a save per batch, not per command, and
-cannot hold the ticks back for long.
+cannot hold the ticks back for long. (Not on an inbox with a single active consumer,
+where reading ahead is not allowed: there each command is handled on its own.)
+
+With a replica name (``--standby``) the agent's state follows the bus
+(:mod:`.follower`): a run's result carries the change it made, pauses and resumes are
+published before they are made, and before any delivery is handled, the changes other
+replicas published are applied.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from ..core.envelope import (
 from ..core.timeutil import floor_to, iso
 from ..core.topology import (
     COMMANDS,
+    SYNC_COMMAND,
     TICK_KEY,
     agent_key,
     check_name,
@@ -102,6 +109,7 @@ from .connection import (
     topic_exchange,
     unreachable,
 )
+from .follower import Follower
 from .provision import TopologyError, provision_agent
 from .settings import (
     BUS_ARGUMENTS,
@@ -131,6 +139,7 @@ RETRY_MAX_S = 8.0
 to the queue, doubling per attempt (0.5, 1, 2, 4 s): the attempts span longer than the
 connection's reconnect interval (5 s), so a broker that went away for a moment costs a
 confirmed tick no dead letter. Held, the agent handles nothing else meanwhile."""
+COALESCED = ("run", "pause", "resume")
 READ_AHEAD = 500
 """Commands read (and coalesced) behind the one delivered, at most."""
 MAX_HOLD_S = 60.0
@@ -178,6 +187,10 @@ class AgentConsumer:
         self.exchanges_ready = False
         """Set by a fleet that ensured the exchanges just before opening this agent."""
         self.inbox_options = inbox.queue_options()
+        self.read_ahead = "x-single-active-consumer" not in self.inbox_options.arguments()
+        """Commands are coalesced by reading ahead (basic.get), except on an inbox with a
+        single active consumer: RabbitMQ refuses basic.get on a quorum one by closing
+        the channel (which would fail every command, again and again)."""
         self.tick_interval_ms = inbox.tick_interval_ms
         self.alive_every_ms = inbox.alive_every_ms
         self._heard_at: int | None = None
@@ -187,6 +200,17 @@ class AgentConsumer:
         self.queue = RabbitQueue(
             inbox_queue(agent), durable=True, declare=False, routing_key=inbox_bindings(agent)[0]
         )
+        self.follower = (
+            None
+            if inbox.replica is None
+            else Follower(
+                self.agent,
+                inbox.replica,
+                publish=self._publish_state,
+                dead_letter=self._dead_letter,
+            )
+        )
+        """With a replica name: the agent's state follows the bus (:mod:`.follower`)."""
         self.runner = AgentRunner(
             heartbeat_path,
             state_path=state_path,
@@ -194,8 +218,11 @@ class AgentConsumer:
             on_start=self._on_start,
             agent=agent,
             publish=self._publish_event,
+            on_state=None if self.follower is None else self.follower.publish,
         )
         self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
+        if self.follower is not None:
+            self._routes[agent_key(agent, SYNC_COMMAND)] = SYNC_COMMAND
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
         self.last_slot: int | None = None
         self._state_problem: str | None = None
@@ -248,12 +275,22 @@ class AgentConsumer:
         self._inbox = await self.broker.config.declarer.declare_queue(
             self.queue, channel=self._channel
         )
+        if self.follower is not None:
+            follow = RabbitQueue(self.follower.queue_name, durable=True, declare=False)
+            self.follower.queue = await self.broker.config.declarer.declare_queue(
+                follow, channel=self._channel
+            )
 
     def discard(self) -> None:
         """Take the subscriber off the broker (an agent that failed to open: the broker's
         start must not consume its inbox) and let go of the agent's lock."""
         self.broker._subscribers.discard(self.subscriber)
+        self.stop_following()
         self.lock.release()
+
+    def stop_following(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
 
     async def open(self, *, evaluate: bool = True, lent: AbstractChannel | None = None) -> None:
         """Load the state, declare the topology (on ``lent`` first), say ``online`` and,
@@ -278,6 +315,10 @@ class AgentConsumer:
         if problem is not None:
             log.error("%s: %s; running with the state in memory", self.agent, problem)
             await self._report_state(problem)
+        if self.follower is not None:
+            await self.catch_up()
+            await self.follower.ask_for_state()
+            self.follower.start(self.catch_up)
         if evaluate:
             await self.evaluate_now()
 
@@ -300,7 +341,11 @@ class AgentConsumer:
 
     async def evaluate_now(self, *, again: bool = False) -> TickReport | None:
         """Evaluate once at start-up, for the slot containing now, without a tick; None
-        when a tick for that slot (or a later one) came first, unless ``again``."""
+        when a tick for that slot (or a later one) came first, unless ``again``. A
+        replica does not (it may be the standby: only the active consumer runs, on the
+        ticks it is given)."""
+        if self.follower is not None and not again:
+            return None
         slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
         env = local_envelope(slot, source_type="startup")
         return await self._tick(slot, env, again=again)
@@ -337,16 +382,35 @@ class AgentConsumer:
     async def _send_run_event(self, run: StartedRun, word: str, at_ms: int) -> None:
         """A run's started or result event, correlated with the tick or command that
         caused it (``correlation_ids``: as UUIDs; the AMQP ``correlation_id``: the first
-        id as it came), under ``heartbeat.<agent>.<check>.<word>``, its event_type."""
+        id as it came), under ``heartbeat.<agent>.<check>.<word>``, its event_type. A
+        replica's result carries the change of the state (``state_change``)."""
         key = result_key(self.agent, run.check, word)
+        payload = run.to_payload()
+        if isinstance(run, RunResult) and run.change is not None and self.follower is not None:
+            payload["state_change"] = self.follower.payload(run.change)
         event = envelope(
             key,
-            run.to_payload(),
+            payload,
             timestamp_ms=at_ms,
             event_id=result_event_id(run.idempotency_key, word, run.started_at),
             correlation_ids=list(self._correlation),
         )
         await self._send(key, event, self._correlation[0] if self._correlation else "")
+
+    async def _publish_state(self, routing_key: str, payload: dict[str, Any]) -> None:
+        """A state event or sync request of our :class:`~.follower.Follower`."""
+        event = envelope(routing_key, payload, timestamp_ms=wall_clock_ms())
+        await self._send(routing_key, event)
+
+    async def catch_up(self) -> int:
+        """Apply the state changes other replicas published and we have not applied."""
+        if self.follower is None:
+            return 0
+        async with self._lock:
+            applied = await self.follower.catch_up(self.runner)
+        if applied:
+            log.info("%s: applied %d change(s) of the state from the bus", self.agent, applied)
+        return applied
 
     async def _on_start(self, run: StartedRun) -> None:
         await self._send_run_event(run, "started", run.started_at)
@@ -414,9 +478,11 @@ class AgentConsumer:
 
     async def _handle(self, first: AbstractIncomingMessage) -> None:
         batch = [first]
-        if self._routes.get(first.routing_key or "") in ("run", "pause", "resume"):
+        if self.read_ahead and self._routes.get(first.routing_key or "") in COALESCED:
             batch += await self._read_ahead()
         try:
+            # A replica that just became the active consumer knows what the old one did.
+            await self.catch_up()
             await self._process(batch)
         except Exception as exc:  # never leave a delivery of the batch unsettled
             await self._fail(batch, exc)
@@ -447,6 +513,8 @@ class AgentConsumer:
                 if kind is None:
                     log.debug("%s: ignoring %s", self.agent, message.routing_key)
                     await message.ack()
+                elif kind == SYNC_COMMAND:
+                    await self._guard([message], self._sync(message))
                 elif kind == "tick":
                     alone = message.routing_key != TICK_KEY  # sent to this agent only
                     ticks.append((message, self._parse_tick(message), alone))
@@ -711,6 +779,14 @@ class AgentConsumer:
         )
         return [message for message, _ in accepted]
 
+    async def _sync(self, message: AbstractIncomingMessage) -> None:
+        """A replica that joined asks for the whole state: a snapshot event answers."""
+        if self.follower is None or self.follower.is_ours(message.body):
+            return
+        async with self._lock:
+            await self.follower.publish(self.runner.snapshot())
+        log.info("%s: sent the state to a replica that joined", self.agent)
+
     def _no_such_check(self, command: Command) -> str:
         return f"no check named {command.check!r} in the config of {self.agent}"
 
@@ -843,6 +919,7 @@ class HeartbeatConsumer:
         """Stop taking deliveries, let the running handler finish (up to the graceful
         timeout; it acks and saves state), publish ``offline``, close."""
         await self.agent_consumer.subscriber.stop()
+        self.agent_consumer.stop_following()
         await self.agent_consumer.finish_inflight(self.graceful_timeout_s)
         try:
             await self.agent_consumer.publish_status("offline", pid=os.getpid())

@@ -38,11 +38,14 @@ from aiormq.exceptions import (
 
 from ..core.timeutil import MS_PER_DAY, check_duration, format_duration
 from ..core.topology import (
+    check_name,
     check_resource,
     dead_letter_exchange,
     dead_letter_queue,
+    follow_queue,
     inbox_bindings,
     inbox_queue,
+    state_bindings,
 )
 
 __all__ = [
@@ -91,12 +94,22 @@ class DeadLetterLimits:
 
 @dataclass(frozen=True)
 class InboxOptions:
+    """The inbox's type and whether one consumer at a time takes it; ``replica``: this
+    consumer is one of the agent's replicas (single active consumer, whatever
+    ``single_active_consumer`` says) and follows the agent's state through its own queue
+    :func:`~..core.topology.follow_queue` (of the inbox's type)."""
+
     queue_type: QueueKind = "classic"
     single_active_consumer: bool = False
+    replica: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.replica is not None:
+            check_name(self.replica, "replica name")
 
     def arguments(self) -> dict[str, Any]:
         arguments: dict[str, Any] = {"x-queue-type": self.queue_type}
-        if self.single_active_consumer:
+        if self.single_active_consumer or self.replica is not None:
             arguments["x-single-active-consumer"] = True
         return arguments
 
@@ -211,12 +224,19 @@ async def _queue(
     bindings: Iterable[tuple[str, str]],
     declare: bool,
     require: bool = False,
+    strict: bool = False,
 ) -> bool:
     """Declare a durable queue with ``arguments`` and its (exchange, key) bindings, or
     check that it exists; True if declared. One that exists with other arguments is used
-    as it is, with a warning."""
+    as it is, with a warning (``strict``: it is an error)."""
 
     def mismatch(exc: ChannelPreconditionFailed) -> None:
+        if strict:
+            raise TopologyError(
+                f"queue {name} exists with other arguments than {arguments} "
+                f"({exc.args[0] if exc.args else exc}); a replica needs them (to re-create "
+                "it: stop its consumers, let it drain, delete it, start again)"
+            ) from None
         log.warning(
             "queue %s exists with other arguments than %s (%s); using it as it is "
             "(to re-create it: let it drain, delete it, start again)",
@@ -276,15 +296,21 @@ async def provision_agent(
     dlq = dead_letter_queue(agent)
     limits = dead_letters or DeadLetterLimits()
     bindings = [(exchange, key) for key in inbox_bindings(agent)]
-    arguments = (inbox or InboxOptions()).arguments()
+    options = inbox or InboxOptions()
+    arguments = options.arguments()
+    follow = [] if options.replica is None else [follow_queue(agent, options.replica)]
+    follow_arguments = {"x-queue-type": options.queue_type}
+    follow_bindings = [(exchange, key) for key in state_bindings(agent)]
     if channel is not None and not channel.is_closed:
         try:
             if declare:
                 await _declare_bound(channel, dlq, _classic(limits), [(dlx, dlq)])
                 await _declare_bound(channel, inbox_queue(agent), arguments, bindings)
+                for name in follow:
+                    await _declare_bound(channel, name, follow_arguments, follow_bindings)
             else:
-                await channel.declare_queue(dlq, passive=True)
-                await channel.declare_queue(inbox_queue(agent), passive=True)
+                for name in [dlq, inbox_queue(agent), *follow]:
+                    await channel.declare_queue(name, passive=True)
             return
         except (AMQPError, ChannelInvalidStateError) as exc:
             # That closed the channel (its lender opens another): step by step instead.
@@ -304,7 +330,17 @@ async def provision_agent(
         bindings=bindings,
         declare=declare,
         require=require,
+        strict=options.replica is not None,  # two replicas consuming at once would both run
     )
+    for name in follow:
+        await _queue(
+            connection,
+            name,
+            arguments=follow_arguments,
+            bindings=follow_bindings,
+            declare=declare,
+            require=require,
+        )
 
 
 async def provision_monitor(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from ..core.topology import DEFAULT_EXCHANGE, DEFAULT_URL, mask_url
+from ..core.topology import DEFAULT_EXCHANGE, DEFAULT_URL, check_name, mask_url
 from ..ops.settings import ServeSettings
 from .connection import TlsFiles
 from .provision import DeadLetterLimits, InboxOptions, QueueKind
@@ -78,6 +78,10 @@ class InboxSettings:
     single_active_consumer: bool = False
     alive_every_ms: int = DEFAULT_ALIVE_EVERY_MS
     dead_letters: DeadLetterLimits = field(default_factory=DeadLetterLimits)
+    replica: str | None = None
+    """This consumer is one replica of the agent, named so (its host, say): one consumes
+    at a time, and each follows the agent's state through its own queue
+    ``agent.<agent>.state.<replica>`` (see :mod:`.follower`)."""
 
     def __post_init__(self) -> None:
         if self.tick_interval_ms < 1:
@@ -86,10 +90,12 @@ class InboxSettings:
             raise ValueError(f"alive interval {self.alive_every_ms} ms is negative")
         if self.queue_type not in ("classic", "quorum"):
             raise ValueError(f"queue type {self.queue_type!r}: 'classic' or 'quorum'")
+        if self.replica is not None:
+            check_name(self.replica, "replica name")
 
     def queue_options(self) -> InboxOptions:
         """The inbox queue's arguments (see :mod:`.provision`)."""
-        return InboxOptions(self.queue_type, self.single_active_consumer)
+        return InboxOptions(self.queue_type, self.single_active_consumer, self.replica)
 
 
 DEFAULT_BUS = BusSettings()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,11 @@ from ..core.config import (
 from ..core.timeutil import format_duration
 from ..core.topology import (
     MONITOR_BINDING,
+    NAME_PATTERN,
     agent_key,
     check_name,
     dead_letter_queue,
+    follow_queue,
     inbox_queue,
 )
 from ..monitor.monitor import Monitor
@@ -105,9 +109,24 @@ def _inbox_settings(args: argparse.Namespace) -> InboxSettings:
             single_active_consumer=args.single_active_consumer,
             alive_every_ms=_duration(args.alive_every),
             dead_letters=_dead_letters(args),
+            replica=_replica(args),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _replica(args: argparse.Namespace) -> str | None:
+    """``--standby``: this replica's name (``--replica``, else the host name)."""
+    if not args.standby:
+        if args.replica:
+            raise UsageError("--replica names a replica of --standby consumers: add --standby")
+        return None
+    if args.replica:
+        return check_name(args.replica, "replica name (--replica)")
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
+    if not re.fullmatch(NAME_PATTERN, host):
+        raise UsageError(f"name this replica with --replica (the host name {host!r} cannot)")
+    return host
 
 
 def _serve_settings(port: int | None, host: str) -> ServeSettings:
@@ -138,7 +157,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
         )
     agents = [check_name(agent, "agent name") for agent in args.agent or []]
     limits = _dead_letters(args)
-    inbox = InboxOptions(args.queue_type, args.single_active_consumer)  # no --every here
+    sac = args.single_active_consumer or args.standby
+    replicas: list[str | None] = [check_name(r, "replica name") for r in args.replica or []]
+    if replicas and not agents:
+        raise UsageError("--replica provisions the state queues of agents: name them with --agent")
+    inboxes = [InboxOptions(args.queue_type, sac, r) for r in replicas or [None]]  # no --every
 
     async def run() -> None:
         broker = make_broker(args.rabbit_url, tls=_tls(args))
@@ -147,15 +170,19 @@ def cmd_provision(args: argparse.Namespace) -> int:
             await declare_exchanges(connection, args.exchange, require=True)
             _out(f"exchanges {args.exchange} and {args.exchange}.dlx ready")
             for agent in agents:
-                await provision_agent(
-                    connection,
-                    agent,
-                    args.exchange,
-                    inbox=inbox,
-                    dead_letters=limits,
-                    require=True,
-                )
+                for options in inboxes:
+                    await provision_agent(
+                        connection,
+                        agent,
+                        args.exchange,
+                        inbox=options,
+                        dead_letters=limits,
+                        require=True,
+                        exchanges=False,
+                    )
                 _out(f"agent {agent}: {inbox_queue(agent)} and {dead_letter_queue(agent)} ready")
+                for replica in filter(None, replicas):
+                    _out(f"agent {agent}: {follow_queue(agent, replica)} ready")
             if args.monitor:
                 await provision_monitor(
                     connection,

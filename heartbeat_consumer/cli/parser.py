@@ -61,11 +61,12 @@ class Groups:
         default_factory=lambda: _group(dead_letter_options)
     )
     alive: argparse.ArgumentParser = field(default_factory=lambda: _group(alive_option))
+    replica: argparse.ArgumentParser = field(default_factory=lambda: _group(replica_option))
 
     @property
     def consumer(self) -> list[argparse.ArgumentParser]:
         """What a consumer takes (``run``, ``fleet``)."""
-        return [self.alive, self.bus, self.health, self.inbox, self.dead_letters]
+        return [self.alive, self.bus, self.health, self.inbox, self.replica, self.dead_letters]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +190,13 @@ def bus_commands(add: Add, g: Groups) -> None:
     )
     p.add_argument("--agent", action="append", metavar="NAME", help="an agent (repeatable)")
     p.add_argument(
+        "--replica",
+        action="append",
+        metavar="NAME",
+        help="a replica of the agents (repeatable): its state queue, and a single active "
+        "consumer on the inbox (run them with --standby --replica NAME)",
+    )
+    p.add_argument(
         "--monitor",
         nargs="?",
         const=DEFAULT_MONITOR_QUEUE,
@@ -305,6 +313,24 @@ def inbox_options(p: argparse.ArgumentParser) -> None:
         "--single-active-consumer",
         action="store_true",
         help="replicas of one agent stand by; one consumes at a time",
+    )
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        default=env("STANDBY", "") in ("1", "true", "yes", "on"),
+        help="this is one replica of each agent (on each host): one consumes at a time and "
+        "the others follow its state on the bus, ready to take over "
+        "(implies --single-active-consumer; env STANDBY=true)",
+    )
+
+
+def replica_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--replica",
+        default=env("HEARTBEAT_REPLICA"),
+        metavar="NAME",
+        help="with --standby: this replica's name, unique per agent (env HEARTBEAT_REPLICA; "
+        "default: the host name); its state queues are agent.<agent>.state.<NAME>",
     )
 
 

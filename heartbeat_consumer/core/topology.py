@@ -6,6 +6,9 @@
   ``heartbeat.<agent>.<check>.started`` and status events
   ``heartbeat.<agent>._status.<word>`` (:data:`STATUS_EVENTS`). None matches an inbox
   binding, so results never flow back into any agent's inbox.
+- State events (replicas, :mod:`.follow`): ``heartbeat.<agent>._state.<word>`` and the
+  results, into each replica's ``agent.<agent>.state.<replica>``;
+  ``agent.<name>.heartbeat.sync`` asks for the whole state.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ __all__ = [
     "DISPATCH_WORD",
     "NAME_PATTERN",
     "STATUS_EVENTS",
+    "SYNC_COMMAND",
     "TICK_BINDING",
     "TICK_KEY",
     "InvalidName",
@@ -33,11 +37,14 @@ __all__ = [
     "dead_letter_exchange",
     "dead_letter_queue",
     "dispatch_key",
+    "follow_queue",
     "inbox_bindings",
     "inbox_queue",
     "mask_url",
     "reply_key",
     "result_key",
+    "state_bindings",
+    "state_key",
     "status_key",
 ]
 
@@ -204,6 +211,29 @@ DISPATCH_WORD = "dispatch"
 def dispatch_key(agent: str, check: str) -> str:
     """The default key of the ``publish`` handler's event (``heartbeat.<a>.<c>.dispatch``)."""
     return result_key(agent, check, DISPATCH_WORD)
+
+
+SYNC_COMMAND = "sync"
+"""``agent.<name>.heartbeat.sync``: a replica that joins asks the active one for its state."""
+
+
+def state_key(agent: str, word: str) -> str:
+    """A change of the agent's state (:mod:`.follow`): ``heartbeat.<agent>._state.<word>``."""
+    return f"heartbeat.{agent}._state.{word}"
+
+
+RUN_STATUSES = ("success", "alert", "failed", "skipped", "timeout")
+
+
+def state_bindings(agent: str) -> tuple[str, ...]:
+    """A replica's state queue: the agent's state events, and its results (a run's change
+    travels inside its result)."""
+    return (f"heartbeat.{agent}._state.#", *(f"heartbeat.{agent}.*.{s}" for s in RUN_STATUSES))
+
+
+def follow_queue(agent: str, replica: str) -> str:
+    """The replica's own queue of the agent's state events (``agent.<a>.state.<replica>``)."""
+    return f"agent.{agent}.state.{replica}"
 
 
 def reply_key(agent: str, word: str) -> str:

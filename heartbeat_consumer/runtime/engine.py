@@ -17,7 +17,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..core.config import (
 )
 from ..core.envelope import envelope as make_envelope
 from ..core.envelope import local_event_id
+from ..core.follow import StateChange, apply_change, pauses_change, run_change, snapshot_change
 from ..core.schedule import Blocker, Evaluation, Plan, plan
 from ..core.state import (
     HISTORY_LIMIT,
@@ -132,6 +133,10 @@ class RunResult(StartedRun):
     overdue_ratio: float
     result: dict[str, Any]
     error: str | None = None
+    change: StateChange | None = None
+    """With ``on_state`` (replicas): the change of the state this run made. It travels
+    inside the result event (``state_change``), so that the result and the change are
+    one message: confirmed together or not at all."""
 
     @property
     def duration_ms(self) -> int:
@@ -163,6 +168,8 @@ class TickReport:
 
 ResultSink = Callable[[RunResult], Awaitable[None]]
 StartSink = Callable[[StartedRun], Awaitable[None]]
+StateSink = Callable[[StateChange], Awaitable[None]]
+"""Where a change of the state goes before it is saved (a replica publishes it)."""
 
 
 def _pause_refusal(
@@ -204,9 +211,13 @@ class AgentRunner:
         agent: str | None = None,
         on_start: StartSink | None = None,
         publish: EventSink | None = None,
+        on_state: StateSink | None = None,
     ) -> None:
         """``agent`` overrides the config's ``agent`` (the bus names the queue after it);
-        ``publish`` is how handlers publish events of their own (``publish`` handler)."""
+        ``publish`` is how handlers publish events of their own (``publish`` handler);
+        ``on_state`` gets the changes of the pauses before they are made and saved (if
+        it raises, they are not made); with it, each run's result handed to
+        ``on_result`` carries the run's change (:attr:`RunResult.change`)."""
         self.agent = agent
         self.config_path = Path(config_path)
         self.source = ConfigSource(self.config_path)
@@ -214,6 +225,7 @@ class AgentRunner:
         self.on_result = on_result
         self.on_start = on_start
         self.publish = publish
+        self.on_state = on_state
         self.clock = clock
         self.started_ms = clock()
         self.state = AgentState()
@@ -227,7 +239,7 @@ class AgentRunner:
         self._started = False
         self._manual_runs: OrderedDict[str, str] = OrderedDict()
         """Requests (command event ids) that ran a check by hand: idempotency key."""
-        self._unsent: dict[str, tuple[RunResult, AgentState, AgentState]] = {}
+        self._unsent: dict[str, tuple[RunResult, AgentState, AgentState, tuple[str, ...]]] = {}
         """Runs whose result could not be handed on, by idempotency key, with the state
         before and after them: re-sent (not re-run) before the next tick's work."""
 
@@ -372,12 +384,15 @@ class AgentRunner:
         if blocking:
             return evaluation.explain(blocking[0])
         result, after = await self._run(loaded.config, evaluation, slot_ms, envelope)
+        self._remember_requests(request_ids, result.idempotency_key)
+        await self._complete(result, after, tuple(request_ids))
+        return result
+
+    def _remember_requests(self, request_ids: Sequence[str], key: str) -> None:
         for request in request_ids:
-            self._manual_runs[request] = result.idempotency_key
+            self._manual_runs[request] = key
         while len(self._manual_runs) > MANUAL_RUNS_REMEMBERED:
             self._manual_runs.popitem(last=False)
-        await self._complete(result, after)
-        return result
 
     def set_pause(self, name: str, pause: Pause | None) -> StateError | None:
         """Pause a check (or ``*``, the agent) in the state; None resumes it. Saved at
@@ -413,8 +428,25 @@ class AgentRunner:
             refusals.append(refusal)
         if pauses == self.state.pauses:
             return refusals, None
+        if self.on_state is not None:  # raises: nothing changed, the commands come again
+            await self.on_state(pauses_change(pauses))
         self.state = self.state.model_copy(update={"pauses": pauses})
         return refusals, await asyncio.to_thread(self._save)
+
+    async def follow(self, changes: Sequence[StateChange]) -> StateError | None:
+        """Apply changes another replica made (in their order) and save once; the run
+        commands they name are not run again here."""
+        if not self._started:
+            self.start(require_writable=False)
+        for change in changes:
+            self.state = apply_change(self.state, change)
+            if change.state is not None and change.state.last_key is not None:
+                self._remember_requests(change.requests, change.state.last_key)
+        return await asyncio.to_thread(self._save)
+
+    def snapshot(self) -> StateChange:
+        """The whole state, for a replica that joins."""
+        return snapshot_change(self.state)
 
     def _clamp_future_runs(self, config: HeartbeatConfig, slot_ms: int) -> None:
         """A ``lastRun`` after the slot being evaluated (a clock that was wrong, a hand
@@ -441,29 +473,38 @@ class AgentRunner:
             return exc
         return None
 
-    async def _complete(self, result: RunResult, after: AgentState) -> StateError | None:
-        """Hand the result on, then adopt and save the state ``after`` the run (in that
-        order: at-least-once). If handing on fails, the state stays as it was (so what the
-        handler recorded, such as an alert's fingerprint, is not yet remembered) and the
-        result is kept to be re-sent before the next tick runs anything: a redelivered
-        tick then finds the check done instead of running its handler a second time."""
+    async def _complete(
+        self, result: RunResult, after: AgentState, requests: tuple[str, ...] = ()
+    ) -> StateError | None:
+        """Hand the result and the change on, then adopt and save the state ``after`` the
+        run (in that order: at-least-once). If handing on fails, the state stays as it
+        was (so what the handler recorded, such as an alert's fingerprint, is not yet
+        remembered) and the result is kept to be re-sent before the next tick runs
+        anything: a redelivered tick then finds the check done instead of running its
+        handler a second time."""
         before = self.state
-        if self.on_result is not None:
-            try:
-                await self.on_result(result)
-            except BaseException:
-                self._unsent[result.idempotency_key] = (result, before, after)
-                raise
+        try:
+            await self._hand_on(result, after, requests)
+        except BaseException:
+            self._unsent[result.idempotency_key] = (result, before, after, requests)
+            raise
         return await self._adopt(before, after, result.check)
+
+    async def _hand_on(
+        self, result: RunResult, after: AgentState, requests: tuple[str, ...]
+    ) -> None:
+        if self.on_state is not None:
+            result = replace(result, change=run_change(after, result.check, requests))
+        if self.on_result is not None:
+            await self.on_result(result)
 
     async def _send_unsent(self) -> tuple[list[RunResult], StateError | None]:
         """Re-send the results whose hand-on failed, oldest first; raises if it fails again."""
         sent: list[RunResult] = []
         error: StateError | None = None
-        for key, (result, before, after) in list(self._unsent.items()):
+        for key, (result, before, after, requests) in list(self._unsent.items()):
             log.warning("re-sending the result of %s (its handler is not run again)", key)
-            if self.on_result is not None:
-                await self.on_result(result)
+            await self._hand_on(result, after, requests)
             del self._unsent[key]
             sent.append(result)
             error = await self._adopt(before, after, result.check) or error

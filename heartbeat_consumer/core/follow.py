@@ -1,0 +1,162 @@
+"""State that follows the bus (pure): the event an agent's active replica publishes for
+every change of its state, and how a standby applies it to its own.
+
+- kind ``run``, inside the run's result event ``heartbeat.<agent>.<check>.<status>`` as
+  its ``state_change`` (one message: the result and the change are confirmed together
+  or not at all): the check's whole state after the run (lastRun, backoff, alert
+  fingerprints, counters), the run's history entry, and the run commands that asked
+  for it (their ids: a redelivered one is not run again);
+- ``heartbeat.<agent>._state._pauses``, kind ``pauses``: every run-time pause, after a
+  pause or resume;
+- ``heartbeat.<agent>._state._snapshot``, kind ``snapshot``: the whole state, the answer
+  to a replica that joins (``agent.<agent>.heartbeat.sync``).
+
+Each replaces what it names (a check's state, the pauses, everything), so applying one
+twice, or an older one before a newer one of the same publisher, ends in the newest. The
+``origin`` is the publishing process: a replica skips the events it published itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import Pause
+from .state import HISTORY_LIMIT, MAX_PAUSES, AgentState, CheckState, HistoryEntry, repair_ranges
+from .topology import check_name
+
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "PAUSES",
+    "SNAPSHOT",
+    "STATE_WORD",
+    "StateChange",
+    "StateEventError",
+    "apply_change",
+    "parse_state_event",
+    "pauses_change",
+    "run_change",
+    "snapshot_change",
+]
+
+STATE_WORD = "_state"
+PAUSES = "_pauses"
+SNAPSHOT = "_snapshot"
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+"""As large as a state file may be (a snapshot carries one)."""
+MAX_REQUESTS = 20
+
+
+class StateEventError(ValueError):
+    """A state event that cannot be applied (the text says why, in one line)."""
+
+
+class StateChange(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    kind: Literal["run", "pauses", "snapshot"]
+    check: str | None = None
+    state: CheckState | None = None
+    entry: HistoryEntry | None = None
+    pauses: dict[str, Pause] | None = None
+    snapshot: AgentState | None = None
+    requests: tuple[str, ...] = Field(default=(), max_length=MAX_REQUESTS)
+
+    @property
+    def word(self) -> str:
+        """The last word of its routing key."""
+        if self.kind == "run" and self.check is not None:
+            return self.check
+        return PAUSES if self.kind == "pauses" else SNAPSHOT
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def run_change(after: AgentState, check: str, requests: tuple[str, ...] = ()) -> StateChange:
+    """The change a run of ``check`` made: ``after`` is the state the run left."""
+    entry = after.history[-1] if after.history and after.history[-1].check == check else None
+    return StateChange(
+        kind="run",
+        check=check,
+        state=after.checks[check],
+        entry=entry,
+        requests=requests[:MAX_REQUESTS],
+    )
+
+
+def pauses_change(pauses: dict[str, Pause]) -> StateChange:
+    return StateChange(kind="pauses", pauses=pauses)
+
+
+def snapshot_change(state: AgentState) -> StateChange:
+    return StateChange(kind="snapshot", snapshot=state)
+
+
+def parse_state_event(body: bytes, agent: str) -> tuple[str, StateChange] | None:
+    """The origin and change of a state event for ``agent``: an envelope whose payload
+    is ``{"agent", "origin", **change}``, or a result whose payload carries that as
+    ``state_change``. None for an event that carries no change (a result of a consumer
+    that is not a replica, an alert); :class:`StateEventError` for one that cannot be
+    used."""
+    if len(body) > MAX_EVENT_BYTES:
+        raise StateEventError(f"state event of {len(body)} bytes, at most {MAX_EVENT_BYTES}")
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise StateEventError(f"state event is not JSON: {exc}") from None
+    payload = event.get("payload") if isinstance(event, dict) else None
+    if not isinstance(payload, dict):
+        raise StateEventError("state event without a payload object")
+    if "state_change" in payload:
+        payload = payload["state_change"]
+        if not isinstance(payload, dict):
+            raise StateEventError("state_change is not an object")
+    elif "origin" not in payload:
+        return None
+    if payload.get("agent") != agent:
+        raise StateEventError(f"state event for agent {payload.get('agent')!r}, not {agent!r}")
+    origin = payload.get("origin")
+    if not isinstance(origin, str) or not 0 < len(origin) <= 200:
+        raise StateEventError("state event without an origin")
+    pauses, snapshot = payload.get("pauses"), payload.get("snapshot")
+    if isinstance(pauses, dict) and len(pauses) > MAX_PAUSES:
+        raise StateEventError(f"state event with {len(pauses)} pauses, at most {MAX_PAUSES}")
+    if isinstance(snapshot, dict) and len(snapshot.get("history") or ()) > HISTORY_LIMIT:
+        raise StateEventError(f"snapshot with more than {HISTORY_LIMIT} history entries")
+    try:
+        change = StateChange.model_validate(payload, strict=False)
+    except (ValidationError, ValueError) as exc:
+        first = str(exc).splitlines()
+        raise StateEventError(f"invalid state event: {' '.join(first[:3])}") from None
+    if change.kind == "run":
+        if change.check is None or change.state is None:
+            raise StateEventError("run state event without its check and state")
+        try:
+            check_name(change.check, "check name")
+        except ValueError as exc:
+            raise StateEventError(str(exc)) from None
+    if change.kind == "pauses" and change.pauses is None:
+        raise StateEventError("pauses state event without its pauses")
+    if change.kind == "snapshot" and change.snapshot is None:
+        raise StateEventError("snapshot state event without its state")
+    return origin, change
+
+
+def apply_change(state: AgentState, change: StateChange) -> AgentState:
+    """``state`` after ``change``; values out of range are repaired as in a state file."""
+    if change.kind == "snapshot" and change.snapshot is not None:
+        after = change.snapshot.model_copy(update={"agent": state.agent or change.snapshot.agent})
+    elif change.kind == "pauses" and change.pauses is not None:
+        after = state.model_copy(update={"pauses": dict(change.pauses)})
+    elif change.kind == "run" and change.check is not None and change.state is not None:
+        history = state.history
+        if change.entry is not None and change.entry not in history[-HISTORY_LIMIT:]:
+            history = (*history, change.entry)[-HISTORY_LIMIT:]
+        checks = {**state.checks, change.check: change.state}
+        after = state.model_copy(update={"checks": checks, "history": history})
+    else:
+        return state
+    return repair_ranges(after)[0]

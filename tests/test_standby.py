@@ -1,0 +1,274 @@
+"""Replicas of one agent (``--standby``) on a real RabbitMQ: one consumes, the others
+follow its state on the bus and take over without running a slot twice.
+
+Every run is counted by its idempotency key (the handler writes it down), and each
+result says which replica ran it (``state_change.replica``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from heartbeat_consumer import CheckConfig, register_handler
+from heartbeat_consumer.bus.consumer import HeartbeatConsumer
+from heartbeat_consumer.bus.settings import BusSettings, InboxSettings
+from heartbeat_consumer.core.timeutil import floor_to
+from heartbeat_consumer.handlers.registry import unregister_handler
+from heartbeat_consumer.runtime.store import StateStore
+
+from .broker import Bus, drain_all
+from .helpers import BIN, envelope, now_ms, slot_tick, until, write
+
+pytestmark = pytest.mark.rabbit
+
+SLOT = 1000
+"""Tick interval of these tests (ms): each tick is a new slot, and the check (cadence
+1 ms) is due at every one of them."""
+
+
+def replicas_of(bus: Bus, agent: str, *names: str) -> None:
+    """Clean-up of the replicas' state queues."""
+    bus.queues |= {f"agent.{agent}.state.{name}" for name in names}
+
+
+@contextlib.contextmanager
+def keys_handler(agent: str) -> Iterator[tuple[str, list[str]]]:
+    name = f"keys_{agent}"
+    calls: list[str] = []
+
+    @register_handler(name)
+    async def record(payload: dict[str, Any], check: CheckConfig) -> dict[str, Any]:
+        calls.append(payload["idempotency_key"])
+        return {"status": "success"}
+
+    try:
+        yield name, calls
+    finally:
+        unregister_handler(name)
+
+
+def replica(bus: Bus, agent: str, config: Path, name: str, tmp_path: Path) -> HeartbeatConsumer:
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    return HeartbeatConsumer(
+        agent,
+        config,
+        bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
+        inbox=InboxSettings(queue_type="quorum", replica=name, tick_interval_ms=SLOT),
+        state_path=directory / "state.json",
+    )
+
+
+async def results_of(queue: aio_pika.abc.AbstractQueue) -> list[dict[str, Any]]:
+    """The payloads waiting in ``queue``, run announcements (``.started``) left out."""
+    return [
+        orjson.loads(m.body)["payload"]
+        for m in await drain_all(queue)
+        if not (m.routing_key or "").endswith(".started")
+    ]
+
+
+async def wait_results(queue: aio_pika.abc.AbstractQueue, n: int, within: float = 15) -> list[Any]:
+    got: list[dict[str, Any]] = []
+
+    async def enough() -> bool:
+        got.extend(await results_of(queue))
+        return len(got) >= n
+
+    deadline = asyncio.get_running_loop().time() + within
+    while not await enough():
+        assert asyncio.get_running_loop().time() < deadline, f"{len(got)} of {n} results: {got}"
+        await asyncio.sleep(0.05)
+    return got
+
+
+@pytest.fixture
+async def stopping() -> AsyncIterator[list[HeartbeatConsumer]]:
+    started: list[HeartbeatConsumer] = []
+    yield started
+    for consumer in started:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+async def test_the_standby_follows_runs_and_pauses_and_takes_over_without_a_double_run(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """Replica a consumes; b follows. a runs slot 1 and takes a pause; a stops. b, now
+    the active consumer, holds the pause at slot 2 (nothing runs), and after the resume
+    runs slot 3: each slot once, and b's state file has what a did."""
+    agent = bus.agent()
+    replicas_of(bus, agent, "a", "b")
+    with keys_handler(agent) as (handler, calls):
+        config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": handler}})
+        results = await bus.collector(f"heartbeat.{agent}.c.*")
+        answers = await bus.collector(f"heartbeat.{agent}._command.*")
+        a, b = (replica(bus, agent, config, n, tmp_path) for n in ("a", "b"))
+        stopping += [a, b]
+        await a.start()
+        await b.start()
+        base = floor_to(now_ms(), SLOT)
+        await bus.publish("system.heartbeat.tick", slot_tick(base + SLOT))
+        (first,) = await wait_results(results, 1)
+        assert first["state_change"]["replica"] == "a"
+        assert first["idempotency_key"] == f"{agent}:c:{base + SLOT}"
+        await bus.publish(f"agent.{agent}.heartbeat.pause", envelope("pause", {"check": "c"}))
+        await wait_results(answers, 1)
+        await until(lambda: "c" in b.agent_consumer.runner.state.pauses, within=10)
+        saved, _ = StateStore(tmp_path / "b" / "state.json").load()
+        assert saved.check("c").last_run == base + SLOT, "b saved a's run"
+        assert "c" in saved.pauses
+
+        await a.stop()
+        await bus.publish("system.heartbeat.tick", slot_tick(base + 2 * SLOT))
+        await asyncio.sleep(1.5)
+        assert await results_of(results) == [], "paused on b too"
+        await bus.publish(f"agent.{agent}.heartbeat.resume", envelope("resume", {"check": "c"}))
+        await wait_results(answers, 1)
+        await bus.publish("system.heartbeat.tick", slot_tick(base + 3 * SLOT))
+        (third,) = await wait_results(results, 1)
+        assert third["state_change"]["replica"] == "b"
+        assert third["idempotency_key"] == f"{agent}:c:{base + 3 * SLOT}"
+    assert calls == [f"{agent}:c:{base + SLOT}", f"{agent}:c:{base + 3 * SLOT}"]
+
+
+async def test_a_replica_that_joins_late_is_sent_the_whole_state(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """a ran a slot before b's state queue existed: b asks for the state when it starts
+    and gets a snapshot, so that it would not run that slot again."""
+    agent = bus.agent()
+    replicas_of(bus, agent, "a", "b")
+    with keys_handler(agent) as (handler, calls):
+        config = write(tmp_path, agent, {"c": {"cadenceMs": 3_600_000, "handler": handler}})
+        results = await bus.collector(f"heartbeat.{agent}.c.*")
+        a = replica(bus, agent, config, "a", tmp_path)
+        stopping.append(a)
+        await a.start()
+        slot = floor_to(now_ms(), SLOT) + SLOT
+        await bus.publish("system.heartbeat.tick", slot_tick(slot))
+        await wait_results(results, 1)
+        b = replica(bus, agent, config, "b", tmp_path)
+        stopping.append(b)
+        await b.start()
+        await until(lambda: b.agent_consumer.runner.state.check("c").last_run == slot, within=10)
+        await a.stop()
+        await bus.publish("system.heartbeat.tick", slot_tick(slot + SLOT))
+        await asyncio.sleep(1.5)
+        assert await results_of(results) == [], "b knows the check ran an hour's slot ago"
+    assert calls == [f"{agent}:c:{slot}"]
+
+
+KILL_AFTER_RESULT = """
+import os, signal
+from heartbeat_consumer import register_handler
+from heartbeat_consumer.bus.consumer import AgentConsumer
+
+_on_result = AgentConsumer._on_result
+
+async def _die_after_the_result(self, result):
+    await _on_result(self, result)  # published and confirmed, with the state change
+    if os.environ.get("DIE_AT_SLOT") == str(result.slot):
+        os.kill(os.getpid(), signal.SIGKILL)  # before the tick is acknowledged
+
+AgentConsumer._on_result = _die_after_the_result
+
+@register_handler("keys")
+async def keys(payload, check):
+    with open(check.meta["calls"], "a") as out:
+        out.write(payload["idempotency_key"] + "\\n")
+    return {"status": "success"}
+"""
+
+
+async def spawn(
+    bus: Bus, config: Path, tmp_path: Path, name: str, **env: str
+) -> asyncio.subprocess.Process:
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    argv = [BIN, "run", str(config), "--rabbit-url", bus.url, "--exchange", bus.exchange_name]
+    argv += ["--handlers", str(tmp_path / "plugin.py"), "--state", str(directory / "state.json")]
+    argv += ["--every", f"{SLOT}ms", "--queue-type", "quorum", "--standby", "--replica", name]
+    log = (directory / "log").open("wb")
+    return await asyncio.create_subprocess_exec(
+        *argv, stderr=log, stdout=log, env={**os.environ, **env}
+    )
+
+
+async def test_an_active_killed_after_confirming_a_run_is_not_run_again_by_the_standby(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The active replica dies (SIGKILL) after its result, with the state change, was
+    confirmed and before the tick was acknowledged: the tick goes to the standby, which
+    applies the change first and finds the slot done. The next slot runs on the
+    standby. Every slot once."""
+    agent = bus.agent()
+    replicas_of(bus, agent, "a", "b")
+    (tmp_path / "plugin.py").write_text(KILL_AFTER_RESULT)
+    calls = tmp_path / "calls"
+    check = {"cadenceMs": 1, "handler": "keys", "meta": {"calls": str(calls)}}
+    config = write(tmp_path, agent, {"c": check})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    online = await bus.collector(f"heartbeat.{agent}._status.online")
+    base = floor_to(now_ms(), SLOT) + 2 * SLOT
+    killed_at = base + 2 * SLOT
+    a = await spawn(bus, config, tmp_path, "a", DIE_AT_SLOT=str(killed_at))
+    b = None
+    try:
+        await wait_results(online, 1)
+        b = await spawn(bus, config, tmp_path, "b")
+        await wait_results(online, 1)
+        await asyncio.sleep(0.5)  # b's sync request is answered
+        for k in range(4):
+            await bus.publish("system.heartbeat.tick", slot_tick(base + k * SLOT))
+        await asyncio.wait_for(a.wait(), 20)
+        assert a.returncode == -signal.SIGKILL
+        got = await wait_results(results, 4)
+        await asyncio.sleep(1.0)
+        got += await results_of(results)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 30)
+    keys = calls.read_text().split()
+    assert Counter(keys) == Counter(f"{agent}:c:{base + k * SLOT}" for k in range(4)), keys
+    by = {r["idempotency_key"].rsplit(":", 1)[1]: r["state_change"]["replica"] for r in got}
+    assert by == {str(base + k * SLOT): "a" if k <= 2 else "b" for k in range(4)}, by
+    assert len(got) == 4, "one result per slot"
+    log_b = (tmp_path / "b" / "log").read_text()
+    assert "applied" in log_b and "change(s) of the state" in log_b
+
+
+async def test_commands_to_a_quorum_inbox_with_a_single_active_consumer_are_answered(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """RabbitMQ refuses basic.get on such an inbox by closing the channel: commands are
+    not read ahead there (they were, and every pause failed and came back for ever)."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 60_000, "handler": "default"}})
+    answers = await bus.collector(f"heartbeat.{agent}._command.*")
+    consumer = HeartbeatConsumer(
+        agent,
+        config,
+        bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
+        inbox=InboxSettings(queue_type="quorum", single_active_consumer=True),
+        state_path=tmp_path / "state.json",
+    )
+    stopping.append(consumer)
+    await consumer.start()
+    for word in ("pause", "resume", "pause"):
+        await bus.publish(f"agent.{agent}.heartbeat.{word}", envelope(word, {"check": "c"}))
+    got = await wait_results(answers, 3)
+    assert [a["outcome"] for a in got] == ["accepted"] * 3
+    assert await bus.count(f"agent.{agent}.dlq") == 0
