@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -267,3 +269,27 @@ async def watching(
         yield monitor
     finally:
         await monitor.stop()
+
+
+async def proxy_to(
+    url: str, tls: ssl.SSLContext | None = None, port: int = 0
+) -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    """A TCP proxy on a free port of 127.0.0.1 (or ``port``) to the broker of ``url``
+    (with ``tls``: a TLS server), and the writers of the connections it made (both ends
+    of each)."""
+    upstream = urlsplit(url)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection(upstream.hostname, upstream.port or 5672)
+        connections.extend((client_w, broker_w))
+        await asyncio.gather(forward(client_r, broker_w), forward(broker_r, client_w))
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, ssl=tls), connections

@@ -439,6 +439,11 @@ def test_a_malformed_broker_url_is_a_one_line_usage_error(url: str) -> None:
         ["tick", "--rabbit-url", "amqp://guest:guest@localhost/?ssl=1"],
         ["tick", "--rabbit-url", f"amqp://guest:guest@{'a' * 300}/"],
         ["monitor", "--queue", ""],
+        ["fleet", str(Path(__file__).parent), "--replica", "one"],
+        ["fleet", "dir", "--standby", "--replica", "a.b"],
+        ["run", EXAMPLE, "--standby", "--replica", "x" * 65],
+        ["provision", "--replica", "one"],
+        ["provision", "--agent", "a", "--replica", "#"],
     ],
 )
 def test_bad_values_on_the_command_line_are_usage_errors(

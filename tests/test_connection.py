@@ -19,7 +19,7 @@ from heartbeat_consumer.cli import main
 from heartbeat_consumer.core.timeutil import floor_to, iso
 from heartbeat_consumer.core.topology import InvalidUrl, check_url, mask_url, node_urls
 
-from .broker import Bus, take
+from .broker import Bus, proxy_to, take
 from .helpers import now_ms, slot_tick
 from .requires import need_file, need_tool
 
@@ -70,29 +70,6 @@ def _make_ca_and_server_cert(directory: Path, openssl: str) -> tuple[Path, Path,
     for step in steps:
         subprocess.run([openssl, *step], check=True, capture_output=True)
     return ca_crt, crt, key
-
-
-async def proxy_to(
-    url: str, tls: ssl.SSLContext | None = None
-) -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
-    """A TCP proxy on a free port of 127.0.0.1 to the broker of ``url`` (with ``tls``: a
-    TLS server), and the writers of the connections it made (both ends of each)."""
-    upstream = urlsplit(url)
-    connections: list[asyncio.StreamWriter] = []
-
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        broker_r, broker_w = await asyncio.open_connection(upstream.hostname, upstream.port or 5672)
-        connections.extend((client_w, broker_w))
-        await asyncio.gather(forward(client_r, broker_w), forward(broker_r, client_w))
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls), connections
 
 
 async def test_amqps_with_a_private_ca_end_to_end(bus: Bus, tmp_path: Path) -> None:

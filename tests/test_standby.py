@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -21,12 +22,13 @@ import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
 from heartbeat_consumer.bus.consumer import HeartbeatConsumer
+from heartbeat_consumer.bus.fleet import Fleet
 from heartbeat_consumer.bus.settings import BusSettings, InboxSettings
 from heartbeat_consumer.core.timeutil import floor_to
 from heartbeat_consumer.handlers.registry import unregister_handler
 from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, drain_all
+from .broker import Bus, drain_all, proxy_to
 from .helpers import BIN, envelope, now_ms, slot_tick, until, write
 
 pytestmark = pytest.mark.rabbit
@@ -57,13 +59,15 @@ def keys_handler(agent: str) -> Iterator[tuple[str, list[str]]]:
         unregister_handler(name)
 
 
-def replica(bus: Bus, agent: str, config: Path, name: str, tmp_path: Path) -> HeartbeatConsumer:
+def replica(
+    bus: Bus, agent: str, config: Path, name: str, tmp_path: Path, *, url: str = ""
+) -> HeartbeatConsumer:
     directory = tmp_path / name
     directory.mkdir(exist_ok=True)
     return HeartbeatConsumer(
         agent,
         config,
-        bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
+        bus=BusSettings(url=url or bus.url, exchange=bus.exchange_name),
         inbox=InboxSettings(queue_type="quorum", replica=name, tick_interval_ms=SLOT),
         state_path=directory / "state.json",
     )
@@ -272,3 +276,121 @@ async def test_commands_to_a_quorum_inbox_with_a_single_active_consumer_are_answ
     got = await wait_results(answers, 3)
     assert [a["outcome"] for a in got] == ["accepted"] * 3
     assert await bus.count(f"agent.{agent}.dlq") == 0
+
+
+def cut(proxy: asyncio.Server, connections: list[asyncio.StreamWriter]) -> None:
+    """The network between a replica and the broker goes: the proxy closes, and with it
+    every connection through it."""
+    proxy.close()
+    for writer in connections:
+        writer.transport.abort()
+    connections.clear()
+
+
+async def test_a_partitioned_standby_catches_up_before_it_runs_anything(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """b reaches the broker through a proxy. The network to b goes; meanwhile a runs a
+    slot and takes a pause, then a stops. The network comes back: b reconnects, becomes
+    the active consumer, and applies what a did before it handles the ticks that waited:
+    the paused slot does not run, nor does a's slot run again."""
+    agent = bus.agent()
+    replicas_of(bus, agent, "a", "b")
+    proxy, connections = await proxy_to(bus.url)
+    port = proxy.sockets[0].getsockname()[1]
+    upstream = urlsplit(bus.url)
+    via_proxy = f"amqp://{upstream.username}:{upstream.password}@127.0.0.1:{port}/"
+    with keys_handler(agent) as (handler, calls):
+        config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": handler}})
+        results = await bus.collector(f"heartbeat.{agent}.c.*")
+        answers = await bus.collector(f"heartbeat.{agent}._command.*")
+        a = replica(bus, agent, config, "a", tmp_path)
+        b = replica(bus, agent, config, "b", tmp_path, url=via_proxy)
+        stopping += [a, b]
+        await a.start()
+        await b.start()
+        base = floor_to(now_ms(), SLOT) + 10 * SLOT  # ahead: not stale after b's reconnect
+        await bus.publish("system.heartbeat.tick", slot_tick(base))
+        await wait_results(results, 1)
+        await until(lambda: b.agent_consumer.runner.state.check("c").last_run == base, within=10)
+        cut(proxy, connections)
+        for _ in range(100):
+            if not await b.broker.ping(timeout=0.2):
+                break
+            await asyncio.sleep(0.1)
+        await bus.publish("system.heartbeat.tick", slot_tick(base + SLOT))
+        (second,) = await wait_results(results, 1)
+        assert second["state_change"]["replica"] == "a"
+        await bus.publish(f"agent.{agent}.heartbeat.pause", envelope("pause", {"check": "c"}))
+        await wait_results(answers, 1)
+        await a.stop()
+        await bus.publish("system.heartbeat.tick", slot_tick(base + 2 * SLOT))  # waits
+        assert b.agent_consumer.runner.state.check("c").last_run == base, "b is behind"
+
+        proxy = (await proxy_to(bus.url, port=port))[0]
+        try:
+            await until(lambda: b.agent_consumer.subscriber.running, within=20)
+            await until(lambda: b.agent_consumer.runner.state.pauses != {}, within=20)
+            await asyncio.sleep(1.5)  # the tick that waited is handled
+            assert await results_of(results) == [], "the paused slot did not run"
+            assert b.agent_consumer.runner.state.check("c").last_run == base + SLOT
+            await bus.publish(f"agent.{agent}.heartbeat.resume", envelope("resume", {"check": "c"}))
+            await wait_results(answers, 1, within=20)
+            await bus.publish("system.heartbeat.tick", slot_tick(base + 3 * SLOT))
+            (fourth,) = await wait_results(results, 1)
+            assert fourth["state_change"]["replica"] == "b"
+        finally:
+            with contextlib.suppress(Exception):
+                await b.stop()
+            proxy.close()
+    assert calls == [f"{agent}:c:{base + k * SLOT}" for k in (0, 1, 3)]
+
+
+async def test_two_fleets_on_one_directory_are_active_and_standby_for_every_agent(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """``fleet DIR --standby`` on two hosts: the fleet that started first is the active
+    replica of every agent; when it stops, the other runs each agent's next slot, and
+    no slot runs twice."""
+    agents = [bus.agent() for _ in range(4)]
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for agent in agents:
+        replicas_of(bus, agent, "one", "two")
+    calls: list[list[str]] = []
+    with contextlib.ExitStack() as stack:
+        for agent in agents:
+            handler, ran = stack.enter_context(keys_handler(agent))
+            calls.append(ran)
+            write(configs, agent, {"c": {"cadenceMs": 1, "handler": handler}})
+        results = await bus.collector("heartbeat.*.c.*")
+        fleets = {}
+        for name in ("one", "two"):
+            (tmp_path / name).mkdir()
+            fleets[name] = Fleet(
+                configs,
+                bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
+                inbox=InboxSettings(queue_type="quorum", replica=name, tick_interval_ms=SLOT),
+                state_dir=tmp_path / name,
+                rescan_s=3600,
+            )
+        try:
+            await fleets["one"].start()
+            await fleets["two"].start()
+            base = floor_to(now_ms(), SLOT) + SLOT
+            await bus.publish("system.heartbeat.tick", slot_tick(base))
+            first = await wait_results(results, 4)
+            assert {r["state_change"]["replica"] for r in first} == {"one"}
+            await fleets["one"].stop()
+            await bus.publish("system.heartbeat.tick", slot_tick(base + SLOT))
+            second = await wait_results(results, 4)
+            assert {r["state_change"]["replica"] for r in second} == {"two"}
+            await asyncio.sleep(0.5)
+            assert await results_of(results) == []
+        finally:
+            for fleet in fleets.values():
+                with contextlib.suppress(Exception):
+                    await fleet.stop()
+    keys = Counter(r["idempotency_key"] for r in first + second)
+    assert set(keys.values()) == {1} and len(keys) == 8, "one result per agent and slot"
+    assert sorted(k for ran in calls for k in ran) == sorted(keys), "one run per agent and slot"
