@@ -195,9 +195,12 @@ async def rabbitmqctl(*args: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_bus() -> AsyncIterator[Bus]:
-    url = broker_url()
-    connection = await aio_pika.connect_robust(url)
+async def open_bus(url: str = "", through: str = "") -> AsyncIterator[Bus]:
+    """The test's own connection (to ``through``, else ``url``) and names; ``url`` (by
+    default the machine's broker) is what the components under test are given: a
+    cluster's node list, say."""
+    url = url or broker_url()
+    connection = await aio_pika.connect_robust(through or url)
     channel = await connection.channel()
     bus = Bus(url, connection, channel, f"test.hb.{uuid.uuid4().hex[:10]}")
     try:

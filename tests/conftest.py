@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+import pytest_asyncio
 
 from heartbeat_consumer.handlers.registry import (
     default_handler,
@@ -17,7 +18,7 @@ from heartbeat_consumer.handlers.registry import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BROKER_FIXTURES = frozenset({"bus"})
+BROKER_FIXTURES = frozenset({"bus", "cluster", "cluster_bus", "anybus"})
 """Fixtures that open a connection to the broker; a test using one, directly or through
 another fixture, is marked ``rabbit``."""
 
@@ -84,3 +85,34 @@ async def bus():  # type: ignore[no-untyped-def]
 
     async with open_bus() as opened:
         yield opened
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def cluster():  # type: ignore[no-untyped-def]
+    """The test session's 3-node RabbitMQ cluster (tests/cluster.py), started when a test
+    first asks for it (about 20 s) and removed at the end. A test that stops a node
+    starts it again."""
+    from .cluster import make_cluster
+
+    made = make_cluster()
+    try:
+        await made.start()
+        yield made
+    finally:
+        await made.remove()
+
+
+@pytest.fixture
+async def cluster_bus(cluster):  # type: ignore[no-untyped-def]
+    """A :func:`bus` on the 3-node cluster: the components are given the node list
+    (1, 2, 3), the test's own connection goes to node 3."""
+    from .broker import open_bus
+
+    async with open_bus(cluster.url(1, 2, 3), through=cluster.nodes[2].url()) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["broker", "cluster"])
+def anybus(request: pytest.FixtureRequest) -> Any:
+    """:func:`bus`, then :func:`cluster_bus`: a test of both."""
+    return request.getfixturevalue("bus" if request.param == "broker" else "cluster_bus")

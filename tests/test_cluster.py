@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import orjson
@@ -17,20 +19,12 @@ from heartbeat_consumer.bus.consumer import HeartbeatConsumer
 from heartbeat_consumer.bus.settings import BusSettings, InboxSettings
 from heartbeat_consumer.core.timeutil import floor_to
 
-from .cluster import Cluster, make_cluster
-from .helpers import now_ms, slot_tick
+from .broker import Bus
+from .cluster import Cluster
+from .helpers import now_ms, slot_tick, write
+from .replicas import KILL_AFTER_RESULT, SLOT, replicas_of, results_of, spawn, wait_results
 
 pytestmark = pytest.mark.rabbit
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    made = make_cluster()
-    try:
-        await made.start()
-        yield made
-    finally:
-        await made.remove()
 
 
 async def take_one(queue: aio_pika.abc.AbstractQueue, within: float = 30) -> bytes:
@@ -92,3 +86,66 @@ async def test_an_agent_whose_broker_node_stops_moves_to_the_next_and_goes_on(
         with contextlib.suppress(Exception):
             await consumer.stop()
         await third.close()
+        await cluster.ctl(cluster.nodes[0], "start_app")
+        await cluster.ctl(cluster.nodes[0], "await_startup")
+
+
+async def test_replicas_on_the_cluster_survive_a_killed_active_and_a_stopped_node(
+    cluster: Cluster, cluster_bus: Bus, tmp_path: Path
+) -> None:
+    """Three replicas of an agent (``run --standby``), each given the node list in another
+    order: a on node 1, b on node 2, c on node 3. Ticks come one after another. a is
+    SIGKILLed after slot 6: b takes over. Node 2 stops after slot 12: b's connection
+    goes, c takes over (b comes back on another node, as a standby). Every slot runs
+    exactly once (counted by idempotency key), the next slot after each failover runs
+    within seconds."""
+    bus = cluster_bus
+    agent = bus.agent()
+    replicas_of(bus, agent, "a", "b", "c")
+    (tmp_path / "plugin.py").write_text(KILL_AFTER_RESULT)
+    calls = tmp_path / "calls"
+    check = {"cadenceMs": 1, "handler": "keys", "meta": {"calls": str(calls)}}
+    config = write(tmp_path, agent, {"c": check})
+    results = await bus.collector(f"heartbeat.{agent}.c.*")
+    online = await bus.collector(f"heartbeat.{agent}._status.online")
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    orders = {"a": (1, 2, 3), "b": (2, 3, 1), "c": (3, 1, 2)}
+    loop = asyncio.get_running_loop()
+    got: list[dict[str, Any]] = []
+    at: list[float] = []
+    base = floor_to(now_ms(), SLOT) + 20 * SLOT  # ahead: no tick goes stale in a failover
+    try:
+        for name, order in orders.items():
+            procs[name] = await spawn(bus, config, tmp_path, name, url=cluster.url(*order))
+            await wait_results(online, 1, within=30)
+        await asyncio.sleep(1.0)  # their requests for the state are answered
+        for k in range(18):
+            await bus.publish("system.heartbeat.tick", slot_tick(base + k * SLOT))
+            got += await wait_results(results, 1, within=60)
+            at.append(loop.time())
+            if k == 5:
+                procs["a"].kill()
+                await procs["a"].wait()
+            elif k == 11:
+                await cluster.ctl(cluster.nodes[1], "stop_app")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        got += await results_of(results)
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 30)
+            if proc.returncode is None:
+                proc.kill()
+        await cluster.ctl(cluster.nodes[1], "start_app")
+        await cluster.ctl(cluster.nodes[1], "await_startup")
+    keys = calls.read_text().split()
+    assert Counter(keys) == Counter(f"{agent}:c:{base + k * SLOT}" for k in range(18)), keys
+    assert len(got) == 18, "one result per slot"
+    ran_by = "".join(r["state_change"]["replica"] for r in got)
+    assert ran_by == "a" * 6 + "b" * 6 + "c" * 6, ran_by
+    killed, stopped = at[6] - at[5], at[12] - at[11]
+    print(f"next slot after the kill: {killed:.2f} s; after the node stopped: {stopped:.2f} s")
+    assert killed < 5 and stopped < 20

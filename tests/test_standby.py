@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aio_pika
-import orjson
 import pytest
 
 from heartbeat_consumer import CheckConfig, register_handler
@@ -25,22 +22,22 @@ from heartbeat_consumer.bus.consumer import HeartbeatConsumer
 from heartbeat_consumer.bus.fleet import Fleet
 from heartbeat_consumer.bus.settings import BusSettings, InboxSettings
 from heartbeat_consumer.core.timeutil import floor_to
+from heartbeat_consumer.core.topology import node_urls
 from heartbeat_consumer.handlers.registry import unregister_handler
 from heartbeat_consumer.runtime.store import StateStore
 
-from .broker import Bus, drain_all, proxy_to
-from .helpers import BIN, envelope, now_ms, slot_tick, until, write
+from .broker import Bus, proxy_to
+from .helpers import envelope, now_ms, slot_tick, until, write
+from .replicas import (
+    KILL_AFTER_RESULT,
+    SLOT,
+    replicas_of,
+    results_of,
+    spawn,
+    wait_results,
+)
 
 pytestmark = pytest.mark.rabbit
-
-SLOT = 1000
-"""Tick interval of these tests (ms): each tick is a new slot, and the check (cadence
-1 ms) is due at every one of them."""
-
-
-def replicas_of(bus: Bus, agent: str, *names: str) -> None:
-    """Clean-up of the replicas' state queues."""
-    bus.queues |= {f"agent.{agent}.state.{name}" for name in names}
 
 
 @contextlib.contextmanager
@@ -73,29 +70,6 @@ def replica(
     )
 
 
-async def results_of(queue: aio_pika.abc.AbstractQueue) -> list[dict[str, Any]]:
-    """The payloads waiting in ``queue``, run announcements (``.started``) left out."""
-    return [
-        orjson.loads(m.body)["payload"]
-        for m in await drain_all(queue)
-        if not (m.routing_key or "").endswith(".started")
-    ]
-
-
-async def wait_results(queue: aio_pika.abc.AbstractQueue, n: int, within: float = 15) -> list[Any]:
-    got: list[dict[str, Any]] = []
-
-    async def enough() -> bool:
-        got.extend(await results_of(queue))
-        return len(got) >= n
-
-    deadline = asyncio.get_running_loop().time() + within
-    while not await enough():
-        assert asyncio.get_running_loop().time() < deadline, f"{len(got)} of {n} results: {got}"
-        await asyncio.sleep(0.05)
-    return got
-
-
 @pytest.fixture
 async def stopping() -> AsyncIterator[list[HeartbeatConsumer]]:
     started: list[HeartbeatConsumer] = []
@@ -106,11 +80,12 @@ async def stopping() -> AsyncIterator[list[HeartbeatConsumer]]:
 
 
 async def test_the_standby_follows_runs_and_pauses_and_takes_over_without_a_double_run(
-    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+    anybus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
 ) -> None:
     """Replica a consumes; b follows. a runs slot 1 and takes a pause; a stops. b, now
     the active consumer, holds the pause at slot 2 (nothing runs), and after the resume
     runs slot 3: each slot once, and b's state file has what a did."""
+    bus = anybus
     agent = bus.agent()
     replicas_of(bus, agent, "a", "b")
     with keys_handler(agent) as (handler, calls):
@@ -147,10 +122,11 @@ async def test_the_standby_follows_runs_and_pauses_and_takes_over_without_a_doub
 
 
 async def test_a_replica_that_joins_late_is_sent_the_whole_state(
-    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+    anybus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
 ) -> None:
     """a ran a slot before b's state queue existed: b asks for the state when it starts
     and gets a snapshot, so that it would not run that slot again."""
+    bus = anybus
     agent = bus.agent()
     replicas_of(bus, agent, "a", "b")
     with keys_handler(agent) as (handler, calls):
@@ -173,49 +149,14 @@ async def test_a_replica_that_joins_late_is_sent_the_whole_state(
     assert calls == [f"{agent}:c:{slot}"]
 
 
-KILL_AFTER_RESULT = """
-import os, signal
-from heartbeat_consumer import register_handler
-from heartbeat_consumer.bus.consumer import AgentConsumer
-
-_on_result = AgentConsumer._on_result
-
-async def _die_after_the_result(self, result):
-    await _on_result(self, result)  # published and confirmed, with the state change
-    if os.environ.get("DIE_AT_SLOT") == str(result.slot):
-        os.kill(os.getpid(), signal.SIGKILL)  # before the tick is acknowledged
-
-AgentConsumer._on_result = _die_after_the_result
-
-@register_handler("keys")
-async def keys(payload, check):
-    with open(check.meta["calls"], "a") as out:
-        out.write(payload["idempotency_key"] + "\\n")
-    return {"status": "success"}
-"""
-
-
-async def spawn(
-    bus: Bus, config: Path, tmp_path: Path, name: str, **env: str
-) -> asyncio.subprocess.Process:
-    directory = tmp_path / name
-    directory.mkdir(exist_ok=True)
-    argv = [BIN, "run", str(config), "--rabbit-url", bus.url, "--exchange", bus.exchange_name]
-    argv += ["--handlers", str(tmp_path / "plugin.py"), "--state", str(directory / "state.json")]
-    argv += ["--every", f"{SLOT}ms", "--queue-type", "quorum", "--standby", "--replica", name]
-    log = (directory / "log").open("wb")
-    return await asyncio.create_subprocess_exec(
-        *argv, stderr=log, stdout=log, env={**os.environ, **env}
-    )
-
-
 async def test_an_active_killed_after_confirming_a_run_is_not_run_again_by_the_standby(
-    bus: Bus, tmp_path: Path
+    anybus: Bus, tmp_path: Path
 ) -> None:
     """The active replica dies (SIGKILL) after its result, with the state change, was
     confirmed and before the tick was acknowledged: the tick goes to the standby, which
     applies the change first and finds the slot done. The next slot runs on the
     standby. Every slot once."""
+    bus = anybus
     agent = bus.agent()
     replicas_of(bus, agent, "a", "b")
     (tmp_path / "plugin.py").write_text(KILL_AFTER_RESULT)
@@ -288,17 +229,19 @@ def cut(proxy: asyncio.Server, connections: list[asyncio.StreamWriter]) -> None:
 
 
 async def test_a_partitioned_standby_catches_up_before_it_runs_anything(
-    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+    anybus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
 ) -> None:
     """b reaches the broker through a proxy. The network to b goes; meanwhile a runs a
     slot and takes a pause, then a stops. The network comes back: b reconnects, becomes
     the active consumer, and applies what a did before it handles the ticks that waited:
     the paused slot does not run, nor does a's slot run again."""
+    bus = anybus
     agent = bus.agent()
     replicas_of(bus, agent, "a", "b")
-    proxy, connections = await proxy_to(bus.url)
+    node = node_urls(bus.url)[0]  # of a cluster, b reaches node 1 only
+    proxy, connections = await proxy_to(node)
     port = proxy.sockets[0].getsockname()[1]
-    upstream = urlsplit(bus.url)
+    upstream = urlsplit(node)
     via_proxy = f"amqp://{upstream.username}:{upstream.password}@127.0.0.1:{port}/"
     with keys_handler(agent) as (handler, calls):
         config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": handler}})
@@ -327,7 +270,7 @@ async def test_a_partitioned_standby_catches_up_before_it_runs_anything(
         await bus.publish("system.heartbeat.tick", slot_tick(base + 2 * SLOT))  # waits
         assert b.agent_consumer.runner.state.check("c").last_run == base, "b is behind"
 
-        proxy = (await proxy_to(bus.url, port=port))[0]
+        proxy = (await proxy_to(node, port=port))[0]
         try:
             await until(lambda: b.agent_consumer.subscriber.running, within=20)
             await until(lambda: b.agent_consumer.runner.state.pauses != {}, within=20)
@@ -347,11 +290,12 @@ async def test_a_partitioned_standby_catches_up_before_it_runs_anything(
 
 
 async def test_two_fleets_on_one_directory_are_active_and_standby_for_every_agent(
-    bus: Bus, tmp_path: Path
+    anybus: Bus, tmp_path: Path
 ) -> None:
     """``fleet DIR --standby`` on two hosts: the fleet that started first is the active
     replica of every agent; when it stops, the other runs each agent's next slot, and
     no slot runs twice."""
+    bus = anybus
     agents = [bus.agent() for _ in range(4)]
     configs = tmp_path / "configs"
     configs.mkdir()
