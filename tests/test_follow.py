@@ -143,3 +143,30 @@ def test_a_replica_has_a_state_queue_that_hears_state_events_and_results() -> No
         InboxOptions(replica="*")
     arguments = InboxSettings(replica="host-1").queue_options().arguments()
     assert arguments == {"x-queue-type": "classic", "x-single-active-consumer": True}
+
+
+@pytest.mark.parametrize(
+    ("key", "applied"),
+    [
+        ("heartbeat.a._state._pauses", True),
+        ("heartbeat.a.c.success", True),
+        ("heartbeat.a.c.timeout", True),
+        ("heartbeat.b._state._pauses", False),  # another agent's key (a CC'd copy)
+        ("heartbeat.b.c.success", False),
+        ("heartbeat.a._alert.timeout", False),  # the monitor's word
+        ("heartbeat.a.c.started", False),
+        ("agent.a.heartbeat.sync", False),
+        ("", False),
+    ],
+)
+def test_only_the_agent_s_own_keys_carry_its_changes(key: str, applied: bool) -> None:
+    """Topic permissions check a publish's routing key, not its CC header: a copy in our
+    queue keeps the key it was published under, which says who could publish it."""
+    body = in_result(run_change(ran(AgentState(), "c", SLOT), "c"))
+    assert (parse_state_event(body, "a", key) is not None) is applied
+
+
+def test_a_result_carries_only_the_change_of_its_own_check() -> None:
+    body = in_result(run_change(ran(AgentState(), "c", SLOT), "c"))
+    with pytest.raises(StateEventError, match="in a result of d"):
+        parse_state_event(body, "a", "heartbeat.a.d.success")

@@ -338,3 +338,29 @@ async def test_two_fleets_on_one_directory_are_active_and_standby_for_every_agen
     keys = Counter(r["idempotency_key"] for r in first + second)
     assert set(keys.values()) == {1} and len(keys) == 8, "one result per agent and slot"
     assert sorted(k for ran in calls for k in ran) == sorted(keys), "one run per agent and slot"
+
+
+async def test_a_copy_put_in_a_state_queue_under_another_key_changes_nothing(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """Another agent's user may publish its own results, with a CC header naming our
+    state key: RabbitMQ puts a copy in our state queue (it checks the routing key only).
+    The copy keeps the key it was published under, so it is acked and not applied; the
+    same event under our own key is."""
+    agent, other = bus.agent(), bus.agent()
+    replicas_of(bus, agent, "b")
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 60_000, "handler": "default"}})
+    b = replica(bus, agent, config, "b", tmp_path)
+    stopping.append(b)
+    await b.start()
+    payload = {"agent": agent, "origin": "forger", "kind": "pauses", "pauses": {"c": {}}}
+    forged = envelope(f"heartbeat.{agent}._state._pauses", payload)
+    await bus.publish(
+        f"heartbeat.{other}.c.success", forged, headers={"CC": [f"heartbeat.{agent}._state.x"]}
+    )
+    assert await b.agent_consumer.catch_up() == 0
+    assert b.agent_consumer.runner.state.pauses == {}
+    assert await bus.count(f"agent.{agent}.state.b") == 0, "acked"
+    await bus.publish(f"heartbeat.{agent}._state._pauses", forged)
+    assert await b.agent_consumer.catch_up() == 1, "the same under our key"
+    assert set(b.agent_consumer.runner.state.pauses) == {"c"}

@@ -97,7 +97,7 @@ class Follower:
                 if message is None:
                     break
                 try:
-                    found = parse_state_event(message.body, self.agent)
+                    found = parse_state_event(message.body, self.agent, message.routing_key)
                 except StateEventError as exc:
                     await self._dead_letter(message, str(exc), "invalid_state_event")
                     continue

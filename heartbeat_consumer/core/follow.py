@@ -24,7 +24,15 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import Pause
-from .state import HISTORY_LIMIT, MAX_PAUSES, AgentState, CheckState, HistoryEntry, repair_ranges
+from .state import (
+    HISTORY_LIMIT,
+    MAX_PAUSES,
+    STATUSES,
+    AgentState,
+    CheckState,
+    HistoryEntry,
+    repair_ranges,
+)
 from .topology import check_name
 
 __all__ = [
@@ -95,12 +103,21 @@ def snapshot_change(state: AgentState) -> StateChange:
     return StateChange(kind="snapshot", snapshot=state)
 
 
-def parse_state_event(body: bytes, agent: str) -> tuple[str, StateChange] | None:
+def parse_state_event(
+    body: bytes, agent: str, routing_key: str | None = None
+) -> tuple[str, StateChange] | None:
     """The origin and change of a state event for ``agent``: an envelope whose payload
     is ``{"agent", "origin", **change}``, or a result whose payload carries that as
     ``state_change``. None for an event that carries no change (a result of a consumer
-    that is not a replica, an alert); :class:`StateEventError` for one that cannot be
-    used."""
+    that is not a replica, an alert) and for one whose ``routing_key`` is not one of the
+    agent's (a copy another user put in our queue with a ``CC`` header: topic
+    permissions check the routing key only); :class:`StateEventError` for one that
+    cannot be used."""
+    key = (routing_key or "").split(".")
+    ours = len(key) == 4 and key[0] == "heartbeat" and key[1] == agent
+    result = ours and not key[2].startswith("_") and key[3] in STATUSES  # not an alert
+    if routing_key is not None and not (result or (ours and key[2] == STATE_WORD)):
+        return None
     if len(body) > MAX_EVENT_BYTES:
         raise StateEventError(f"state event of {len(body)} bytes, at most {MAX_EVENT_BYTES}")
     try:
@@ -134,6 +151,8 @@ def parse_state_event(body: bytes, agent: str) -> tuple[str, StateChange] | None
     if change.kind == "run":
         if change.check is None or change.state is None:
             raise StateEventError("run state event without its check and state")
+        if routing_key is not None and key[2] not in (STATE_WORD, change.check):
+            raise StateEventError(f"a change of check {change.check!r} in a result of {key[2]}")
         try:
             check_name(change.check, "check name")
         except ValueError as exc:
