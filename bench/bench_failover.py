@@ -228,9 +228,9 @@ async def failovers(mode: str, count: int, base: Path) -> dict[str, Any]:
 
 async def main(count: int) -> None:
     print(f"# bench_failover: {count} failovers per mode, {time.strftime('%Y-%m-%d')}")
-    print(
-        f"# {platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    )
+    cpu = platform.processor() or platform.machine()
+    nodes = len(node_urls(URL))
+    print(f"# {platform.node()}: {cpu}, {os.cpu_count()} CPUs; RabbitMQ: {nodes} node(s)")
     with tempfile.TemporaryDirectory(prefix="bench-failover-") as base:
         rows = [await failovers(mode, count, Path(base)) for mode in ("standby", "sac-only")]
     print(

@@ -6,10 +6,12 @@ import yaml
 
 from heartbeat_consumer.bus.asyncapi import build, render
 from heartbeat_consumer.core.topology import (
+    SYNC_COMMAND,
     TICK_KEY,
     agent_key,
     inbox_bindings,
     result_key,
+    state_key,
     status_key,
 )
 
@@ -52,6 +54,8 @@ def test_addresses_match_the_topology() -> None:
         assert agent_key("{agent}", command) in addresses
     assert result_key("{agent}", "{check}", "{status}") in addresses
     assert status_key("{agent}", "{status}") in addresses
+    assert state_key("{agent}", "{word}") in addresses
+    assert agent_key("{agent}", SYNC_COMMAND) in addresses
     tick_text = build("ex")["channels"]["tick"]["description"]
     for binding in inbox_bindings("{agent}"):
         assert binding in tick_text, "the manually bound key is documented"

@@ -26,6 +26,9 @@
 # MONITOR_QUEUE (heartbeat.monitor), HEARTBEAT_CONSUMER (the heartbeat-consumer command;
 # default: the one on PATH, else /opt/heartbeat-consumer/.venv/bin/heartbeat-consumer),
 # QUEUE_TYPE (classic or quorum) and SINGLE_ACTIVE_CONSUMER (true) for an agent's inbox,
+# REPLICAS (names, space-separated: the agent runs --standby on each host, each with
+# HEARTBEAT_REPLICA set to one of them; their state queues agent.AGENT.state.NAME are
+# provisioned, and the user may read them and publish state events and sync requests),
 # DLQ_MAX_LENGTH (10000) and DLQ_TTL (7d) for dead-letter queues, PROVISION=no to create
 # the user only (then run `heartbeat-consumer provision` yourself, as an admin),
 # MAX_CONNECTIONS (8) and MAX_CHANNELS (64): the user's limits on the broker.
@@ -100,17 +103,28 @@ else
         exit 2
     }
     USER_NAME="heartbeat-agent-$AGENT"
-    # write: publish to the exchange, dead-letter to the DLX; read: consume its inbox.
+    STATE_QUEUES=""  # agent.AGENT.state.NAME for each replica, as a regex alternation
+    for replica in ${REPLICAS:-}; do
+        name_ok "$replica" || { echo "$0: bad replica name '$replica'" >&2; exit 2; }
+        STATE_QUEUES="${STATE_QUEUES:+$STATE_QUEUES|}state\\.$replica"
+    done
+    # write: publish to the exchange, dead-letter to the DLX; read: consume its inbox
+    # (and, for replicas, their state queues).
     WRITE="^($EX|$DLX)\$"
-    READ="^agent\\.$AGENT\\.inbox\$"
+    READ="^agent\\.$AGENT\\.(inbox${STATE_QUEUES:+|$STATE_QUEUES})\$"
     # Topic permissions: publish only its own results, run announcements and status
     # events and answers: heartbeat.AGENT.<check>.<word>, heartbeat.AGENT._status.<word>
     # and heartbeat.AGENT._command.<ack|error>, never
     # heartbeat.AGENT._alert.* (alerts are the monitor's word).
     TOPIC_WRITE="^heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status|_command)\\.[^.]+\$"
+    if [ -n "$STATE_QUEUES" ]; then  # replicas: state events, and a joining one's request
+        TOPIC_WRITE="^(heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status|_command|_state)\\.[^.]+"
+        TOPIC_WRITE="$TOPIC_WRITE|agent\\.$AGENT\\.heartbeat\\.sync)\$"
+    fi
     DLQ_WRITE="^agent\\.$AGENT\\.dlq\$"
-    PROVISIONS="^($EX|$DLX|agent\\.$AGENT\\.(inbox|dlq))\$"
+    PROVISIONS="^($EX|$DLX|agent\\.$AGENT\\.(inbox|dlq${STATE_QUEUES:+|$STATE_QUEUES}))\$"
     set -- --agent "$AGENT"
+    for replica in ${REPLICAS:-}; do set -- "$@" --replica "$replica"; done
     [ -z "${QUEUE_TYPE:-}" ] || set -- "$@" --queue-type "$QUEUE_TYPE"
     case ${SINGLE_ACTIVE_CONSUMER:-} in
         1|true|yes|on) set -- "$@" --single-active-consumer ;;
@@ -174,3 +188,8 @@ fi
 echo "RABBIT_URL=amqp://$USER_NAME:$PASSWORD@$RABBIT_HOST:$RABBIT_PORT$VHOST_PATH"
 echo "EXCHANGE_NAME=$EXCHANGE_NAME"
 echo "DECLARE=false"
+if [ -n "${STATE_QUEUES:-}" ]; then
+    echo "STANDBY=true"
+    echo "QUEUE_TYPE=${QUEUE_TYPE:-classic}"
+    echo "# and on each host its own: HEARTBEAT_REPLICA=<one of: $REPLICAS>"
+fi

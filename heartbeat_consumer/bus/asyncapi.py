@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..core.envelope import APP, TRIGGER_TYPES
+from ..core.follow import PAUSES, SNAPSHOT
 from ..core.state import STATUSES
 from ..core.topology import (
     ALERT_KINDS,
@@ -20,12 +21,14 @@ from ..core.topology import (
     DEFAULT_EXCHANGE,
     REPLY_WORDS,
     STATUS_EVENTS,
+    SYNC_COMMAND,
     TICK_BINDING,
     TICK_KEY,
     agent_key,
     alert_key,
     reply_key,
     result_key,
+    state_key,
     status_key,
 )
 from ..core.version import __version__
@@ -181,6 +184,28 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "error": {"type": ["string", "null"]},
             "cadence_ms": {"type": ["integer", "null"]},
             "timeout_ms": {"type": ["integer", "null"]},
+            "state_change": {
+                **obj,
+                "description": "from a replica (--standby): the change of the agent's state "
+                "this run made (as in the state channel: kind run, check, state, entry, "
+                "requests), which the other replicas apply",
+            },
+        },
+    }
+    state_payload = {
+        **obj,
+        "required": ["agent", "origin", "kind"],
+        "properties": {
+            "agent": {"type": "string"},
+            "origin": {"type": "string", "description": "the publishing process"},
+            "replica": {"type": "string"},
+            "kind": {"enum": ["run", "pauses", "snapshot"]},
+            "check": {"type": "string"},
+            "state": {**obj, "description": "the check's state, as in the state file"},
+            "entry": {**obj, "description": "the run's history entry"},
+            "requests": {"type": "array", "description": "run commands this run answered"},
+            "pauses": {**obj, "description": "every run-time pause (kind pauses)"},
+            "snapshot": {**obj, "description": "the whole state file (kind snapshot)"},
         },
     }
     started_payload = {
@@ -268,6 +293,18 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             [agent_key(EXAMPLE, "resume")],
             {**obj, "properties": check_ref},
             "heartbeat.command.resume",
+        ),
+        "state": _message(
+            "state",
+            "A change of an agent's state, for its other replicas",
+            [state_key(EXAMPLE, PAUSES), state_key(EXAMPLE, SNAPSHOT)],
+            state_payload,
+        ),
+        "sync": _message(
+            "sync",
+            "A replica that starts asks for the whole state",
+            [agent_key(EXAMPLE, SYNC_COMMAND)],
+            {**obj, "properties": {"agent": {"type": "string"}, "origin": {"type": "string"}}},
         ),
         "result": _message(
             "result",
@@ -359,6 +396,21 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "Every command, and every tick sent to one agent, is answered (ack: done, "
             "accepted or nothing due; error: refused), correlated by its event_id.",
         ),
+        "state": _channel(
+            "heartbeat.{agent}._state.{word}",
+            exchange,
+            "state",
+            {**agent, "word": {"description": "_pauses or _snapshot"}},
+            "Replicas (--standby): each has a queue agent.{agent}.state.{replica} bound to "
+            "this and to the agent's results (heartbeat.{agent}.*.<status>).",
+        ),
+        "sync": _channel(
+            agent_key("{agent}", SYNC_COMMAND),
+            exchange,
+            "sync",
+            agent,
+            "Answered by the active replica with a snapshot state event.",
+        ),
         "alert": _channel(
             "heartbeat.{agent}._alert.{kind}",
             exchange,
@@ -380,6 +432,10 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "send", "status", "status", "On start, stop, bad config and idle ticks"
         ),
         "sendReply": _operation("send", "reply", "reply", "After each command or agent tick"),
+        "sendState": _operation(
+            "send", "state", "state", "A replica: on a pause or resume, and on a sync"
+        ),
+        "receiveSync": _operation("receive", "sync", "sync", "A replica: send the whole state"),
         "sendAlert": _operation(
             "send", "alert", "alert", "The monitor: once per incident, and when it resolves"
         ),

@@ -308,7 +308,13 @@ def state_option(p: argparse.ArgumentParser) -> None:
 
 
 def inbox_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
+    p.add_argument(
+        "--queue-type",
+        choices=("classic", "quorum"),
+        default=env("QUEUE_TYPE", "classic"),
+        help="the inbox's type (env QUEUE_TYPE; default classic; quorum: replicated over "
+        "a cluster)",
+    )
     p.add_argument(
         "--single-active-consumer",
         action="store_true",
