@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
+import orjson
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 from heartbeat_consumer.bus.consumer import HeartbeatConsumer
+from heartbeat_consumer.bus.settings import BusSettings, InboxSettings
+from heartbeat_consumer.core.timeutil import floor_to
 from heartbeat_consumer.monitor.monitor import Monitor
 
 from .broker import Bus, rabbitmqctl, take
 from .conftest import ROOT
-from .helpers import BIN, Clock, envelope, until, write
+from .helpers import BIN, Clock, envelope, now_ms, slot_tick, until, write
 
 pytestmark = pytest.mark.rabbit
 
@@ -332,3 +335,51 @@ async def test_monitor_user_watches_and_alerts_but_cannot_forge_results(
         await dead_letter_bypass(url, bus, f"{queue}.dlq", "heartbeat.x.c.failed")
     finally:
         await rabbitmqctl("delete_user", user)
+
+
+async def test_replicas_run_as_their_agent_s_user_with_their_state_queues_provisioned(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """``REPLICAS="r1 r2" permissions.sh AGENT`` provisions the state queues too; two
+    ``--standby`` replicas run as the agent's user without declaring anything: one runs
+    the tick, the other follows its state."""
+    a = bus.agent("pr")
+    bus.queues |= {f"agent.{a}.state.r1", f"agent.{a}.state.r2"}
+    try:
+        code, out, err = await script(bus, a, REPLICAS="r1 r2", QUEUE_TYPE="quorum")
+        assert code == 0, err
+        env = env_lines(out)
+        assert env["STANDBY"] == "true" and env["QUEUE_TYPE"] == "quorum"
+        assert await bus.count(f"agent.{a}.state.r2") == 0, "provisioned"
+        results = await bus.collector(f"heartbeat.{a}.c.*")
+        config = write(tmp_path, a, {"c": {"cadenceMs": 1, "handler": "default"}})
+        replicas = []
+        as_a = BusSettings(url=env["RABBIT_URL"], exchange=bus.exchange_name, declare=False)
+        for name in ("r1", "r2"):
+            (tmp_path / name).mkdir()
+            replicas.append(
+                HeartbeatConsumer(
+                    a,
+                    config,
+                    bus=as_a,
+                    inbox=InboxSettings(queue_type="quorum", replica=name, tick_interval_ms=1000),
+                    state_path=tmp_path / name / "state.json",
+                )
+            )
+        for replica in replicas:
+            await replica.start()
+        try:
+            slot = floor_to(now_ms(), 1000) + 1000
+            await bus.publish("system.heartbeat.tick", slot_tick(slot))
+            (result,) = await take(results, 1)
+            assert orjson.loads(result.body)["payload"]["state_change"]["replica"] == "r1"
+            await replicas[1].agent_consumer.catch_up()
+            assert replicas[1].agent_consumer.runner.state.check("c").last_run == slot
+        finally:
+            for replica in replicas:
+                await replica.stop()
+    finally:
+        with contextlib.suppress(BaseException):
+            await rabbitmqctl("delete_user", f"heartbeat-agent-{a}")
+    code, _, err = await script(bus, a, REPLICAS="r.1")
+    assert code == 2 and "bad replica name" in err
