@@ -138,12 +138,14 @@ class Cluster:
 
 
 def kill_if_running(node: Node) -> None:
-    """Kill the VM of a node that would not stop (its pid file's process, if its command
-    line names the node: never a process that reused the pid)."""
+    """Kill the VM of a node that would not stop (its pid file's process, if its
+    environment names the node, as the server's scripts set it: never a process that
+    reused the pid)."""
     pid_file = node.home / "mnesia" / f"{node.name}.pid"
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_file.read_text().strip())
-        if node.name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RABBITMQ_NODENAME={node.name}".encode() in environ:
             os.kill(pid, signal.SIGKILL)
 
 
