@@ -16,7 +16,8 @@ from .helpers import BIN
 
 SLOT = 1000
 """Tick interval of these tests (ms): each tick is a new slot, and the check (cadence
-1 ms) is due at every one of them."""
+1 ms) is due at every one of them. Its timeout is 10 s: by default it would be the
+cadence, and a run that a busy machine holds up for a millisecond would time out."""
 
 
 def replicas_of(bus: Bus, agent: str, *names: str) -> None:
@@ -84,3 +85,14 @@ async def spawn(
     return await asyncio.create_subprocess_exec(
         *argv, stderr=log, stdout=log, env={**os.environ, **env}
     )
+
+
+async def until_consuming(tmp_path: Path, name: str, within: float = 30) -> None:
+    """Until replica ``name`` (started by :func:`spawn`) consumes its inbox: it says so
+    in its log, once it has the other replicas' state. (The broker counts only the
+    active consumer of a single active consumer queue.)"""
+    log = tmp_path / name / "log"
+    deadline = asyncio.get_running_loop().time() + within
+    while b"consuming agent." not in (log.read_bytes() if log.exists() else b""):
+        assert asyncio.get_running_loop().time() < deadline, f"{name} does not consume"
+        await asyncio.sleep(0.1)

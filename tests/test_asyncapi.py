@@ -6,7 +6,6 @@ import yaml
 
 from heartbeat_consumer.bus.asyncapi import build, render
 from heartbeat_consumer.core.topology import (
-    SYNC_COMMAND,
     TICK_KEY,
     agent_key,
     inbox_bindings,
@@ -55,7 +54,11 @@ def test_addresses_match_the_topology() -> None:
     assert result_key("{agent}", "{check}", "{status}") in addresses
     assert status_key("{agent}", "{status}") in addresses
     assert state_key("{agent}", "{word}") in addresses
-    assert agent_key("{agent}", SYNC_COMMAND) in addresses
+    assert build("ex")["channels"]["state"]["parameters"]["word"]["enum"] == [
+        "_pauses",
+        "_snapshot",
+        "_sync",
+    ]
     tick_text = build("ex")["channels"]["tick"]["description"]
     for binding in inbox_bindings("{agent}"):
         assert binding in tick_text, "the manually bound key is documented"

@@ -22,7 +22,15 @@ from heartbeat_consumer.core.timeutil import floor_to
 from .broker import Bus
 from .cluster import Cluster
 from .helpers import now_ms, slot_tick, write
-from .replicas import KILL_AFTER_RESULT, SLOT, replicas_of, results_of, spawn, wait_results
+from .replicas import (
+    KILL_AFTER_RESULT,
+    SLOT,
+    replicas_of,
+    results_of,
+    spawn,
+    until_consuming,
+    wait_results,
+)
 
 pytestmark = pytest.mark.rabbit
 
@@ -46,7 +54,12 @@ async def test_an_agent_whose_broker_node_stops_moves_to_the_next_and_goes_on(
     agent, exchange = f"c{uuid.uuid4().hex[:10]}", f"test.cluster.{uuid.uuid4().hex[:8]}"
     config = tmp_path / f"{agent}.heartbeat.json"
     config.write_bytes(
-        orjson.dumps({"agent": agent, "checks": {"c": {"cadenceMs": 1, "handler": "default"}}})
+        orjson.dumps(
+            {
+                "agent": agent,
+                "checks": {"c": {"cadenceMs": 1, "timeoutMs": 10_000, "handler": "default"}},
+            }
+        )
     )
     third = await aio_pika.connect(cluster.nodes[2].url())
     channel = await third.channel()
@@ -104,10 +117,9 @@ async def test_replicas_on_the_cluster_survive_a_killed_active_and_a_stopped_nod
     replicas_of(bus, agent, "a", "b", "c")
     (tmp_path / "plugin.py").write_text(KILL_AFTER_RESULT)
     calls = tmp_path / "calls"
-    check = {"cadenceMs": 1, "handler": "keys", "meta": {"calls": str(calls)}}
+    check = {"cadenceMs": 1, "timeoutMs": 10_000, "handler": "keys", "meta": {"calls": str(calls)}}
     config = write(tmp_path, agent, {"c": check})
     results = await bus.collector(f"heartbeat.{agent}.c.*")
-    online = await bus.collector(f"heartbeat.{agent}._status.online")
     procs: dict[str, asyncio.subprocess.Process] = {}
     orders = {"a": (1, 2, 3), "b": (2, 3, 1), "c": (3, 1, 2)}
     loop = asyncio.get_running_loop()
@@ -117,7 +129,7 @@ async def test_replicas_on_the_cluster_survive_a_killed_active_and_a_stopped_nod
     try:
         for name, order in orders.items():
             procs[name] = await spawn(bus, config, tmp_path, name, url=cluster.url(*order))
-            await wait_results(online, 1, within=30)
+            await until_consuming(tmp_path, name)  # in this order
         await asyncio.sleep(1.0)  # their requests for the state are answered
         for k in range(18):
             await bus.publish("system.heartbeat.tick", slot_tick(base + k * SLOT))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from heartbeat_consumer.core.follow import (
 )
 from heartbeat_consumer.core.state import STATUSES, AgentState, CheckState, record_run
 from heartbeat_consumer.core.topology import RUN_STATUSES, follow_queue, state_bindings
+from heartbeat_consumer.runtime.engine import AgentRunner
 
 SLOT = 1_800_000_000_000
 
@@ -71,13 +73,16 @@ def test_a_run_applied_on_a_standby_gives_the_active_s_state_of_that_check() -> 
 
 def test_pauses_and_snapshots_replace_what_they_name() -> None:
     standby = ran(AgentState(agent="a", pauses={"x": Pause()}), "c", SLOT)
-    change = pauses_change({"c": Pause(until=SLOT + 1, reason="r")})
+    change = pauses_change({"c": Pause(until=SLOT + 1, reason="r")}, 1)
     after = apply_change(standby, parse_state_event(event(change), "a")[1])  # type: ignore[index]
     assert after.pauses == {"c": Pause(until=SLOT + 1, reason="r")}
     assert after.checks == standby.checks
-    active = ran(AgentState(agent="other"), "d", SLOT)
+    assert after.pauses_version == 1
+    active = ran(AgentState(agent="other", pauses_version=5), "d", SLOT)
     whole = apply_change(standby, snapshot_change(active))
-    assert whole.checks == active.checks and whole.pauses == {} and whole.agent == "a"
+    assert whole.checks == {**standby.checks, **active.checks}, "merged check by check"
+    assert whole.pauses == {} and whole.pauses_version == 5 and whole.agent == "a"
+    assert set(whole.history) == {*standby.history, *active.history}
 
 
 def test_events_that_carry_no_change_are_ignored() -> None:
@@ -92,8 +97,9 @@ def test_events_that_carry_no_change_are_ignored() -> None:
     [
         (b"{", "not JSON"),
         (b"[]", "payload"),
-        (event(pauses_change({}), agent="b"), "for agent 'b'"),
-        (event(pauses_change({}), origin=""), "origin"),
+        (event(pauses_change({}, 1), agent="b"), "for agent 'b'"),
+        (event(pauses_change({}, 1), origin=""), "origin"),
+        (event(None, kind="snapshot", snapshot={"history": 5}), "invalid"),
         (event(None, kind="run"), "check and state"),
         (event(None, kind="run", check="a.b", state={}), "check name"),
         (event(None, kind="pauses"), "pauses"),
@@ -170,3 +176,54 @@ def test_a_result_carries_only_the_change_of_its_own_check() -> None:
     body = in_result(run_change(ran(AgentState(), "c", SLOT), "c"))
     with pytest.raises(StateEventError, match="in a result of d"):
         parse_state_event(body, "a", "heartbeat.a.d.success")
+
+
+def test_a_change_older_than_what_a_replica_has_is_not_applied() -> None:
+    """An old active's late result, a re-sent one, a requeued state event: a check's
+    state goes only forward (by its runs), the pauses only by their version."""
+    old = ran(AgentState(), "c", SLOT)
+    new = ran(old, "c", SLOT + 60_000, "failed")
+    standby = apply_change(AgentState(), run_change(new, "c"))
+    assert apply_change(standby, run_change(old, "c")) == standby
+    assert apply_change(standby, run_change(new, "c")) == standby, "the same again"
+    paused = apply_change(standby, pauses_change({"c": Pause()}, 3))
+    assert apply_change(paused, pauses_change({}, 2)) == paused
+    assert apply_change(paused, pauses_change({}, 3)) == paused
+    assert apply_change(paused, pauses_change({}, 4)).pauses == {}
+    behind = AgentState(checks={"c": CheckState(runs=9)}, pauses_version=9)
+    merged = apply_change(paused, snapshot_change(behind))
+    assert merged.checks["c"] == CheckState(runs=9) and merged.pauses == {}
+    ahead = apply_change(merged, snapshot_change(new))
+    assert (ahead.checks, ahead.pauses) == (merged.checks, merged.pauses), "older: not taken"
+
+
+async def test_an_unsent_result_older_than_the_followed_state_is_dropped(tmp_path: Path) -> None:
+    """A's result for a slot could not be published; meanwhile B ran the check and A
+    followed it. A's next tick does not re-send its old result (nor its old state)."""
+    config = tmp_path / "a.heartbeat.json"
+    config.write_bytes(
+        orjson.dumps({"agent": "a", "checks": {"c": {"cadenceMs": 60_000, "handler": "default"}}})
+    )
+    sent: list[str] = []
+    failing = [True]
+
+    async def on_result(result: Any) -> None:
+        if failing[0]:
+            raise ConnectionError("broker away")
+        sent.append(result.idempotency_key)
+
+    async def on_state(change: StateChange) -> None:
+        pass
+
+    runner = AgentRunner(
+        config, state_path=tmp_path / "s.json", on_result=on_result, on_state=on_state
+    )
+    with pytest.raises(ConnectionError):
+        await runner.tick(SLOT)
+    assert runner.state.check("c").runs == 0, "not adopted"
+    theirs = ran(ran(AgentState(), "c", SLOT), "c", SLOT + 60_000)
+    await runner.follow([run_change(theirs, "c")])
+    failing[0] = False
+    report = await runner.tick(SLOT + 60_000)
+    assert sent == [] and report.results == [], "dropped, and not due"
+    assert runner.state.check("c") == theirs.check("c")

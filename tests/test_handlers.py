@@ -370,6 +370,8 @@ async def test_output_limits_and_kept_history_are_whole_numbers_in_range() -> No
         "heartbeat.a._status.online",
         "heartbeat.a._command.ack",
         "heartbeat.a._alert.stale",
+        "heartbeat.a._state._pauses",  # a replica's state event: it would clear the pauses
+        "heartbeat.a._state._snapshot",
     ],
 )
 async def test_publish_refuses_the_heartbeat_s_own_keys(key: str) -> None:

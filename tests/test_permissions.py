@@ -352,7 +352,9 @@ async def test_replicas_run_as_their_agent_s_user_with_their_state_queues_provis
         assert env["STANDBY"] == "true" and env["QUEUE_TYPE"] == "quorum"
         assert await bus.count(f"agent.{a}.state.r2") == 0, "provisioned"
         results = await bus.collector(f"heartbeat.{a}.c.*")
-        config = write(tmp_path, a, {"c": {"cadenceMs": 1, "handler": "default"}})
+        config = write(
+            tmp_path, a, {"c": {"cadenceMs": 1, "timeoutMs": 10_000, "handler": "default"}}
+        )
         replicas = []
         as_a = BusSettings(url=env["RABBIT_URL"], exchange=bus.exchange_name, declare=False)
         for name in ("r1", "r2"):

@@ -34,6 +34,7 @@ from .replicas import (
     replicas_of,
     results_of,
     spawn,
+    until_consuming,
     wait_results,
 )
 
@@ -89,14 +90,16 @@ async def test_the_standby_follows_runs_and_pauses_and_takes_over_without_a_doub
     agent = bus.agent()
     replicas_of(bus, agent, "a", "b")
     with keys_handler(agent) as (handler, calls):
-        config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": handler}})
+        config = write(
+            tmp_path, agent, {"c": {"cadenceMs": 1, "timeoutMs": 10_000, "handler": handler}}
+        )
         results = await bus.collector(f"heartbeat.{agent}.c.*")
         answers = await bus.collector(f"heartbeat.{agent}._command.*")
         a, b = (replica(bus, agent, config, n, tmp_path) for n in ("a", "b"))
         stopping += [a, b]
         await a.start()
         await b.start()
-        base = floor_to(now_ms(), SLOT)
+        base = floor_to(now_ms(), SLOT) + 5 * SLOT  # ahead: no tick here goes stale
         await bus.publish("system.heartbeat.tick", slot_tick(base + SLOT))
         (first,) = await wait_results(results, 1)
         assert first["state_change"]["replica"] == "a"
@@ -112,6 +115,7 @@ async def test_the_standby_follows_runs_and_pauses_and_takes_over_without_a_doub
         await bus.publish("system.heartbeat.tick", slot_tick(base + 2 * SLOT))
         await asyncio.sleep(1.5)
         assert await results_of(results) == [], "paused on b too"
+        assert b.agent_consumer.last_slot == base + 2 * SLOT, "the tick was evaluated"
         await bus.publish(f"agent.{agent}.heartbeat.resume", envelope("resume", {"check": "c"}))
         await wait_results(answers, 1)
         await bus.publish("system.heartbeat.tick", slot_tick(base + 3 * SLOT))
@@ -124,8 +128,9 @@ async def test_the_standby_follows_runs_and_pauses_and_takes_over_without_a_doub
 async def test_a_replica_that_joins_late_is_sent_the_whole_state(
     anybus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
 ) -> None:
-    """a ran a slot before b's state queue existed: b asks for the state when it starts
-    and gets a snapshot, so that it would not run that slot again."""
+    """a ran a slot before b's state queue existed: b asks for the state when it starts,
+    and waits for a's snapshot before it consumes, so that it would not run that slot
+    again."""
     bus = anybus
     agent = bus.agent()
     replicas_of(bus, agent, "a", "b")
@@ -140,12 +145,13 @@ async def test_a_replica_that_joins_late_is_sent_the_whole_state(
         await wait_results(results, 1)
         b = replica(bus, agent, config, "b", tmp_path)
         stopping.append(b)
-        await b.start()
-        await until(lambda: b.agent_consumer.runner.state.check("c").last_run == slot, within=10)
+        await b.start()  # the inbox has a consumer (a): b waits for a's state first
+        assert b.agent_consumer.runner.state.check("c").last_run == slot
         await a.stop()
-        await bus.publish("system.heartbeat.tick", slot_tick(slot + SLOT))
+        await bus.publish("system.heartbeat.tick", slot_tick(slot + 10 * SLOT))  # not stale
         await asyncio.sleep(1.5)
-        assert await results_of(results) == [], "b knows the check ran an hour's slot ago"
+        assert await results_of(results) == [], "b knows the check ran (its cadence: 1 h)"
+        assert b.agent_consumer.last_slot == slot + 10 * SLOT, "the tick was evaluated"
     assert calls == [f"{agent}:c:{slot}"]
 
 
@@ -161,19 +167,18 @@ async def test_an_active_killed_after_confirming_a_run_is_not_run_again_by_the_s
     replicas_of(bus, agent, "a", "b")
     (tmp_path / "plugin.py").write_text(KILL_AFTER_RESULT)
     calls = tmp_path / "calls"
-    check = {"cadenceMs": 1, "handler": "keys", "meta": {"calls": str(calls)}}
+    check = {"cadenceMs": 1, "timeoutMs": 10_000, "handler": "keys", "meta": {"calls": str(calls)}}
     config = write(tmp_path, agent, {"c": check})
     results = await bus.collector(f"heartbeat.{agent}.c.*")
     online = await bus.collector(f"heartbeat.{agent}._status.online")
-    base = floor_to(now_ms(), SLOT) + 2 * SLOT
+    base = floor_to(now_ms(), SLOT) + 20 * SLOT  # not stale once both replicas consume
     killed_at = base + 2 * SLOT
     a = await spawn(bus, config, tmp_path, "a", DIE_AT_SLOT=str(killed_at))
     b = None
     try:
         await wait_results(online, 1)
         b = await spawn(bus, config, tmp_path, "b")
-        await wait_results(online, 1)
-        await asyncio.sleep(0.5)  # b's sync request is answered
+        await until_consuming(tmp_path, "b")  # once it had a's state
         for k in range(4):
             await bus.publish("system.heartbeat.tick", slot_tick(base + k * SLOT))
         await asyncio.wait_for(a.wait(), 20)
@@ -244,7 +249,9 @@ async def test_a_partitioned_standby_catches_up_before_it_runs_anything(
     upstream = urlsplit(node)
     via_proxy = f"amqp://{upstream.username}:{upstream.password}@127.0.0.1:{port}/"
     with keys_handler(agent) as (handler, calls):
-        config = write(tmp_path, agent, {"c": {"cadenceMs": 1, "handler": handler}})
+        config = write(
+            tmp_path, agent, {"c": {"cadenceMs": 1, "timeoutMs": 10_000, "handler": handler}}
+        )
         results = await bus.collector(f"heartbeat.{agent}.c.*")
         answers = await bus.collector(f"heartbeat.{agent}._command.*")
         a = replica(bus, agent, config, "a", tmp_path)
@@ -276,6 +283,7 @@ async def test_a_partitioned_standby_catches_up_before_it_runs_anything(
             await until(lambda: b.agent_consumer.runner.state.pauses != {}, within=20)
             await asyncio.sleep(1.5)  # the tick that waited is handled
             assert await results_of(results) == [], "the paused slot did not run"
+            assert b.agent_consumer.last_slot == base + 2 * SLOT, "the tick was evaluated"
             assert b.agent_consumer.runner.state.check("c").last_run == base + SLOT
             await bus.publish(f"agent.{agent}.heartbeat.resume", envelope("resume", {"check": "c"}))
             await wait_results(answers, 1, within=20)
@@ -306,7 +314,7 @@ async def test_two_fleets_on_one_directory_are_active_and_standby_for_every_agen
         for agent in agents:
             handler, ran = stack.enter_context(keys_handler(agent))
             calls.append(ran)
-            write(configs, agent, {"c": {"cadenceMs": 1, "handler": handler}})
+            write(configs, agent, {"c": {"cadenceMs": 1, "timeoutMs": 10_000, "handler": handler}})
         results = await bus.collector("heartbeat.*.c.*")
         fleets = {}
         for name in ("one", "two"):
@@ -364,3 +372,26 @@ async def test_a_copy_put_in_a_state_queue_under_another_key_changes_nothing(
     await bus.publish(f"heartbeat.{agent}._state._pauses", forged)
     assert await b.agent_consumer.catch_up() == 1, "the same under our key"
     assert set(b.agent_consumer.runner.state.pauses) == {"c"}
+
+
+async def test_a_replica_whose_state_queue_was_deleted_declares_it_again(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The missing queue closes the followers' channel only (the inbox consumer goes on),
+    is said in a warning, and is declared again; ticks are still answered."""
+    agent = bus.agent()
+    replicas_of(bus, agent, "b")
+    config = write(
+        tmp_path, agent, {"c": {"cadenceMs": 1, "timeoutMs": 10_000, "handler": "default"}}
+    )
+    results = await bus.collector(f"heartbeat.{agent}.c.success")
+    b = replica(bus, agent, config, "b", tmp_path)
+    stopping.append(b)
+    await b.start()
+    await bus.channel.queue_delete(f"agent.{agent}.state.b")
+    assert await b.agent_consumer.catch_up() == 0
+    assert f"state queue agent.{agent}.state.b is missing" in caplog.text
+    assert await bus.count(f"agent.{agent}.state.b") >= 0, "declared again"
+    await bus.publish("system.heartbeat.tick", slot_tick(floor_to(now_ms(), SLOT) + SLOT))
+    assert len(await wait_results(results, 1)) == 1
+    assert b.agent_consumer.subscriber.running

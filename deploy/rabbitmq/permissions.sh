@@ -28,7 +28,7 @@
 # QUEUE_TYPE (classic or quorum) and SINGLE_ACTIVE_CONSUMER (true) for an agent's inbox,
 # REPLICAS (names, space-separated: the agent runs --standby on each host, each with
 # HEARTBEAT_REPLICA set to one of them; their state queues agent.AGENT.state.NAME are
-# provisioned, and the user may read them and publish state events and sync requests),
+# provisioned, and the user may read them and publish state events),
 # DLQ_MAX_LENGTH (10000) and DLQ_TTL (7d) for dead-letter queues, PROVISION=no to create
 # the user only (then run `heartbeat-consumer provision` yourself, as an admin),
 # MAX_CONNECTIONS (8) and MAX_CHANNELS (64): the user's limits on the broker.
@@ -117,9 +117,8 @@ else
     # and heartbeat.AGENT._command.<ack|error>, never
     # heartbeat.AGENT._alert.* (alerts are the monitor's word).
     TOPIC_WRITE="^heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status|_command)\\.[^.]+\$"
-    if [ -n "$STATE_QUEUES" ]; then  # replicas: state events, and a joining one's request
-        TOPIC_WRITE="^(heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status|_command|_state)\\.[^.]+"
-        TOPIC_WRITE="$TOPIC_WRITE|agent\\.$AGENT\\.heartbeat\\.sync)\$"
+    if [ -n "$STATE_QUEUES" ]; then  # replicas: their state events too
+        TOPIC_WRITE="^heartbeat\\.$AGENT\\.([A-Za-z0-9][A-Za-z0-9_-]*|_status|_command|_state)\\.[^.]+\$"
     fi
     DLQ_WRITE="^agent\\.$AGENT\\.dlq\$"
     PROVISIONS="^($EX|$DLX|agent\\.$AGENT\\.(inbox|dlq${STATE_QUEUES:+|$STATE_QUEUES}))\$"

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..core.envelope import APP, TRIGGER_TYPES
-from ..core.follow import PAUSES, SNAPSHOT
+from ..core.follow import PAUSES, SNAPSHOT, SYNC
 from ..core.state import STATUSES
 from ..core.topology import (
     ALERT_KINDS,
@@ -21,7 +21,6 @@ from ..core.topology import (
     DEFAULT_EXCHANGE,
     REPLY_WORDS,
     STATUS_EVENTS,
-    SYNC_COMMAND,
     TICK_BINDING,
     TICK_KEY,
     agent_key,
@@ -199,7 +198,8 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "agent": {"type": "string"},
             "origin": {"type": "string", "description": "the publishing process"},
             "replica": {"type": "string"},
-            "kind": {"enum": ["run", "pauses", "snapshot"]},
+            "kind": {"enum": ["run", "pauses", "snapshot", "sync"]},
+            "version": {"type": "integer", "description": "of the pauses (kind pauses)"},
             "check": {"type": "string"},
             "state": {**obj, "description": "the check's state, as in the state file"},
             "entry": {**obj, "description": "the run's history entry"},
@@ -297,14 +297,8 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         "state": _message(
             "state",
             "A change of an agent's state, for its other replicas",
-            [state_key(EXAMPLE, PAUSES), state_key(EXAMPLE, SNAPSHOT)],
+            [state_key(EXAMPLE, PAUSES), state_key(EXAMPLE, SNAPSHOT), state_key(EXAMPLE, SYNC)],
             state_payload,
-        ),
-        "sync": _message(
-            "sync",
-            "A replica that starts asks for the whole state",
-            [agent_key(EXAMPLE, SYNC_COMMAND)],
-            {**obj, "properties": {"agent": {"type": "string"}, "origin": {"type": "string"}}},
         ),
         "result": _message(
             "result",
@@ -400,16 +394,10 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
             "heartbeat.{agent}._state.{word}",
             exchange,
             "state",
-            {**agent, "word": {"description": "_pauses or _snapshot"}},
+            {**agent, "word": {"enum": [PAUSES, SNAPSHOT, SYNC]}},
             "Replicas (--standby): each has a queue agent.{agent}.state.{replica} bound to "
-            "this and to the agent's results (heartbeat.{agent}.*.<status>).",
-        ),
-        "sync": _channel(
-            agent_key("{agent}", SYNC_COMMAND),
-            exchange,
-            "sync",
-            agent,
-            "Answered by the active replica with a snapshot state event.",
+            "this and to the agent's results (heartbeat.{agent}.*.<status>). A replica that "
+            "starts sends _sync; every other one answers with a _snapshot.",
         ),
         "alert": _channel(
             "heartbeat.{agent}._alert.{kind}",
@@ -433,9 +421,8 @@ def build(exchange: str = DEFAULT_EXCHANGE) -> dict[str, Any]:
         ),
         "sendReply": _operation("send", "reply", "reply", "After each command or agent tick"),
         "sendState": _operation(
-            "send", "state", "state", "A replica: on a pause or resume, and on a sync"
+            "send", "state", "state", "A replica: on a pause or resume, on start, on a sync"
         ),
-        "receiveSync": _operation("receive", "sync", "sync", "A replica: send the whole state"),
         "sendAlert": _operation(
             "send", "alert", "alert", "The monitor: once per incident, and when it resolves"
         ),

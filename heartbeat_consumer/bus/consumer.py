@@ -68,7 +68,6 @@ from ..core.envelope import (
 from ..core.timeutil import floor_to, iso
 from ..core.topology import (
     COMMANDS,
-    SYNC_COMMAND,
     TICK_KEY,
     agent_key,
     check_name,
@@ -109,7 +108,7 @@ from .connection import (
     topic_exchange,
     unreachable,
 )
-from .follower import Follower
+from .follower import SYNC_WAIT_S, Follower
 from .provision import TopologyError, provision_agent
 from .settings import (
     BUS_ARGUMENTS,
@@ -208,6 +207,8 @@ class AgentConsumer:
                 inbox.replica,
                 publish=self._publish_state,
                 dead_letter=self._dead_letter,
+                connect=self.broker.connect,
+                missing=self._state_queue_missing,
             )
         )
         """With a replica name: the agent's state follows the bus (:mod:`.follower`)."""
@@ -221,8 +222,6 @@ class AgentConsumer:
             on_state=None if self.follower is None else self.follower.publish,
         )
         self._routes = {TICK_KEY: "tick", **{agent_key(agent, c): c for c in COMMANDS}}
-        if self.follower is not None:
-            self._routes[agent_key(agent, SYNC_COMMAND)] = SYNC_COMMAND
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
         self.last_slot: int | None = None
         self._state_problem: str | None = None
@@ -275,11 +274,6 @@ class AgentConsumer:
         self._inbox = await self.broker.config.declarer.declare_queue(
             self.queue, channel=self._channel
         )
-        if self.follower is not None:
-            follow = RabbitQueue(self.follower.queue_name, durable=True, declare=False)
-            self.follower.queue = await self.broker.config.declarer.declare_queue(
-                follow, channel=self._channel
-            )
 
     def discard(self) -> None:
         """Take the subscriber off the broker (an agent that failed to open: the broker's
@@ -316,9 +310,7 @@ class AgentConsumer:
             log.error("%s: %s; running with the state in memory", self.agent, problem)
             await self._report_state(problem)
         if self.follower is not None:
-            await self.catch_up()
-            await self.follower.ask_for_state()
-            self.follower.start(self.catch_up)
+            await self._join(self.follower)
         if evaluate:
             await self.evaluate_now()
 
@@ -396,6 +388,42 @@ class AgentConsumer:
             correlation_ids=list(self._correlation),
         )
         await self._send(key, event, self._correlation[0] if self._correlation else "")
+
+    async def _join(self, follower: Follower) -> None:
+        """A replica that starts: catch up, ask the others for the state and, when the
+        inbox has consumers already (other replicas), wait for their answer before
+        consuming; then follow every few seconds."""
+        await self.catch_up()
+        await follower.ask_for_state()
+        others = getattr(getattr(self._inbox, "declaration_result", None), "consumer_count", 0)
+        if others and not await follower.wait_for_state(self.catch_up):
+            log.warning(
+                "%s: no other replica sent its state within %g s; going on with ours",
+                self.agent,
+                SYNC_WAIT_S,
+            )
+        follower.start(self.catch_up)
+
+    async def _state_queue_missing(self) -> None:
+        """Our state queue is gone (deleted, expired): declare it again if we may, and
+        ask the others for the state, which we may have missed meanwhile."""
+        if self.follower is None:
+            return
+        connection = await self.broker.connect()
+        try:
+            await provision_agent(
+                connection,
+                self.agent,
+                self.exchange.name,
+                inbox=self.inbox_options,
+                dead_letters=self.dead_letter_limits,
+                declare=self.declare_topology,
+                exchanges=False,
+            )
+        except TopologyError as exc:
+            log.error("%s: %s", self.agent, exc)
+            return
+        await self.follower.ask_for_state()
 
     async def _publish_state(self, routing_key: str, payload: dict[str, Any]) -> None:
         """A state event or sync request of our :class:`~.follower.Follower`."""
@@ -513,8 +541,6 @@ class AgentConsumer:
                 if kind is None:
                     log.debug("%s: ignoring %s", self.agent, message.routing_key)
                     await message.ack()
-                elif kind == SYNC_COMMAND:
-                    await self._guard([message], self._sync(message))
                 elif kind == "tick":
                     alone = message.routing_key != TICK_KEY  # sent to this agent only
                     ticks.append((message, self._parse_tick(message), alone))
@@ -778,14 +804,6 @@ class AgentConsumer:
             )
         )
         return [message for message, _ in accepted]
-
-    async def _sync(self, message: AbstractIncomingMessage) -> None:
-        """A replica that joined asks for the whole state: a snapshot event answers."""
-        if self.follower is None or self.follower.is_ours(message.body):
-            return
-        async with self._lock:
-            await self.follower.publish(self.runner.snapshot())
-        log.info("%s: sent the state to a replica that joined", self.agent)
 
     def _no_such_check(self, command: Command) -> str:
         return f"no check named {command.check!r} in the config of {self.agent}"

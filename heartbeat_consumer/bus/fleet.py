@@ -501,6 +501,7 @@ class Fleet:
     async def stop(self) -> None:
         for consumer in self.agents.values():
             await consumer.subscriber.stop()
+            consumer.stop_following()
         for consumer in self.agents.values():
             await consumer.finish_inflight(self.graceful_timeout_s)
         for consumer in self.agents.values():

@@ -2,16 +2,22 @@
 
 Every replica of an agent (``--standby``; the inbox has a single active consumer) has
 its own durable queue ``agent.<agent>.state.<replica>``, bound to
-``heartbeat.<agent>._state.#``. The active one publishes every change of the agent's
-state there (:mod:`..core.follow`; persistent, confirmed, before the delivery that
-caused it is acknowledged), and each replica applies the changes the others published:
-every few seconds, and before it handles any delivery of the inbox. A standby that
-becomes the active consumer therefore knows every run the old one confirmed: a tick the
-old one ran but did not acknowledge comes again and finds its slot done.
+``heartbeat.<agent>._state.#`` and to the agent's results. The active one publishes
+every change of the agent's state (:mod:`..core.follow`; persistent, confirmed, before
+the delivery that caused it is acknowledged: a run's change inside its result), and
+each replica applies the changes the others published, where they are newer than what
+it has: every few seconds, and before it handles any delivery of the inbox. A standby
+that becomes the active consumer therefore knows every run whose result the old one
+had confirmed: a tick the old one ran but did not acknowledge comes again and finds
+its slot done.
 
-A replica that starts asks for the whole state (``agent.<agent>.heartbeat.sync``, which
-only the active consumer of the inbox receives): it then knows what was run before its
-queue existed.
+A replica that starts asks every other replica for the whole state (a ``_sync`` event,
+in all their queues); each answers with a snapshot, merged check by check. When the
+inbox already has consumers, it waits for one (at most :data:`SYNC_WAIT_S`) before it
+consumes, so that it knows what was run before its queue existed.
+
+The state queues are read (basic.get) on a channel of their own, one per connection:
+a state queue that is missing closes that channel, not the inbox consumers'.
 """
 
 from __future__ import annotations
@@ -20,45 +26,74 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity
 
-from ..core.follow import StateChange, StateEventError, parse_state_event
-from ..core.topology import SYNC_COMMAND, agent_key, follow_queue, state_key
+from ..core.follow import StateChange, StateEventError, parse_state_event, sync_request
+from ..core.topology import follow_queue, state_key
 from ..runtime.engine import AgentRunner
 
-__all__ = ["CATCH_UP_EVERY_S", "Follower"]
+__all__ = ["CATCH_UP_EVERY_S", "SYNC_WAIT_S", "Follower"]
 
 log = logging.getLogger("heartbeat_consumer.follower")
 
 CATCH_UP_EVERY_S = 2.0
 """How often a replica applies what is waiting in its queue when no delivery made it."""
+SYNC_WAIT_S = 5.0
+"""How long a replica that starts beside others waits for their state."""
 BATCH = 500
-"""State events applied with one save, at most."""
+BATCH_BYTES = 32 * 1024 * 1024
+"""State events applied with one save, at most (by count and by size)."""
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 DeadLetter = Callable[[AbstractIncomingMessage, str, str], Awaitable[None]]
+Connect = Callable[[], Awaitable[AbstractRobustConnection]]
+
+_channels: weakref.WeakKeyDictionary[AbstractRobustConnection, AbstractChannel] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _channel_of(connection: AbstractRobustConnection) -> AbstractChannel:
+    """The connection's channel for state queues (opened again once closed)."""
+    channel = _channels.get(connection)
+    if channel is None or channel.is_closed:
+        channel = await connection.channel()
+        _channels[connection] = channel
+    return channel
 
 
 class Follower:
     """The state events of one agent for one replica: publishing ours, applying theirs."""
 
     def __init__(
-        self, agent: str, replica: str, *, publish: Publish, dead_letter: DeadLetter
+        self,
+        agent: str,
+        replica: str,
+        *,
+        publish: Publish,
+        dead_letter: DeadLetter,
+        connect: Connect,
+        missing: Callable[[], Awaitable[None]],
     ) -> None:
+        """``missing`` is called when the state queue is not there (it declares it
+        again, if it may)."""
         self.agent = agent
         self.replica = replica
         self.origin = uuid.uuid4().hex
         """This process: the events it published are not applied again."""
         self.queue_name = follow_queue(agent, replica)
-        self.queue: AbstractQueue | None = None
-        """Set by the consumer once declared (on its channel)."""
         self.applied = 0
+        self.snapshots = 0
+        """Snapshots of other replicas applied (the answers to our sync request)."""
         self._publish = publish
         self._dead_letter = dead_letter
+        self._connect = connect
+        self._missing = missing
         self._task: asyncio.Task[None] | None = None
 
     def payload(self, change: StateChange | None = None) -> dict[str, Any]:
@@ -67,51 +102,58 @@ class Follower:
         return {"agent": self.agent, "origin": self.origin, "replica": self.replica, **fields}
 
     async def publish(self, change: StateChange) -> None:
-        """Publish a change of the pauses, or a snapshot (confirmed; raises if not)."""
+        """Publish a change of the pauses, a snapshot or a sync request (confirmed)."""
         await self._publish(state_key(self.agent, change.word), self.payload(change))
 
     async def ask_for_state(self) -> None:
-        """Ask the active replica for the whole state (it comes as a snapshot event)."""
-        await self._publish(agent_key(self.agent, SYNC_COMMAND), self.payload())
-
-    def is_ours(self, body: bytes) -> bool:
-        """A sync request this process sent (the active one is us: nothing to send)."""
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-            payload = orjson.loads(body).get("payload")
-            return isinstance(payload, dict) and payload.get("origin") == self.origin
-        return False
+        """Ask every other replica for the whole state (they answer with snapshots)."""
+        await self.publish(sync_request())
 
     async def catch_up(self, runner: AgentRunner) -> int:
         """Apply every state event waiting in our queue that another replica published
-        (in order, a save per batch), then acknowledge them; how many were applied. One
-        that cannot be used is dead-lettered with the reason. Raises when the broker
-        fails (then nothing may run on a state that is perhaps behind)."""
-        if self.queue is None:
-            return 0
+        (in order, a save per batch), acknowledge them, and answer their sync requests
+        with a snapshot; how many changes were applied. One that cannot be used is
+        dead-lettered with the reason. Raises when the broker fails (then nothing may
+        run on a state that is perhaps behind)."""
         applied = 0
+        channel = await _channel_of(await self._connect())
+        queue = await channel.get_queue(self.queue_name, ensure=False)
         while True:
             taken: list[AbstractIncomingMessage] = []
             changes: list[StateChange] = []
-            while len(taken) < BATCH:
-                message = await self.queue.get(no_ack=False, fail=False, timeout=5)
+            size = 0
+            while len(taken) < BATCH and size < BATCH_BYTES:
+                try:
+                    message = await queue.get(no_ack=False, fail=False, timeout=5)
+                except ChannelNotFoundEntity:
+                    log.warning("%s: state queue %s is missing", self.agent, self.queue_name)
+                    await self._missing()
+                    return applied
                 if message is None:
                     break
+                size += len(message.body)
                 try:
                     found = parse_state_event(message.body, self.agent, message.routing_key)
-                except StateEventError as exc:
-                    await self._dead_letter(message, str(exc), "invalid_state_event")
+                except Exception as exc:  # whatever it holds: dead-lettered with the reason
+                    why = str(exc) if isinstance(exc, StateEventError) else repr(exc)[:200]
+                    await self._dead_letter(message, why, "invalid_state_event")
                     continue
                 taken.append(message)
                 if found is not None and found[0] != self.origin:
                     changes.append(found[1])
+            wanted = any(change.kind == "sync" for change in changes)
             if changes:
-                error = await runner.follow(changes)
+                error = await runner.follow([c for c in changes if c.kind != "sync"])
                 if error is not None:  # held in memory, as a run's state is
                     log.error("%s: followed state not saved: %s", self.agent, error)
-                applied += len(changes)
+                applied += sum(c.kind != "sync" for c in changes)
+                self.snapshots += sum(c.kind == "snapshot" for c in changes)
             for message in taken:
                 await message.ack()
-            if len(taken) < BATCH:
+            if wanted:  # after what came before it: the snapshot includes it
+                await self.publish(runner.snapshot())
+                log.info("%s: sent the state to a replica that joined", self.agent)
+            if len(taken) < BATCH and size < BATCH_BYTES:
                 break
         self.applied += applied
         return applied
@@ -122,14 +164,32 @@ class Follower:
             self._task = asyncio.create_task(self._every(catch_up))
 
     async def _every(self, catch_up: Callable[[], Awaitable[int]]) -> None:
+        failing = False
         while True:
             await asyncio.sleep(CATCH_UP_EVERY_S)
             try:
                 await catch_up()
             except Exception as exc:  # the broker is away: the next round tries again
-                log.debug("%s: catching up failed (%s)", self.agent, exc)
+                if not failing:
+                    log.warning("%s: cannot follow the state for now (%s)", self.agent, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("%s: following the state again", self.agent)
+                failing = False
 
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+    async def wait_for_state(self, catch_up: Callable[[], Awaitable[int]]) -> bool:
+        """Catch up until another replica's snapshot came, at most :data:`SYNC_WAIT_S`;
+        True if one did."""
+        deadline = asyncio.get_running_loop().time() + SYNC_WAIT_S
+        while self.snapshots == 0 and asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(Exception):
+                await catch_up()
+            if self.snapshots == 0:
+                await asyncio.sleep(0.1)
+        return self.snapshots > 0

@@ -60,6 +60,9 @@ __all__ = [
 log = logging.getLogger("heartbeat_consumer.provision")
 
 QueueKind = Literal["classic", "quorum"]
+STATE_QUEUE_EXPIRES_MS = 7 * MS_PER_DAY
+"""A replica's state queue that nobody has read for this long is deleted by the broker
+(a replica retired for good; a running one reads it every few seconds)."""
 PROVISION_HINT = (
     "an admin provisions it: deploy/rabbitmq/permissions.sh, or "
     "'heartbeat-consumer provision' with a user that may declare"
@@ -299,7 +302,7 @@ async def provision_agent(
     options = inbox or InboxOptions()
     arguments = options.arguments()
     follow = [] if options.replica is None else [follow_queue(agent, options.replica)]
-    follow_arguments = {"x-queue-type": options.queue_type}
+    follow_arguments = {"x-queue-type": options.queue_type, "x-expires": STATE_QUEUE_EXPIRES_MS}
     follow_bindings = [(exchange, key) for key in state_bindings(agent)]
     if channel is not None and not channel.is_closed:
         try:
@@ -311,6 +314,8 @@ async def provision_agent(
             else:
                 for name in [dlq, inbox_queue(agent), *follow]:
                     await channel.declare_queue(name, passive=True)
+                if follow:
+                    _unverified(agent)
             return
         except (AMQPError, ChannelInvalidStateError) as exc:
             # That closed the channel (its lender opens another): step by step instead.
@@ -323,7 +328,7 @@ async def provision_agent(
         declare=declare,
         require=require,
     )
-    await _queue(
+    declared = await _queue(
         connection,
         inbox_queue(agent),
         arguments=arguments,
@@ -332,6 +337,8 @@ async def provision_agent(
         require=require,
         strict=options.replica is not None,  # two replicas consuming at once would both run
     )
+    if options.replica is not None and not declared:
+        _unverified(agent)
     for name in follow:
         await _queue(
             connection,
@@ -341,6 +348,16 @@ async def provision_agent(
             declare=declare,
             require=require,
         )
+
+
+def _unverified(agent: str) -> None:
+    log.warning(
+        "%s: cannot check that %s has a single active consumer (this user may not "
+        "declare); replicas need it, or more than one would run: provision it with "
+        "--replica (deploy/rabbitmq/permissions.sh with REPLICAS)",
+        agent,
+        inbox_queue(agent),
+    )
 
 
 async def provision_monitor(

@@ -81,8 +81,8 @@ def _correlated(
     key = message.routing_key or ""
     parts = key.split(".")
     kind = key_kind(key, any_status=True)  # the event_type says if it is one (below)
-    if parts[0] != "heartbeat" or parts[1:2] != [agent] or kind in (None, "alert"):
-        return None  # alerts and other families: never an agent's answer
+    if parts[0] != "heartbeat" or parts[1:2] != [agent] or kind in (None, "alert", "state"):
+        return None  # alerts, state events and other families: never an agent's answer
     try:
         event = orjson.loads(message.body)
     except orjson.JSONDecodeError:

@@ -120,10 +120,10 @@ def _replica(args: argparse.Namespace) -> str | None:
     if not args.standby:
         if args.replica:
             raise UsageError("--replica names a replica of --standby consumers: add --standby")
-        return None
-    if args.replica:
-        return check_name(args.replica, "replica name (--replica)")
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
+        return None  # HEARTBEAT_REPLICA alone is left for when STANDBY is set
+    if args.replica or env("HEARTBEAT_REPLICA"):
+        return check_name(args.replica or env("HEARTBEAT_REPLICA"), "replica name (--replica)")
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
     if not re.fullmatch(NAME_PATTERN, host):
         raise UsageError(f"name this replica with --replica (the host name {host!r} cannot)")
     return host

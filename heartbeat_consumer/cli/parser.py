@@ -333,7 +333,6 @@ def inbox_options(p: argparse.ArgumentParser) -> None:
 def replica_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--replica",
-        default=env("HEARTBEAT_REPLICA"),
         metavar="NAME",
         help="with --standby: this replica's name, unique per agent (env HEARTBEAT_REPLICA; "
         "default: the host name); its state queues are agent.<agent>.state.<NAME>",

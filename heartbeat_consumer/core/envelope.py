@@ -78,7 +78,7 @@ consumer: results, started, status, replies; start-up and local runs), ``schedul
 ticks), ``service`` (the monitor's alerts)."""
 TRIGGER_TYPES: tuple[str, ...] = get_args(TriggerType)
 
-EventKind = Literal["tick", "command", "result", "started", "status", "reply", "alert"]
+EventKind = Literal["tick", "command", "result", "started", "status", "reply", "alert", "state"]
 LEGACY_EVENT_TYPES: dict[str, EventKind] = {
     TICK_KEY: "tick",
     "heartbeat.command.run": "command",
@@ -209,7 +209,8 @@ def key_kind(routing_key: str, *, any_status: bool = False) -> EventKind | None:
     (``agent.<a>.heartbeat.run|pause|resume``), ``result`` (``heartbeat.<a>.<check>.
     <status>``, a run's status), ``started`` (``heartbeat.<a>.<check>.started``),
     ``status`` (``heartbeat.<a>._status.<word>``), ``reply``
-    (``heartbeat.<a>._command.ack|error``), ``alert`` (``heartbeat.<a>._alert.<kind>``);
+    (``heartbeat.<a>._command.ack|error``), ``alert`` (``heartbeat.<a>._alert.<kind>``),
+    ``state`` (``heartbeat.<a>._state.<word>``, a replica's state event);
     None for any other key (``heartbeat.<a>.<check>.dispatch``, a handler's own event,
     is no result). ``any_status``: any last word is a status (after a check, a result's),
     as keys were read with the old ``event_type`` words."""
@@ -219,6 +220,8 @@ def key_kind(routing_key: str, *, any_status: bool = False) -> EventKind | None:
     if len(parts) != 4 or not _NAME.fullmatch(parts[1]):
         return None
     first, second, word = parts[0], parts[2], parts[3]
+    if first == "heartbeat" and second == "_state":
+        return "state"
     if first == "agent":
         if second != "heartbeat":
             return None

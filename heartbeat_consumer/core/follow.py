@@ -8,11 +8,15 @@ every change of its state, and how a standby applies it to its own.
   for it (their ids: a redelivered one is not run again);
 - ``heartbeat.<agent>._state._pauses``, kind ``pauses``: every run-time pause, after a
   pause or resume;
-- ``heartbeat.<agent>._state._snapshot``, kind ``snapshot``: the whole state, the answer
-  to a replica that joins (``agent.<agent>.heartbeat.sync``).
+- ``heartbeat.<agent>._state._sync``, kind ``sync``: a replica that starts asks the
+  others for the whole state;
+- ``heartbeat.<agent>._state._snapshot``, kind ``snapshot``: the whole state, their
+  answer.
 
-Each replaces what it names (a check's state, the pauses, everything), so applying one
-twice, or an older one before a newer one of the same publisher, ends in the newest. The
+Each is applied only where it is newer than what it names: a check's state by its
+``runs`` (which every run adds one to, on whichever replica, once it follows the
+state), the pauses by ``pausesVersion``, a snapshot check by check. So applying one
+twice, late, or after a newer one, whoever published it, changes nothing. The
 ``origin`` is the publishing process: a replica skips the events it published itself.
 """
 
@@ -40,18 +44,22 @@ __all__ = [
     "PAUSES",
     "SNAPSHOT",
     "STATE_WORD",
+    "SYNC",
     "StateChange",
     "StateEventError",
     "apply_change",
+    "newer",
     "parse_state_event",
     "pauses_change",
     "run_change",
     "snapshot_change",
+    "sync_request",
 ]
 
 STATE_WORD = "_state"
 PAUSES = "_pauses"
 SNAPSHOT = "_snapshot"
+SYNC = "_sync"
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 """As large as a state file may be (a snapshot carries one)."""
 MAX_REQUESTS = 20
@@ -64,11 +72,13 @@ class StateEventError(ValueError):
 class StateChange(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
-    kind: Literal["run", "pauses", "snapshot"]
+    kind: Literal["run", "pauses", "snapshot", "sync"]
     check: str | None = None
     state: CheckState | None = None
     entry: HistoryEntry | None = None
     pauses: dict[str, Pause] | None = None
+    version: int | None = None
+    """Of the pauses: the state's ``pausesVersion`` with them."""
     snapshot: AgentState | None = None
     requests: tuple[str, ...] = Field(default=(), max_length=MAX_REQUESTS)
 
@@ -77,7 +87,7 @@ class StateChange(BaseModel):
         """The last word of its routing key."""
         if self.kind == "run" and self.check is not None:
             return self.check
-        return PAUSES if self.kind == "pauses" else SNAPSHOT
+        return {"pauses": PAUSES, "snapshot": SNAPSHOT}.get(self.kind, SYNC)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -95,12 +105,16 @@ def run_change(after: AgentState, check: str, requests: tuple[str, ...] = ()) ->
     )
 
 
-def pauses_change(pauses: dict[str, Pause]) -> StateChange:
-    return StateChange(kind="pauses", pauses=pauses)
+def pauses_change(pauses: dict[str, Pause], version: int) -> StateChange:
+    return StateChange(kind="pauses", pauses=pauses, version=version)
 
 
 def snapshot_change(state: AgentState) -> StateChange:
     return StateChange(kind="snapshot", snapshot=state)
+
+
+def sync_request() -> StateChange:
+    return StateChange(kind="sync")
 
 
 def parse_state_event(
@@ -114,9 +128,7 @@ def parse_state_event(
     permissions check the routing key only); :class:`StateEventError` for one that
     cannot be used."""
     key = (routing_key or "").split(".")
-    ours = len(key) == 4 and key[0] == "heartbeat" and key[1] == agent
-    result = ours and not key[2].startswith("_") and key[3] in STATUSES  # not an alert
-    if routing_key is not None and not (result or (ours and key[2] == STATE_WORD)):
+    if routing_key is not None and not _from_agent(key, agent):
         return None
     if len(body) > MAX_EVENT_BYTES:
         raise StateEventError(f"state event of {len(body)} bytes, at most {MAX_EVENT_BYTES}")
@@ -138,11 +150,7 @@ def parse_state_event(
     origin = payload.get("origin")
     if not isinstance(origin, str) or not 0 < len(origin) <= 200:
         raise StateEventError("state event without an origin")
-    pauses, snapshot = payload.get("pauses"), payload.get("snapshot")
-    if isinstance(pauses, dict) and len(pauses) > MAX_PAUSES:
-        raise StateEventError(f"state event with {len(pauses)} pauses, at most {MAX_PAUSES}")
-    if isinstance(snapshot, dict) and len(snapshot.get("history") or ()) > HISTORY_LIMIT:
-        raise StateEventError(f"snapshot with more than {HISTORY_LIMIT} history entries")
+    _check_sizes(payload)
     try:
         change = StateChange.model_validate(payload, strict=False)
     except (ValidationError, ValueError) as exc:
@@ -164,18 +172,67 @@ def parse_state_event(
     return origin, change
 
 
+def newer(theirs: CheckState, ours: CheckState | None) -> bool:
+    """True when ``theirs`` is a later state of the check than ``ours`` (more runs)."""
+    return ours is None or theirs.runs > ours.runs
+
+
+def _from_agent(key: list[str], agent: str) -> bool:
+    """A routing key only the agent may publish under: its results (not an alert, the
+    monitor's word) and its state events."""
+    ours = len(key) == 4 and key[0] == "heartbeat" and key[1] == agent
+    result = ours and not key[2].startswith("_") and key[3] in STATUSES
+    return result or (ours and key[2] == STATE_WORD)
+
+
+def _check_sizes(payload: dict[str, Any]) -> None:
+    pauses, snapshot = payload.get("pauses"), payload.get("snapshot")
+    if isinstance(pauses, dict) and len(pauses) > MAX_PAUSES:
+        raise StateEventError(f"state event with {len(pauses)} pauses, at most {MAX_PAUSES}")
+    if isinstance(snapshot, dict):
+        history, pauses = snapshot.get("history"), snapshot.get("pauses")
+        if isinstance(history, list) and len(history) > HISTORY_LIMIT:
+            raise StateEventError(f"snapshot with more than {HISTORY_LIMIT} history entries")
+        if isinstance(pauses, dict) and len(pauses) > MAX_PAUSES:
+            raise StateEventError(f"snapshot with more than {MAX_PAUSES} pauses")
+
+
 def apply_change(state: AgentState, change: StateChange) -> AgentState:
-    """``state`` after ``change``; values out of range are repaired as in a state file."""
+    """``state`` after ``change``, where it is newer (see above); values out of range are
+    repaired as in a state file."""
     if change.kind == "snapshot" and change.snapshot is not None:
-        after = change.snapshot.model_copy(update={"agent": state.agent or change.snapshot.agent})
+        after = _merged(state, repair_ranges(change.snapshot)[0])
     elif change.kind == "pauses" and change.pauses is not None:
-        after = state.model_copy(update={"pauses": dict(change.pauses)})
+        version = change.version if change.version is not None else state.pauses_version + 1
+        if version <= state.pauses_version:
+            return state
+        after = state.model_copy(update={"pauses": dict(change.pauses), "pauses_version": version})
     elif change.kind == "run" and change.check is not None and change.state is not None:
+        if not newer(change.state, state.checks.get(change.check)):
+            return state
         history = state.history
-        if change.entry is not None and change.entry not in history[-HISTORY_LIMIT:]:
+        if change.entry is not None and change.entry not in history:
             history = (*history, change.entry)[-HISTORY_LIMIT:]
         checks = {**state.checks, change.check: change.state}
         after = state.model_copy(update={"checks": checks, "history": history})
     else:
         return state
     return repair_ranges(after)[0]
+
+
+def _merged(ours: AgentState, theirs: AgentState) -> AgentState:
+    """A snapshot merged into our state: each check's newer state, the newer pauses, the
+    history of both (by slot)."""
+    checks = dict(ours.checks)
+    for name, check in theirs.checks.items():
+        if newer(check, checks.get(name)):
+            checks[name] = check
+    pauses, version = ours.pauses, ours.pauses_version
+    if theirs.pauses_version > version:
+        pauses, version = theirs.pauses, theirs.pauses_version
+    known = set(ours.history)
+    extra = [entry for entry in theirs.history if entry not in known]
+    history = tuple(sorted((*ours.history, *extra), key=lambda e: e.slot))[-HISTORY_LIMIT:]
+    return ours.model_copy(
+        update={"checks": checks, "pauses": pauses, "pauses_version": version, "history": history}
+    )

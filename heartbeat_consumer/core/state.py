@@ -84,6 +84,8 @@ class AgentState(_Model):
     checks: dict[str, CheckState] = Field(default_factory=dict)
     pauses: dict[str, Pause] = Field(default_factory=dict)
     """Run-time pauses (from commands); merged over the config's ``paused``."""
+    pauses_version: int = Field(default=0, alias="pausesVersion")
+    """Counts the changes of ``pauses`` (replicas apply only a newer set of pauses)."""
     history: tuple[HistoryEntry, ...] = ()
 
     def check(self, name: str, initial_last_run: int | None = None) -> CheckState:
@@ -194,6 +196,7 @@ def compact_history(state: AgentState, keep_per_check: int) -> tuple[AgentState,
 
 _INSTANT_FIELDS = ("last_run", "last_success", "last_finished", "next_retry")
 _COUNT_FIELDS = ("runs", "wall_ms", "consecutive_failures", "auth_failures")
+"""A check's ``runs`` also orders the changes of its state between replicas."""
 MAX_COUNT = 2**53
 """Counters beyond this (or below 0) are reset: JSON cannot carry them exactly."""
 

@@ -7,8 +7,7 @@
   ``heartbeat.<agent>._status.<word>`` (:data:`STATUS_EVENTS`). None matches an inbox
   binding, so results never flow back into any agent's inbox.
 - State events (replicas, :mod:`.follow`): ``heartbeat.<agent>._state.<word>`` and the
-  results, into each replica's ``agent.<agent>.state.<replica>``;
-  ``agent.<name>.heartbeat.sync`` asks for the whole state.
+  results, into each replica's ``agent.<agent>.state.<replica>``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ __all__ = [
     "DISPATCH_WORD",
     "NAME_PATTERN",
     "STATUS_EVENTS",
-    "SYNC_COMMAND",
     "TICK_BINDING",
     "TICK_KEY",
     "InvalidName",
@@ -211,10 +209,6 @@ DISPATCH_WORD = "dispatch"
 def dispatch_key(agent: str, check: str) -> str:
     """The default key of the ``publish`` handler's event (``heartbeat.<a>.<c>.dispatch``)."""
     return result_key(agent, check, DISPATCH_WORD)
-
-
-SYNC_COMMAND = "sync"
-"""``agent.<name>.heartbeat.sync``: a replica that joins asks the active one for its state."""
 
 
 def state_key(agent: str, word: str) -> str:

@@ -32,7 +32,14 @@ from ..core.config import (
 )
 from ..core.envelope import envelope as make_envelope
 from ..core.envelope import local_event_id
-from ..core.follow import StateChange, apply_change, pauses_change, run_change, snapshot_change
+from ..core.follow import (
+    StateChange,
+    apply_change,
+    newer,
+    pauses_change,
+    run_change,
+    snapshot_change,
+)
 from ..core.schedule import Blocker, Evaluation, Plan, plan
 from ..core.state import (
     HISTORY_LIMIT,
@@ -402,7 +409,8 @@ class AgentRunner:
             pauses.pop(name, None)
         else:
             pauses[name] = pause
-        self.state = self.state.model_copy(update={"pauses": pauses})
+        version = self.state.pauses_version + 1
+        self.state = self.state.model_copy(update={"pauses": pauses, "pauses_version": version})
         return self._save()
 
     async def apply_pauses(
@@ -428,9 +436,10 @@ class AgentRunner:
             refusals.append(refusal)
         if pauses == self.state.pauses:
             return refusals, None
+        version = self.state.pauses_version + 1
         if self.on_state is not None:  # raises: nothing changed, the commands come again
-            await self.on_state(pauses_change(pauses))
-        self.state = self.state.model_copy(update={"pauses": pauses})
+            await self.on_state(pauses_change(pauses, version))
+        self.state = self.state.model_copy(update={"pauses": pauses, "pauses_version": version})
         return refusals, await asyncio.to_thread(self._save)
 
     async def follow(self, changes: Sequence[StateChange]) -> StateError | None:
@@ -503,6 +512,12 @@ class AgentRunner:
         sent: list[RunResult] = []
         error: StateError | None = None
         for key, (result, before, after, requests) in list(self._unsent.items()):
+            if not newer(after.checks[result.check], self.state.checks.get(result.check)):
+                # Another replica ran the check since (its state came from the bus): this
+                # result is older than what everyone knows now.
+                log.warning("dropping the unsent result of %s: the check ran since", key)
+                del self._unsent[key]
+                continue
             log.warning("re-sending the result of %s (its handler is not run again)", key)
             await self._hand_on(result, after, requests)
             del self._unsent[key]
