@@ -225,6 +225,8 @@ class AgentConsumer:
         """Routing key -> what it is; anything else on the inbox is acked and ignored."""
         self.last_slot: int | None = None
         self._state_problem: str | None = None
+        self._others = False
+        """A replica: the inbox had an active consumer when we opened."""
         self._inflight: set[asyncio.Future[None]] = set()
         self._lock = asyncio.Lock()
         self._correlation: list[str] = []
@@ -286,9 +288,14 @@ class AgentConsumer:
         if self.follower is not None:
             self.follower.stop()
 
-    async def open(self, *, evaluate: bool = True, lent: AbstractChannel | None = None) -> None:
+    async def open(
+        self, *, evaluate: bool = True, lent: AbstractChannel | None = None, wait: bool = True
+    ) -> None:
         """Load the state, declare the topology (on ``lent`` first), say ``online`` and,
-        with ``evaluate``, evaluate once (a fleet does that once its agents consume).
+        with ``evaluate``, evaluate once (a fleet does that once its agents consume). A
+        replica asks the others for the state and, with ``wait``, waits for it
+        (:meth:`wait_for_state`: a fleet does that apart, not holding up the agents that
+        start after it).
 
         An unusable state file does not stop the agent: it is reported (a
         ``state_error`` status event) and the state is kept in memory meanwhile. Raises
@@ -310,7 +317,13 @@ class AgentConsumer:
             log.error("%s: %s; running with the state in memory", self.agent, problem)
             await self._report_state(problem)
         if self.follower is not None:
-            await self._join(self.follower)
+            await self.catch_up()
+            await self.follower.ask_for_state()
+            self._others = bool(
+                getattr(getattr(self._inbox, "declaration_result", None), "consumer_count", 0)
+            )
+            if wait:
+                await self.wait_for_state()
         if evaluate:
             await self.evaluate_now()
 
@@ -389,20 +402,19 @@ class AgentConsumer:
         )
         await self._send(key, event, self._correlation[0] if self._correlation else "")
 
-    async def _join(self, follower: Follower) -> None:
-        """A replica that starts: catch up, ask the others for the state and, when the
-        inbox has consumers already (other replicas), wait for their answer before
-        consuming; then follow every few seconds."""
-        await self.catch_up()
-        await follower.ask_for_state()
-        others = getattr(getattr(self._inbox, "declaration_result", None), "consumer_count", 0)
-        if others and not await follower.wait_for_state(self.catch_up):
+    async def wait_for_state(self) -> None:
+        """A replica that opened: when the inbox had an active consumer (another
+        replica), wait for the others' state before consuming; then follow every few
+        seconds."""
+        if self.follower is None:
+            return
+        if self._others and not await self.follower.wait_for_state(self.catch_up):
             log.warning(
                 "%s: no other replica sent its state within %g s; going on with ours",
                 self.agent,
                 SYNC_WAIT_S,
             )
-        follower.start(self.catch_up)
+        self.follower.start(self.catch_up)
 
     async def _state_queue_missing(self) -> None:
         """Our state queue is gone (deleted, expired): declare it again if we may, and

@@ -296,17 +296,32 @@ class Fleet:
     ) -> AgentConsumer:
         """Open the agent and start its consumer; it is evaluated by the caller, once
         the agents starting with it consume too."""
+        return await self._consume(await self._open(agent, path, exchanges_ready, lender))
+
+    async def _open(
+        self, agent: str, path: Path, exchanges_ready: bool, lender: _Lender | None
+    ) -> AgentConsumer:
         consumer = self._consumer(agent, path)
         consumer.exchanges_ready = exchanges_ready
         try:
             if lender is None:
-                await consumer.open(evaluate=False)
+                await consumer.open(evaluate=False, wait=False)
             else:
                 async with lender.lend() as channel:
-                    await consumer.open(evaluate=False, lent=channel)
-            await consumer.subscriber.start()
+                    await consumer.open(evaluate=False, lent=channel, wait=False)
         except BaseException:
             consumer.discard()  # the broker's start must not consume its inbox
+            raise
+        return consumer
+
+    async def _consume(self, consumer: AgentConsumer) -> AgentConsumer:
+        """Start the consumer of an opened agent (a replica first has the others' state)."""
+        agent, path = consumer.agent, consumer.runner.config_path
+        try:
+            await consumer.wait_for_state()
+            await consumer.subscriber.start()
+        except BaseException:
+            consumer.discard()
             with contextlib.suppress(Exception):
                 await consumer.subscriber.stop()
             raise
@@ -401,12 +416,14 @@ class Fleet:
             lender = _Lender(await self.broker.connect())
 
         async def add(agent: str) -> None:
-            async with starting:
-                try:
-                    consumer = await self._add(agent, due[agent], ready, lender)
-                except Exception as exc:
-                    await self._start_failed(agent, exc)
-                    return
+            try:
+                async with starting:
+                    opened = await self._open(agent, due[agent], ready, lender)
+                # Apart from the others: a replica may wait a moment for the state.
+                consumer = await self._consume(opened)
+            except Exception as exc:
+                await self._start_failed(agent, exc)
+                return
             evaluations.add(consumer)
 
         adding = asyncio.ensure_future(asyncio.gather(*(add(agent) for agent in due)))
