@@ -266,6 +266,10 @@ async def test_a_bloodbank_layout_runs_with_pattern_and_is_pointed_out_without(
         Fleet(tmp_path, bus.url, bus.exchange_name, pattern="a*.json")
 
 
+async def consume(started: Any) -> Any:
+    return started
+
+
 async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -309,7 +313,8 @@ async def test_agents_start_concurrently_within_the_bound_and_fail_alone(
         return True
 
     monkeypatch.setattr(fleet, "_exchanges_ready", exchanges_ready)
-    monkeypatch.setattr(fleet, "_add", add)
+    monkeypatch.setattr(fleet, "_open", add)  # each agent opens (the bounded part)
+    monkeypatch.setattr(fleet, "_consume", consume)  # and then consumes
     monkeypatch.setattr(fleet, "_start_failed", start_failed)
     await fleet.rescan()
     assert most == fleet_module.START_CONCURRENCY
@@ -485,7 +490,8 @@ async def test_one_slow_agent_holds_up_the_others_first_evaluation_only_so_long(
 
     monkeypatch.setattr(fleet_module, "EVALUATE_WITHIN_S", 0.05)
     monkeypatch.setattr(fleet, "_exchanges_ready", exchanges_ready)
-    monkeypatch.setattr(fleet, "_add", add)
+    monkeypatch.setattr(fleet, "_open", add)  # each agent opens (the bounded part)
+    monkeypatch.setattr(fleet, "_consume", consume)  # and then consumes
     await fleet.rescan()
     assert sorted(evaluated[:2]) == ["fast1", "fast2"]
     assert evaluated[2:] == ["slow"]

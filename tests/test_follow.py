@@ -190,16 +190,25 @@ def test_a_change_older_than_what_a_replica_has_is_not_applied() -> None:
     assert apply_change(paused, pauses_change({}, 2)) == paused
     assert apply_change(paused, pauses_change({}, 3)) == paused
     assert apply_change(paused, pauses_change({}, 4)).pauses == {}
-    behind = AgentState(checks={"c": CheckState(runs=9)}, pauses_version=9)
-    merged = apply_change(paused, snapshot_change(behind))
-    assert merged.checks["c"] == CheckState(runs=9) and merged.pauses == {}
+    later = CheckState(runs=1, last_finished=SLOT + 10**6)  # fewer runs, but later
+    merged = apply_change(
+        paused, snapshot_change(AgentState(checks={"c": later}, pauses_version=9))
+    )
+    assert merged.checks["c"] == later and merged.pauses == {}
+    restored = AgentState(checks={"c": CheckState(runs=99, last_finished=SLOT)}, pauses_version=8)
+    assert apply_change(merged, snapshot_change(restored)).checks == merged.checks, (
+        "an old state with higher counters (a backup restored) undoes nothing"
+    )
     ahead = apply_change(merged, snapshot_change(new))
     assert (ahead.checks, ahead.pauses) == (merged.checks, merged.pauses), "older: not taken"
 
 
-async def test_an_unsent_result_older_than_the_followed_state_is_dropped(tmp_path: Path) -> None:
+async def test_an_unsent_result_older_than_the_followed_state_goes_without_its_state(
+    tmp_path: Path,
+) -> None:
     """A's result for a slot could not be published; meanwhile B ran the check and A
-    followed it. A's next tick does not re-send its old result (nor its old state)."""
+    followed it. A's next tick sends the old result, but not its old state, and keeps
+    B's."""
     config = tmp_path / "a.heartbeat.json"
     config.write_bytes(
         orjson.dumps({"agent": "a", "checks": {"c": {"cadenceMs": 60_000, "handler": "default"}}})
@@ -225,5 +234,6 @@ async def test_an_unsent_result_older_than_the_followed_state_is_dropped(tmp_pat
     await runner.follow([run_change(theirs, "c")])
     failing[0] = False
     report = await runner.tick(SLOT + 60_000)
-    assert sent == [] and report.results == [], "dropped, and not due"
-    assert runner.state.check("c") == theirs.check("c")
+    assert sent == [f"a:c:{SLOT}"], "the run happened: its result goes out"
+    assert [r.change for r in report.results] == [None], "without its old change"
+    assert runner.state.check("c") == theirs.check("c"), "not adopted; and not due"

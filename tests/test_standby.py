@@ -395,3 +395,26 @@ async def test_a_replica_whose_state_queue_was_deleted_declares_it_again(
     await bus.publish("system.heartbeat.tick", slot_tick(floor_to(now_ms(), SLOT) + SLOT))
     assert len(await wait_results(results, 1)) == 1
     assert b.agent_consumer.subscriber.running
+
+
+async def test_a_replica_applies_its_own_change_that_it_did_not_make(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """A pause event routed to every state queue whose confirm was lost: the replica
+    that sent it did not make the change (the command comes again, and finds the pause
+    made elsewhere, or not). Its own queue holds the event: it applies it too."""
+    agent = bus.agent()
+    replicas_of(bus, agent, "a")
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 60_000, "handler": "default"}})
+    a = replica(bus, agent, config, "a", tmp_path)
+    stopping.append(a)
+    await a.start()
+    assert a.agent_consumer.follower is not None
+    origin = a.agent_consumer.follower.origin
+    payload = {"agent": agent, "origin": origin, "kind": "pauses", "pauses": {"c": {}}}
+    await bus.publish(
+        f"heartbeat.{agent}._state._pauses", envelope("x", {**payload, "version": now_ms()})
+    )
+    assert await a.agent_consumer.catch_up() == 1
+    assert set(a.agent_consumer.runner.state.pauses) == {"c"}
+    assert await a.agent_consumer.catch_up() == 0, "nothing new"

@@ -37,6 +37,7 @@
 # permissions and topic permissions in VHOST only. Connections open with the old
 # password stay open: restart the service after rotating a password.
 set -eu
+set -f  # word lists (REPLICAS) are split on spaces, never expanded as globs
 
 EXCHANGE_NAME=${EXCHANGE_NAME:-bloodbank.events.v1}
 VHOST=${VHOST:-/}

@@ -939,10 +939,11 @@ class HeartbeatConsumer:
         try:
             async with closed_on_failure(self.broker):
                 await self.agent_consumer.open()
+                await self.broker.start()
         except BaseException:
+            self.agent_consumer.stop_following()
             self.agent_consumer.lock.release()
             raise
-        await self.broker.start()
         log.info("%s: consuming %s", self.agent_consumer.agent, self.agent_consumer.queue.name)
 
     async def stop(self) -> None:

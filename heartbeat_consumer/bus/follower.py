@@ -30,7 +30,12 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from ..core.follow import StateChange, StateEventError, parse_state_event, sync_request
@@ -56,15 +61,20 @@ Connect = Callable[[], Awaitable[AbstractRobustConnection]]
 _channels: weakref.WeakKeyDictionary[AbstractRobustConnection, AbstractChannel] = (
     weakref.WeakKeyDictionary()
 )
+_opening: weakref.WeakKeyDictionary[AbstractRobustConnection, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def _channel_of(connection: AbstractRobustConnection) -> AbstractChannel:
-    """The connection's channel for state queues (opened again once closed)."""
-    channel = _channels.get(connection)
-    if channel is None or channel.is_closed:
-        channel = await connection.channel()
-        _channels[connection] = channel
-    return channel
+    """The connection's channel for state queues (opened again once closed; one at a
+    time, however many agents of a fleet ask at once)."""
+    async with _opening.setdefault(connection, asyncio.Lock()):
+        channel = _channels.get(connection)
+        if channel is None or channel.is_closed:
+            channel = await connection.channel()
+            _channels[connection] = channel
+        return channel
 
 
 class Follower:
@@ -107,56 +117,78 @@ class Follower:
 
     async def ask_for_state(self) -> None:
         """Ask every other replica for the whole state (they answer with snapshots)."""
+        self.snapshots = 0  # only answers to this request count
         await self.publish(sync_request())
 
     async def catch_up(self, runner: AgentRunner) -> int:
-        """Apply every state event waiting in our queue that another replica published
-        (in order, a save per batch), acknowledge them, and answer their sync requests
-        with a snapshot; how many changes were applied. One that cannot be used is
-        dead-lettered with the reason. Raises when the broker fails (then nothing may
-        run on a state that is perhaps behind)."""
-        applied = 0
+        """Apply every state event waiting in our queue (in order, a save per batch),
+        answer the sync requests of others with a snapshot, then acknowledge them; how
+        many changed our state. One that cannot be used is dead-lettered with the
+        reason. Raises when the broker fails (then nothing may run on a state that is
+        perhaps behind); what it had taken goes back to the queue."""
         channel = await _channel_of(await self._connect())
         queue = await channel.get_queue(self.queue_name, ensure=False)
+        applied = 0
         while True:
             taken: list[AbstractIncomingMessage] = []
-            changes: list[StateChange] = []
-            size = 0
-            while len(taken) < BATCH and size < BATCH_BYTES:
-                try:
-                    message = await queue.get(no_ack=False, fail=False, timeout=5)
-                except ChannelNotFoundEntity:
-                    log.warning("%s: state queue %s is missing", self.agent, self.queue_name)
-                    await self._missing()
-                    return applied
-                if message is None:
-                    break
-                size += len(message.body)
-                try:
-                    found = parse_state_event(message.body, self.agent, message.routing_key)
-                except Exception as exc:  # whatever it holds: dead-lettered with the reason
-                    why = str(exc) if isinstance(exc, StateEventError) else repr(exc)[:200]
-                    await self._dead_letter(message, why, "invalid_state_event")
-                    continue
-                taken.append(message)
-                if found is not None and found[0] != self.origin:
-                    changes.append(found[1])
-            wanted = any(change.kind == "sync" for change in changes)
-            if changes:
-                error = await runner.follow([c for c in changes if c.kind != "sync"])
-                if error is not None:  # held in memory, as a run's state is
-                    log.error("%s: followed state not saved: %s", self.agent, error)
-                applied += sum(c.kind != "sync" for c in changes)
-                self.snapshots += sum(c.kind == "snapshot" for c in changes)
-            for message in taken:
-                await message.ack()
-            if wanted:  # after what came before it: the snapshot includes it
-                await self.publish(runner.snapshot())
-                log.info("%s: sent the state to a replica that joined", self.agent)
-            if len(taken) < BATCH and size < BATCH_BYTES:
+            try:
+                count, more = await self._batch(runner, queue, taken)
+            except BaseException:  # what was taken and not settled goes back, in order
+                for message in taken:
+                    if not message.processed:
+                        with contextlib.suppress(Exception):
+                            await message.nack(requeue=True)
+                raise
+            applied += count
+            if not more:
                 break
         self.applied += applied
         return applied
+
+    async def _batch(
+        self, runner: AgentRunner, queue: AbstractQueue, taken: list[AbstractIncomingMessage]
+    ) -> tuple[int, bool]:
+        """One batch of :meth:`catch_up`, the messages it takes put in ``taken``: how many
+        changes it applied, and whether more may wait."""
+        changes: list[StateChange] = []
+        size = 0
+        while len(taken) < BATCH and size < BATCH_BYTES:
+            try:
+                message = await queue.get(no_ack=False, fail=False, timeout=5)
+            except ChannelNotFoundEntity:
+                log.warning("%s: state queue %s is missing", self.agent, self.queue_name)
+                await self._missing()
+                return 0, False
+            if message is None:
+                break
+            size += len(message.body)
+            try:
+                found = parse_state_event(message.body, self.agent, message.routing_key)
+            except Exception as exc:  # whatever it holds: dead-lettered with the reason
+                why = str(exc) if isinstance(exc, StateEventError) else repr(exc)[:200]
+                await self._dead_letter(message, why, "invalid_state_event")
+                continue
+            taken.append(message)
+            if found is None:
+                continue
+            origin, change = found
+            # Our own changes too (a pause whose confirm was lost is ours only here, and
+            # applying one we have changes nothing); not our own requests and answers.
+            if origin != self.origin or change.kind not in ("sync", "snapshot"):
+                changes.append(change)
+        applying = [change for change in changes if change.kind != "sync"]
+        changed = 0
+        if applying:
+            changed, error = await runner.follow(applying)
+            if error is not None:  # held in memory, as a run's state is
+                log.error("%s: followed state not saved: %s", self.agent, error)
+            self.snapshots += sum(change.kind == "snapshot" for change in applying)
+        if len(applying) < len(changes):  # a sync request: answered before it is acked
+            await self.publish(runner.snapshot())
+            log.info("%s: sent the state to a replica that joined", self.agent)
+        for message in taken:
+            await message.ack()
+        return changed, len(taken) >= BATCH or size >= BATCH_BYTES
 
     def start(self, catch_up: Callable[[], Awaitable[int]]) -> None:
         """Catch up every :data:`CATCH_UP_EVERY_S` until :meth:`stop`."""

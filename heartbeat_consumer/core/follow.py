@@ -13,11 +13,14 @@ every change of its state, and how a standby applies it to its own.
 - ``heartbeat.<agent>._state._snapshot``, kind ``snapshot``: the whole state, their
   answer.
 
-Each is applied only where it is newer than what it names: a check's state by its
-``runs`` (which every run adds one to, on whichever replica, once it follows the
-state), the pauses by ``pausesVersion``, a snapshot check by check. So applying one
-twice, late, or after a newer one, whoever published it, changes nothing. The
-``origin`` is the publishing process: a replica skips the events it published itself.
+Each is applied only where it is newer than what it names: a check's state by when
+its last run finished (then by its ``runs``), the pauses by ``pausesVersion`` (the
+time of their change), a snapshot check by check. So applying one twice, late, or
+after a newer one, whoever published it, changes nothing; and a replica that comes
+back with an old state (a restored backup, a state directory lost) cannot undo what
+the others did meanwhile, whatever its counters say. (Instants from different hosts:
+their clocks should agree to well within a check's cadence.) The ``origin`` is the
+publishing process: a replica skips its own sync requests and snapshots.
 """
 
 from __future__ import annotations
@@ -172,9 +175,14 @@ def parse_state_event(
     return origin, change
 
 
+def _order(check: CheckState) -> tuple[int, int]:
+    return (check.last_finished if check.last_finished is not None else -1, check.runs)
+
+
 def newer(theirs: CheckState, ours: CheckState | None) -> bool:
-    """True when ``theirs`` is a later state of the check than ``ours`` (more runs)."""
-    return ours is None or theirs.runs > ours.runs
+    """True when ``theirs`` is a later state of the check than ``ours``: its last run
+    finished later (or as late, with more runs)."""
+    return ours is None or _order(theirs) > _order(ours)
 
 
 def _from_agent(key: list[str], agent: str) -> bool:

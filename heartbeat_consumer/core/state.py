@@ -85,7 +85,8 @@ class AgentState(_Model):
     pauses: dict[str, Pause] = Field(default_factory=dict)
     """Run-time pauses (from commands); merged over the config's ``paused``."""
     pauses_version: int = Field(default=0, alias="pausesVersion")
-    """Counts the changes of ``pauses`` (replicas apply only a newer set of pauses)."""
+    """When ``pauses`` last changed (epoch ms, and always more than before): replicas
+    apply only a newer set of pauses."""
     history: tuple[HistoryEntry, ...] = ()
 
     def check(self, name: str, initial_last_run: int | None = None) -> CheckState:

@@ -409,7 +409,7 @@ class AgentRunner:
             pauses.pop(name, None)
         else:
             pauses[name] = pause
-        version = self.state.pauses_version + 1
+        version = max(self.clock(), self.state.pauses_version + 1)
         self.state = self.state.model_copy(update={"pauses": pauses, "pauses_version": version})
         return self._save()
 
@@ -436,22 +436,28 @@ class AgentRunner:
             refusals.append(refusal)
         if pauses == self.state.pauses:
             return refusals, None
-        version = self.state.pauses_version + 1
+        version = max(self.clock(), self.state.pauses_version + 1)
         if self.on_state is not None:  # raises: nothing changed, the commands come again
             await self.on_state(pauses_change(pauses, version))
         self.state = self.state.model_copy(update={"pauses": pauses, "pauses_version": version})
         return refusals, await asyncio.to_thread(self._save)
 
-    async def follow(self, changes: Sequence[StateChange]) -> StateError | None:
-        """Apply changes another replica made (in their order) and save once; the run
-        commands they name are not run again here."""
+    async def follow(self, changes: Sequence[StateChange]) -> tuple[int, StateError | None]:
+        """Apply changes replicas made (in their order) where they are newer, and save
+        once; how many changed the state, and the save's error. The run commands they
+        name are not run again here."""
         if not self._started:
             self.start(require_writable=False)
+        changed = 0
         for change in changes:
+            before = self.state
             self.state = apply_change(self.state, change)
+            changed += self.state is not before
             if change.state is not None and change.state.last_key is not None:
                 self._remember_requests(change.requests, change.state.last_key)
-        return await asyncio.to_thread(self._save)
+        if not changed:  # all known already (our own, say): nothing to write
+            return 0, None
+        return changed, await asyncio.to_thread(self._save)
 
     def snapshot(self) -> StateChange:
         """The whole state, for a replica that joins."""
@@ -513,10 +519,14 @@ class AgentRunner:
         error: StateError | None = None
         for key, (result, before, after, requests) in list(self._unsent.items()):
             if not newer(after.checks[result.check], self.state.checks.get(result.check)):
-                # Another replica ran the check since (its state came from the bus): this
-                # result is older than what everyone knows now.
-                log.warning("dropping the unsent result of %s: the check ran since", key)
+                # Another replica ran the check since (its state came from the bus): the
+                # result goes out (the run happened), but not its change, which is older
+                # than what everyone knows now, and it is not adopted.
+                log.warning("re-sending the result of %s, not its state: the check ran since", key)
+                if self.on_result is not None:
+                    await self.on_result(replace(result, change=None))
                 del self._unsent[key]
+                sent.append(result)
                 continue
             log.warning("re-sending the result of %s (its handler is not run again)", key)
             await self._hand_on(result, after, requests)
