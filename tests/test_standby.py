@@ -418,3 +418,26 @@ async def test_a_replica_applies_its_own_change_that_it_did_not_make(
     assert await a.agent_consumer.catch_up() == 1
     assert set(a.agent_consumer.runner.state.pauses) == {"c"}
     assert await a.agent_consumer.catch_up() == 0, "nothing new"
+
+
+async def test_a_consumer_of_a_single_active_consumer_inbox_does_not_run_at_start_up(
+    bus: Bus, tmp_path: Path, stopping: list[HeartbeatConsumer]
+) -> None:
+    """It may be a standby: a start-up evaluation would run the check beside the active
+    one. It runs on the ticks it is given."""
+    agent = bus.agent()
+    config = write(tmp_path, agent, {"c": {"cadenceMs": 60_000, "handler": "default"}})
+    results = await bus.collector(f"heartbeat.{agent}.c.success")
+    consumer = HeartbeatConsumer(
+        agent,
+        config,
+        bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
+        inbox=InboxSettings(single_active_consumer=True, tick_interval_ms=SLOT),
+        state_path=tmp_path / "state.json",
+    )
+    stopping.append(consumer)
+    await consumer.start()
+    await asyncio.sleep(1.0)
+    assert await results_of(results) == [], "nothing ran at start-up"
+    await bus.publish("system.heartbeat.tick", slot_tick(floor_to(now_ms(), SLOT) + SLOT))
+    assert len(await wait_results(results, 1)) == 1

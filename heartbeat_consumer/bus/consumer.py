@@ -186,7 +186,9 @@ class AgentConsumer:
         self.exchanges_ready = False
         """Set by a fleet that ensured the exchanges just before opening this agent."""
         self.inbox_options = inbox.queue_options()
-        self.read_ahead = "x-single-active-consumer" not in self.inbox_options.arguments()
+        self.single_active = "x-single-active-consumer" in self.inbox_options.arguments()
+        """One consumer of the inbox at a time: this one may be a standby."""
+        self.read_ahead = not self.single_active
         """Commands are coalesced by reading ahead (basic.get), except on an inbox with a
         single active consumer: RabbitMQ refuses basic.get on a quorum one by closing
         the channel (which would fail every command, again and again)."""
@@ -346,10 +348,11 @@ class AgentConsumer:
 
     async def evaluate_now(self, *, again: bool = False) -> TickReport | None:
         """Evaluate once at start-up, for the slot containing now, without a tick; None
-        when a tick for that slot (or a later one) came first, unless ``again``. A
-        replica does not (it may be the standby: only the active consumer runs, on the
-        ticks it is given)."""
-        if self.follower is not None and not again:
+        when a tick for that slot (or a later one) came first, unless ``again``. Not on
+        an inbox with a single active consumer (a replica, ``--single-active-consumer``):
+        this one may be a standby, and only the active consumer runs, on the ticks it
+        is given."""
+        if self.single_active and not again:
             return None
         slot = floor_to(wall_clock_ms(), self.tick_interval_ms)
         env = local_envelope(slot, source_type="startup")
