@@ -62,11 +62,19 @@ def replica(
 ) -> HeartbeatConsumer:
     directory = tmp_path / name
     directory.mkdir(exist_ok=True)
+    inbox = InboxSettings(queue_type="quorum", replica=name, tick_interval_ms=SLOT)
+    return consumer_on(bus, agent, config, directory, inbox, url=url)
+
+
+def consumer_on(
+    bus: Bus, agent: str, config: Path, directory: Path, inbox: InboxSettings, *, url: str = ""
+) -> HeartbeatConsumer:
+    """A consumer of ``agent`` on the test's exchange, its state in ``directory``."""
     return HeartbeatConsumer(
         agent,
         config,
         bus=BusSettings(url=url or bus.url, exchange=bus.exchange_name),
-        inbox=InboxSettings(queue_type="quorum", replica=name, tick_interval_ms=SLOT),
+        inbox=inbox,
         state_path=directory / "state.json",
     )
 
@@ -208,13 +216,8 @@ async def test_commands_to_a_quorum_inbox_with_a_single_active_consumer_are_answ
     agent = bus.agent()
     config = write(tmp_path, agent, {"c": {"cadenceMs": 60_000, "handler": "default"}})
     answers = await bus.collector(f"heartbeat.{agent}._command.*")
-    consumer = HeartbeatConsumer(
-        agent,
-        config,
-        bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
-        inbox=InboxSettings(queue_type="quorum", single_active_consumer=True),
-        state_path=tmp_path / "state.json",
-    )
+    inbox = InboxSettings(queue_type="quorum", single_active_consumer=True)
+    consumer = consumer_on(bus, agent, config, tmp_path, inbox)
     stopping.append(consumer)
     await consumer.start()
     for word in ("pause", "resume", "pause"):
@@ -428,13 +431,8 @@ async def test_a_consumer_of_a_single_active_consumer_inbox_does_not_run_at_star
     agent = bus.agent()
     config = write(tmp_path, agent, {"c": {"cadenceMs": 60_000, "handler": "default"}})
     results = await bus.collector(f"heartbeat.{agent}.c.success")
-    consumer = HeartbeatConsumer(
-        agent,
-        config,
-        bus=BusSettings(url=bus.url, exchange=bus.exchange_name),
-        inbox=InboxSettings(single_active_consumer=True, tick_interval_ms=SLOT),
-        state_path=tmp_path / "state.json",
-    )
+    inbox = InboxSettings(single_active_consumer=True, tick_interval_ms=SLOT)
+    consumer = consumer_on(bus, agent, config, tmp_path, inbox)
     stopping.append(consumer)
     await consumer.start()
     await asyncio.sleep(1.0)

@@ -187,11 +187,9 @@ class AgentConsumer:
         """Set by a fleet that ensured the exchanges just before opening this agent."""
         self.inbox_options = inbox.queue_options()
         self.single_active = "x-single-active-consumer" in self.inbox_options.arguments()
-        """One consumer of the inbox at a time: this one may be a standby."""
-        self.read_ahead = not self.single_active
-        """Commands are coalesced by reading ahead (basic.get), except on an inbox with a
-        single active consumer: RabbitMQ refuses basic.get on a quorum one by closing
-        the channel (which would fail every command, again and again)."""
+        """One consumer of the inbox at a time: this one may be a standby. Commands are
+        not read ahead (basic.get) there: RabbitMQ refuses basic.get on a quorum one by
+        closing the channel (which would fail every command, again and again)."""
         self.tick_interval_ms = inbox.tick_interval_ms
         self.alive_every_ms = inbox.alive_every_ms
         self._heard_at: int | None = None
@@ -261,22 +259,25 @@ class AgentConsumer:
         """Declare (or check) exchanges, the dead-letter queue, the inbox and its two
         bindings (on ``lent`` first, a channel a fleet lends to the agents it starts).
         Needs a connected broker; raises :class:`TopologyError`."""
-        connection = await self.broker.connect()
-        await provision_agent(
-            connection,
-            self.agent,
-            self.exchange.name,
-            inbox=self.inbox_options,
-            dead_letters=self.dead_letter_limits,
-            declare=self.declare_topology,
-            exchanges=not self.exchanges_ready,
-            channel=lent,
-        )
+        await self._provision(exchanges=not self.exchanges_ready, lent=lent)
         # On the subscriber's channel: FastStream keeps the first declared queue object
         # and consumes through it, so declaring it on the broker's default channel would
         # consume there, without our prefetch. Commands are read ahead through it too.
         self._inbox = await self.broker.config.declarer.declare_queue(
             self.queue, channel=self._channel
+        )
+
+    async def _provision(self, *, exchanges: bool, lent: AbstractChannel | None = None) -> None:
+        """Declare (or check) the agent's queues (and with ``exchanges`` the exchanges)."""
+        await provision_agent(
+            await self.broker.connect(),
+            self.agent,
+            self.exchange.name,
+            inbox=self.inbox_options,
+            dead_letters=self.dead_letter_limits,
+            declare=self.declare_topology,
+            exchanges=exchanges,
+            channel=lent,
         )
 
     def discard(self) -> None:
@@ -424,17 +425,8 @@ class AgentConsumer:
         ask the others for the state, which we may have missed meanwhile."""
         if self.follower is None:
             return
-        connection = await self.broker.connect()
         try:
-            await provision_agent(
-                connection,
-                self.agent,
-                self.exchange.name,
-                inbox=self.inbox_options,
-                dead_letters=self.dead_letter_limits,
-                declare=self.declare_topology,
-                exchanges=False,
-            )
+            await self._provision(exchanges=False)
         except TopologyError as exc:
             log.error("%s: %s", self.agent, exc)
             return
@@ -521,7 +513,7 @@ class AgentConsumer:
 
     async def _handle(self, first: AbstractIncomingMessage) -> None:
         batch = [first]
-        if self.read_ahead and self._routes.get(first.routing_key or "") in COALESCED:
+        if not self.single_active and self._routes.get(first.routing_key or "") in COALESCED:
             batch += await self._read_ahead()
         try:
             # A replica that just became the active consumer knows what the old one did.

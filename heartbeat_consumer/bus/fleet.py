@@ -287,20 +287,11 @@ class Fleet:
             metrics=self.metrics,
         )
 
-    async def _add(
-        self,
-        agent: str,
-        path: Path,
-        exchanges_ready: bool = False,
-        lender: _Lender | None = None,
-    ) -> AgentConsumer:
-        """Open the agent and start its consumer; it is evaluated by the caller, once
-        the agents starting with it consume too."""
-        return await self._consume(await self._open(agent, path, exchanges_ready, lender))
-
     async def _open(
         self, agent: str, path: Path, exchanges_ready: bool, lender: _Lender | None
     ) -> AgentConsumer:
+        """Open the agent (declarations, state); :meth:`_consume` starts its consumer,
+        and the caller evaluates it once the agents starting with it consume too."""
         consumer = self._consumer(agent, path)
         consumer.exchanges_ready = exchanges_ready
         try:

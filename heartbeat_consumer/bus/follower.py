@@ -97,7 +97,6 @@ class Follower:
         self.origin = uuid.uuid4().hex
         """This process: the events it published are not applied again."""
         self.queue_name = follow_queue(agent, replica)
-        self.applied = 0
         self.snapshots = 0
         """Snapshots of other replicas applied (the answers to our sync request)."""
         self._publish = publish
@@ -142,7 +141,6 @@ class Follower:
             applied += count
             if not more:
                 break
-        self.applied += applied
         return applied
 
     async def _batch(

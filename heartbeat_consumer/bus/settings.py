@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from ..core.topology import DEFAULT_EXCHANGE, DEFAULT_URL, check_name, mask_url
+from ..core.topology import DEFAULT_EXCHANGE, DEFAULT_URL, mask_url
 from ..ops.settings import ServeSettings
 from .connection import TlsFiles
 from .provision import DeadLetterLimits, InboxOptions, QueueKind
@@ -90,8 +90,7 @@ class InboxSettings:
             raise ValueError(f"alive interval {self.alive_every_ms} ms is negative")
         if self.queue_type not in ("classic", "quorum"):
             raise ValueError(f"queue type {self.queue_type!r}: 'classic' or 'quorum'")
-        if self.replica is not None:
-            check_name(self.replica, "replica name")
+        self.queue_options()  # checks the replica name
 
     def queue_options(self) -> InboxOptions:
         """The inbox queue's arguments (see :mod:`.provision`)."""
